@@ -1,0 +1,87 @@
+// CPlexus: the thin C layer under Plexus.
+//
+// Swift imports liburing's static inline helpers (io_uring_get_sqe, io_uring_prep_*,
+// io_uring_cqe_seen, ...) directly and they run at C speed, so this module wraps only
+// what Swift cannot import: macros built from enum bits, GNU-only calls, helpers
+// that Debian's liburing 2.3 lacks although the kernel has them, and feature probes.
+#ifndef CPLEXUS_H
+#define CPLEXUS_H
+
+// A glibc header must come before <liburing.h>: liburing.h defines _XOPEN_SOURCE 500 and
+// _GNU_SOURCE before its own glibc includes, and when it is first the module's fd_set and
+// environ clash with Foundation's, XCTest's and Dispatch's (FIELD-NOTES.md, "The trap").
+#include <sys/types.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <liburing.h>
+
+// SQE flags: liburing defines these as (1U << IOSQE_*_BIT), which Swift cannot import.
+enum {
+    PLEXUS_IOSQE_FIXED_FILE = IOSQE_FIXED_FILE,
+    PLEXUS_IOSQE_IO_DRAIN = IOSQE_IO_DRAIN,
+    PLEXUS_IOSQE_IO_LINK = IOSQE_IO_LINK,
+    PLEXUS_IOSQE_IO_HARDLINK = IOSQE_IO_HARDLINK,
+    PLEXUS_IOSQE_ASYNC = IOSQE_ASYNC,
+    PLEXUS_IOSQE_BUFFER_SELECT = IOSQE_BUFFER_SELECT,
+    PLEXUS_IOSQE_CQE_SKIP_SUCCESS = IOSQE_CQE_SKIP_SUCCESS,
+};
+
+// GNU-only poll bit, hidden by the header order above.
+enum { PLEXUS_POLLRDHUP = 0x2000 };
+
+// Newer than liburing 2.3's headers; the kernel probe decides whether they are used.
+#define PLEXUS_IORING_TIMEOUT_MULTISHOT (1U << 6)
+#define PLEXUS_IORING_FEAT_REG_REG_RING (1U << 13)
+
+/// Everything an operation needs the kernel to read after submission, kept in one
+/// stable place per operation (addresses, message headers, vectors, timeouts).
+typedef struct plexus_op_scratch {
+    struct sockaddr_storage address;
+    struct msghdr message;
+    struct iovec vector;
+    struct __kernel_timespec timeout;
+    socklen_t address_length;
+    uint32_t reserved;
+} plexus_op_scratch;
+
+// GNU-only calls (hidden from Swift by the header order above).
+int plexus_pipe2(int fds[2], int flags);
+int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags);
+int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeout);
+int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout);
+ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
+ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
+
+/// getenv that returns NULL in setuid/setgid programs (secure_getenv, GNU-only).
+const char *plexus_secure_getenv(const char *name);
+
+/// Returns errno of the calling thread (Swift 6 mode makes the global awkward to read).
+int plexus_errno(void);
+
+/// True when the kernel supports `opcode` on this ring (IORING_REGISTER_PROBE).
+int plexus_probe_opcode(struct io_uring *ring, int opcode);
+
+/// io_uring_setup_buf_ring, which liburing 2.3 lacks: maps a ring of `entries` provided
+/// buffers, registers it as group `group`, and initialises it. NULL and *error = -errno on failure.
+struct io_uring_buf_ring *plexus_setup_buf_ring(struct io_uring *ring, unsigned entries, int group, int *error);
+/// Unregisters group `group` and unmaps its ring.
+int plexus_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, unsigned entries, int group);
+
+/// Number of CQEs the kernel dropped because the CQ ring was full (kernel counter).
+unsigned plexus_cq_overflow(const struct io_uring *ring);
+
+#endif

@@ -1,0 +1,71 @@
+#define _GNU_SOURCE
+#include "CPlexus.h"
+#include <stdlib.h>
+#include <sys/mman.h>
+
+int plexus_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags) {
+    return accept4(fd, address, length, flags);
+}
+
+int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeout) {
+    return ppoll(fds, count, timeout, NULL);
+}
+
+int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout) {
+    return epoll_pwait2(epfd, events, max, timeout, NULL);
+}
+
+ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags) {
+    return preadv2(fd, iov, count, offset, flags);
+}
+
+ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset, int flags) {
+    return pwritev2(fd, iov, count, offset, flags);
+}
+
+const char *plexus_secure_getenv(const char *name) { return secure_getenv(name); }
+
+int plexus_errno(void) { return errno; }
+
+int plexus_probe_opcode(struct io_uring *ring, int opcode) {
+    struct io_uring_probe *probe = io_uring_get_probe_ring(ring);
+    if (!probe) return 0;
+    int supported = io_uring_opcode_supported(probe, opcode);
+    io_uring_free_probe(probe);
+    return supported;
+}
+
+struct io_uring_buf_ring *plexus_setup_buf_ring(struct io_uring *ring, unsigned entries, int group, int *error) {
+    size_t size = entries * sizeof(struct io_uring_buf);
+    void *memory = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (memory == MAP_FAILED) {
+        *error = -errno;
+        return NULL;
+    }
+    struct io_uring_buf_reg reg = {0};
+    reg.ring_addr = (unsigned long)memory;
+    reg.ring_entries = entries;
+    reg.bgid = (unsigned short)group;
+    int ret = io_uring_register_buf_ring(ring, &reg, 0);
+    if (ret) {
+        munmap(memory, size);
+        *error = ret;
+        return NULL;
+    }
+    struct io_uring_buf_ring *br = memory;
+    io_uring_buf_ring_init(br);
+    *error = 0;
+    return br;
+}
+
+int plexus_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, unsigned entries, int group) {
+    int ret = io_uring_unregister_buf_ring(ring, group);
+    munmap(br, entries * sizeof(struct io_uring_buf));
+    return ret;
+}
+
+unsigned plexus_cq_overflow(const struct io_uring *ring) {
+    return ring->cq.koverflow ? *ring->cq.koverflow : 0;
+}

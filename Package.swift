@@ -1,0 +1,44 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "Plexus",
+    products: [
+        .library(name: "Plexus", targets: ["Plexus"]),
+        .executable(name: "plexus-demo", targets: ["plexus-demo"]),
+        .executable(name: "plexus-nouring", targets: ["plexus-nouring"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+    ],
+    targets: [
+        // The thin C layer: liburing, epoll, poll, eventfd, timerfd and what Swift cannot import.
+        .target(
+            name: "CPlexus",
+            path: "CShims",
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        .target(
+            name: "Plexus",
+            dependencies: [
+                "CPlexus",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "plexus-demo",
+            dependencies: ["Plexus"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // Runs a command under a seccomp filter that denies io_uring_setup, as Docker's default profile does.
+        .executableTarget(name: "plexus-nouring"),
+        .testTarget(
+            name: "PlexusTests",
+            dependencies: ["Plexus", "CPlexus", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+    ]
+)

@@ -1,0 +1,66 @@
+/// The one protocol behind which io_uring, epoll and poll do the same work.
+///
+/// Completion is the common shape: `prepare` an operation and get its token, `submit`,
+/// then `wait` hands back `(token, result, flags)` for each finished operation. The
+/// readiness backends (epoll, poll) emulate it: they try the syscall, and on EAGAIN
+/// wait for readiness and try again. A backend belongs to one thread; it allocates only
+/// while its record table grows, never per operation in steady state.
+///
+/// Every prepared operation completes exactly once with a final completion (DESIGN.md,
+/// invariant 1): with its result, an error, or -ECANCELED (after `cancel`, `close` of
+/// its fd, or `shutdown`).
+public protocol IOBackend: AnyObject {
+    /// Which backend this is.
+    var kind: BackendKind { get }
+    /// What this backend does natively on this kernel.
+    var capabilities: Capabilities { get }
+    /// Operations prepared and not yet finally completed.
+    var pendingCount: Int { get }
+
+    /// Queues `operation` and returns its token. Nothing happens until `submit` or `wait`.
+    func prepare(_ operation: consuming Operation) -> Token
+
+    /// Starts every prepared operation (io_uring_submit; the syscalls themselves on epoll
+    /// and poll). Returns how many were started.
+    @discardableResult
+    func submit() throws(PlexusError) -> Int
+
+    /// Submits, then waits until at least one completion is ready or `timeout` passes
+    /// (nil waits without limit, `.zero` only polls), and hands every ready completion
+    /// to `body`. Returns how many were handed over; 0 on timeout or a signal.
+    @discardableResult
+    func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int
+
+    /// Cancels every pending operation and hands each final completion to `body`, so
+    /// nothing is left in flight. The backend stays usable.
+    func cancelAll(_ body: (consuming Completion) -> Void)
+
+    /// Counters for tests and benchmarks.
+    var statistics: BackendStatistics { get }
+}
+
+/// The three backends.
+public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible {
+    case ioUring = "io_uring"
+    case epoll
+    case poll
+
+    public var description: String { rawValue }
+}
+
+/// Counters a backend keeps.
+public struct BackendStatistics: Sendable, Equatable {
+    /// Operations prepared since creation.
+    public var prepared: UInt64 = 0
+    /// Completions delivered, intermediate multishot ones included.
+    public var completed: UInt64 = 0
+    /// Times the submission queue was full and had to be flushed before preparing.
+    public var submissionQueueFull: UInt64 = 0
+    /// CQEs the kernel reported as overflowed (kept by IORING_FEAT_NODROP, not lost).
+    public var completionQueueOverflows: UInt64 = 0
+    /// Multishot operations the backend re-armed after the kernel ended them.
+    public var multishotRearms: UInt64 = 0
+    /// Syscalls tried that returned EAGAIN and were parked for readiness (epoll, poll).
+    public var wouldBlock: UInt64 = 0
+    public init() {}
+}

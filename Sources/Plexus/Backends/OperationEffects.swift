@@ -1,0 +1,170 @@
+import CPlexus
+import Glibc
+import SystemPackage
+
+
+/// Checks and effects every backend applies the same way, so that an operation means
+/// the same thing on io_uring, epoll and poll.
+extension Operation {
+    /// Linux caps one read or write at this many bytes (MAX_RW_COUNT); so do we.
+    static let maxTransfer = 0x7fff_f000
+
+    /// The kernel's view of the operation: fd, memory region or iovecs, offset, flags,
+    /// with the msghdr, address or timespec written into `scratch`. `invalid` is set
+    /// (to -EINVAL, -EBADF or -ENOENT) for input no backend may pass to the kernel: an
+    /// empty buffer (a read of 0 bytes would look like end of file), a negative offset
+    /// (io_uring reads -1 as "the file position"), a negative fd, an empty path.
+    mutating func kernelView(scratch: UnsafeMutablePointer<plexus_op_scratch>) -> KernelView {
+        var v = KernelView()
+        switch consume self {
+        case .nop:
+            self = .nop
+        case .read(let fd, let b, let offset):
+            v.set(fd, b.spareRegion, offset); self = .read(fd, b, offset: offset)
+        case .write(let fd, let b, let offset):
+            v.set(fd, b.readableRegion, offset); self = .write(fd, b, offset: offset)
+        case .readv(let fd, let vector, let offset):
+            let (iov, count, total) = vector.fillVectors(forWriting: false)
+            v.setVector(fd, iov, count, total, offset); self = .readv(fd, vector, offset: offset)
+        case .writev(let fd, let vector, let offset):
+            let (iov, count, total) = vector.fillVectors(forWriting: true)
+            v.setVector(fd, iov, count, total, offset); self = .writev(fd, vector, offset: offset)
+        case .send(let fd, let b, let flags):
+            v.set(fd, b.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL); self = .send(fd, b, flags: flags)
+        case .recv(let fd, let b, let flags):
+            v.set(fd, b.spareRegion, nil); v.flags = flags; self = .recv(fd, b, flags: flags)
+        case .sendMessage(let fd, let m, let flags):
+            v.set(fd, m.buffer.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL)
+            Self.fillMessage(scratch, m.buffer.readableRegion, address: m.address)
+            self = .sendMessage(fd, m, flags: flags)
+        case .receiveMessage(let fd, let m, let flags):
+            v.set(fd, m.buffer.spareRegion, nil); v.flags = flags
+            Self.fillMessage(scratch, m.buffer.spareRegion, address: nil)
+            scratch.pointee.message.msg_namelen = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            self = .receiveMessage(fd, m, flags: flags)
+        case .accept(let fd, let multishot):
+            v.setFD(fd); self = .accept(fd, multishot: multishot)
+        case .connect(let fd, let address):
+            v.setFD(fd)
+            scratch.pointee.address = address.storage
+            scratch.pointee.address_length = address.length
+            self = .connect(fd, address)
+        case .poll(let fd, let events, let multishot):
+            v.setFD(fd); v.flags = Int32(bitPattern: events.rawValue); self = .poll(fd, events, multishot: multishot)
+        case .timeout(let duration):
+            Self.fillTimespec(scratch, duration.nanosecondsClamped); self = .timeout(duration)
+        case .deadline(let deadline):
+            Self.fillTimespec(scratch, deadline.nanoseconds); self = .deadline(deadline)
+        case .cancel(let token):
+            self = .cancel(token)
+        case .close(let fd):
+            v.setFD(fd); self = .close(fd)
+        case .open(let path, let flags, let mode, let directory):
+            v.fd = directory?.rawValue ?? AT_FDCWD
+            if path.isEmpty { v.invalid = -ENOENT }
+            v.flags = flags | O_CLOEXEC
+            self = .open(path, flags: flags, mode: mode, directory: directory)
+        case .fsync(let fd, let dataOnly):
+            v.setFD(fd); v.flags = dataOnly ? 1 : 0; self = .fsync(fd, dataOnly: dataOnly)
+        case .shutdown(let fd, let how):
+            v.setFD(fd); v.flags = how; self = .shutdown(fd, how: how)
+        }
+        return v
+    }
+
+    private static func fillTimespec(_ scratch: UnsafeMutablePointer<plexus_op_scratch>, _ ns: UInt64) {
+        scratch.pointee.timeout.tv_sec = Int64(ns / 1_000_000_000)
+        scratch.pointee.timeout.tv_nsec = Int64(ns % 1_000_000_000)
+    }
+
+    /// Applies a final result to the operation's buffers: reads append, writes consume,
+    /// a received message learns its sender from `scratch`.
+    mutating func apply(result: Int32, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        guard result > 0 else { return }
+        let n = Int(result)
+        switch consume self {
+        case .read(let fd, var b, let offset):
+            b.didAppend(n); self = .read(fd, b, offset: offset)
+        case .write(let fd, var b, let offset):
+            b.consume(min(n, b.count)); self = .write(fd, b, offset: offset)
+        case .readv(let fd, var v, let offset):
+            v.didRead(n); self = .readv(fd, v, offset: offset)
+        case .writev(let fd, var v, let offset):
+            v.didWrite(n); self = .writev(fd, v, offset: offset)
+        case .send(let fd, var b, let flags):
+            b.consume(min(n, b.count)); self = .send(fd, b, flags: flags)
+        case .recv(let fd, var b, let flags):
+            b.didAppend(n); self = .recv(fd, b, flags: flags)
+        case .sendMessage(let fd, var m, let flags):
+            m.buffer.consume(min(n, m.buffer.count)); self = .sendMessage(fd, m, flags: flags)
+        case .receiveMessage(let fd, var m, let flags):
+            m.buffer.didAppend(n)
+            let length = scratch.pointee.message.msg_namelen
+            m.address = length > 0 ? SocketAddress(storage: scratch.pointee.address, length: length) : nil
+            self = .receiveMessage(fd, m, flags: flags)
+        case let other:
+            self = other
+        }
+    }
+
+    private static func fillMessage(_ scratch: UnsafeMutablePointer<plexus_op_scratch>,
+                                    _ region: UnsafeMutableRawBufferPointer, address: SocketAddress?) {
+        scratch.pointee.vector = iovec(iov_base: region.baseAddress, iov_len: min(region.count, maxTransfer))
+        var header = msghdr()
+        withUnsafeMutablePointer(to: &scratch.pointee.vector) { header.msg_iov = $0 }
+        header.msg_iovlen = 1
+        if let address {
+            scratch.pointee.address = address.storage
+            header.msg_namelen = address.length
+        }
+        withUnsafeMutablePointer(to: &scratch.pointee.address) {
+            header.msg_name = UnsafeMutableRawPointer($0)
+        }
+        if address == nil { header.msg_namelen = 0 }
+        scratch.pointee.message = header
+    }
+}
+
+/// What a backend hands the kernel for one operation (see `Operation.kernelView`).
+struct KernelView {
+    var fd: Int32 = -1
+    var base: UnsafeMutableRawPointer? = nil
+    /// Bytes to transfer, capped at `Operation.maxTransfer`.
+    var length = 0
+    /// -1 means "at the file position".
+    var offset: Int64 = -1
+    var vectors: UnsafeMutablePointer<iovec>? = nil
+    var vectorCount = 0
+    /// send/recv flags, poll events, open flags, fsync's data-only bit or shutdown's how.
+    var flags: Int32 = 0
+    /// A negative errno when the input must not reach the kernel.
+    var invalid: Int32? = nil
+
+    mutating func setFD(_ fd: FileDescriptor) {
+        self.fd = fd.rawValue
+        if fd.rawValue < 0 { invalid = -EBADF }
+    }
+
+    mutating func set(_ fd: FileDescriptor, _ region: UnsafeMutableRawBufferPointer, _ offset: Int64?) {
+        setFD(fd)
+        base = region.baseAddress
+        length = min(region.count, Operation.maxTransfer)
+        check(region.count, offset)
+    }
+
+    mutating func setVector(_ fd: FileDescriptor, _ iov: UnsafeMutablePointer<iovec>, _ count: Int, _ total: Int, _ offset: Int64?) {
+        setFD(fd)
+        vectors = iov
+        vectorCount = count
+        length = min(total, Operation.maxTransfer)
+        check(total, offset)
+    }
+
+    private mutating func check(_ total: Int, _ offset: Int64?) {
+        if let offset {
+            if offset < 0 { invalid = invalid ?? -EINVAL }
+            self.offset = offset
+        }
+        if total == 0 { invalid = invalid ?? -EINVAL }
+    }
+}

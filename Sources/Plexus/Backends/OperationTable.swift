@@ -1,0 +1,144 @@
+import CPlexus
+
+/// The per-operation record a backend keeps from `prepare` to the final completion.
+///
+/// Its size is pinned by a test: it is what every in-flight operation costs.
+struct OperationRecord: ~Copyable {
+    /// The operation and its buffers; nil while the slot is free.
+    var operation: Operation?
+    var generation: UInt32 = 0
+    /// Next slot in the free list or in a backend's wait queue.
+    var next: UInt32 = OperationTable.none
+    var kind: OperationKind = .nop
+    var state: State = .free
+
+    enum State: UInt8 {
+        case free
+        /// Prepared, not yet submitted.
+        case prepared
+        /// Submitted; the kernel (or the readiness backend) owns it.
+        case inFlight
+        /// Cancelled while in flight; its final completion reports -ECANCELED.
+        case cancelling
+    }
+}
+
+/// A slab of operation records and their kernel-visible scratch memory, indexed by
+/// token. Records live in fixed chunks that never move, so the addresses handed to
+/// the kernel (iovecs, msghdrs, sockaddrs, timespecs) stay valid until completion.
+///
+/// A value type holding only pointers: the backends keep it in a `let`, so the hot path
+/// pays no exclusivity checks (FIELD-NOTES.md: a raw-pointer slab runs near C speed).
+struct OperationTable {
+    static let none = UInt32.max
+    static let chunkShift = 8
+    static let chunkSize = 1 << chunkShift
+    static let maxChunks = 1 << 14  // 4M operations in flight
+
+    private struct Header {
+        var freeHead: UInt32 = OperationTable.none
+        var chunkCount = 0
+        var live = 0
+    }
+
+    private let header: UnsafeMutablePointer<Header>
+    private let records: UnsafeMutablePointer<UnsafeMutablePointer<OperationRecord>?>
+    private let scratches: UnsafeMutablePointer<UnsafeMutablePointer<plexus_op_scratch>?>
+
+    init() {
+        header = .allocate(capacity: 1)
+        header.initialize(to: Header())
+        records = .allocate(capacity: Self.maxChunks)
+        records.initialize(repeating: nil, count: Self.maxChunks)
+        scratches = .allocate(capacity: Self.maxChunks)
+        scratches.initialize(repeating: nil, count: Self.maxChunks)
+    }
+
+    /// Frees the table; every record must already be free.
+    func destroy() {
+        for c in 0..<header.pointee.chunkCount {
+            records[c]!.deinitialize(count: Self.chunkSize)
+            records[c]!.deallocate()
+            scratches[c]!.deallocate()
+        }
+        records.deallocate()
+        scratches.deallocate()
+        header.deallocate()
+    }
+
+    /// Records in use.
+    var liveCount: Int { header.pointee.live }
+    /// Slots allocated so far (every token index is below this).
+    var slotCount: Int { header.pointee.chunkCount << Self.chunkShift }
+
+    @inline(__always)
+    func record(_ index: Int) -> UnsafeMutablePointer<OperationRecord> {
+        records[index >> Self.chunkShift].unsafelyUnwrapped + (index & (Self.chunkSize - 1))
+    }
+
+    @inline(__always)
+    func scratch(_ index: Int) -> UnsafeMutablePointer<plexus_op_scratch> {
+        scratches[index >> Self.chunkShift].unsafelyUnwrapped + (index & (Self.chunkSize - 1))
+    }
+
+    /// Takes a free slot for `operation`; allocates only when every chunk is full.
+    @inline(__always)
+    func insert(_ operation: consuming Operation) -> Token {
+        if header.pointee.freeHead == Self.none { grow() }
+        let index = Int(header.pointee.freeHead)
+        let r = record(index)
+        header.pointee.freeHead = r.pointee.next
+        header.pointee.live += 1
+        r.pointee.next = Self.none
+        r.pointee.kind = operation.kind
+        r.pointee.state = .prepared
+        r.pointee.operation = consume operation
+        return Token(index: UInt32(index), generation: r.pointee.generation)
+    }
+
+    /// The record `token` names, if that operation is still live.
+    @inline(__always)
+    func live(_ token: Token) -> UnsafeMutablePointer<OperationRecord>? {
+        guard token.index < slotCount else { return nil }
+        let r = record(token.index)
+        return r.pointee.state != .free && r.pointee.generation == token.generation ? r : nil
+    }
+
+    /// Frees the slot and hands back its operation; the generation moves on so the old token dies.
+    @inline(__always)
+    func remove(_ index: Int) -> Operation? {
+        let r = record(index)
+        let operation = r.pointee.operation.take()
+        r.pointee.state = .free
+        r.pointee.generation &+= 1
+        r.pointee.next = header.pointee.freeHead
+        header.pointee.freeHead = UInt32(index)
+        header.pointee.live -= 1
+        return operation
+    }
+
+    /// Indices of every live record.
+    func liveIndices() -> [Int] {
+        (0..<slotCount).filter { record($0).pointee.state != .free }
+    }
+
+    private func grow() {
+        let c = header.pointee.chunkCount
+        precondition(c < Self.maxChunks, "more than \(Self.maxChunks << Self.chunkShift) operations in flight")
+        let chunk = UnsafeMutablePointer<OperationRecord>.allocate(capacity: Self.chunkSize)
+        for i in 0..<Self.chunkSize {
+            (chunk + i).initialize(to: OperationRecord())
+        }
+        let scratch = UnsafeMutablePointer<plexus_op_scratch>.allocate(capacity: Self.chunkSize)
+        scratch.initialize(repeating: plexus_op_scratch(), count: Self.chunkSize)
+        records[c] = chunk
+        scratches[c] = scratch
+        header.pointee.chunkCount = c + 1
+        // Thread the new slots onto the free list, lowest index first.
+        let first = c << Self.chunkShift
+        for i in 0..<Self.chunkSize {
+            chunk[i].next = i + 1 < Self.chunkSize ? UInt32(first + i + 1) : header.pointee.freeHead
+        }
+        header.pointee.freeHead = UInt32(first)
+    }
+}

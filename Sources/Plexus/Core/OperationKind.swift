@@ -1,0 +1,14 @@
+/// The kinds of `Operation`, named as errors and statistics name them.
+public enum OperationKind: String, Sendable, CaseIterable {
+    case nop, read, write, readv, writev, send, recv
+    case sendMessage = "sendmsg"
+    case receiveMessage = "recvmsg"
+    case accept
+    case acceptMultishot = "accept(multishot)"
+    case connect, poll
+    case pollMultishot = "poll(multishot)"
+    case timeout, cancel, close, open, fsync, shutdown
+
+    /// True for the kinds that complete more than once.
+    public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot }
+}

@@ -1,0 +1,98 @@
+import CPlexus
+import Glibc
+
+/// A socket address (IPv4, IPv6 or Unix), stored as the kernel's `sockaddr_storage`.
+public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
+    var storage: sockaddr_storage
+    var length: socklen_t
+
+    init(storage: sockaddr_storage, length: socklen_t) {
+        self.storage = storage
+        self.length = length
+    }
+
+    /// An IPv4 address such as "127.0.0.1" and a port; nil if `host` is not IPv4 text (inet_pton).
+    public init?(ipv4 host: String, port: UInt16) {
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = port.bigEndian
+        guard inet_pton(AF_INET, host, &sin.sin_addr) == 1 else { return nil }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
+        self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in>.size))
+    }
+
+    /// An IPv6 address such as "::1" and a port; nil if `host` is not IPv6 text (inet_pton).
+    public init?(ipv6 host: String, port: UInt16) {
+        var sin6 = sockaddr_in6()
+        sin6.sin6_family = sa_family_t(AF_INET6)
+        sin6.sin6_port = port.bigEndian
+        guard inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1 else { return nil }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin6, as: sockaddr_in6.self) }
+        self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
+    }
+
+    /// A Unix domain socket path; nil if it does not fit in `sun_path`.
+    public init?(unixPath path: String) {
+        var sun = sockaddr_un()
+        sun.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: sun.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &sun.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sun, as: sockaddr_un.self) }
+        let length = MemoryLayout<sockaddr_un>.offset(of: \sockaddr_un.sun_path)! + bytes.count + 1
+        self.init(storage: storage, length: socklen_t(length))
+    }
+
+    /// AF_INET, AF_INET6 or AF_UNIX.
+    public var family: Int32 { Int32(storage.ss_family) }
+
+    /// The port of an IP address, nil for Unix addresses.
+    public var port: UInt16? {
+        withUnsafeBytes(of: storage) { raw in
+            switch family {
+            case AF_INET: return UInt16(bigEndian: raw.load(as: sockaddr_in.self).sin_port)
+            case AF_INET6: return UInt16(bigEndian: raw.load(as: sockaddr_in6.self).sin6_port)
+            default: return nil
+            }
+        }
+    }
+
+    public var description: String {
+        withUnsafeBytes(of: storage) { raw -> String in
+            var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+            switch family {
+            case AF_INET:
+                var a = raw.load(as: sockaddr_in.self).sin_addr
+                inet_ntop(AF_INET, &a, &text, socklen_t(text.count))
+                return "\(Self.text(text)):\(port ?? 0)"
+            case AF_INET6:
+                var a = raw.load(as: sockaddr_in6.self).sin6_addr
+                inet_ntop(AF_INET6, &a, &text, socklen_t(text.count))
+                return "[\(Self.text(text))]:\(port ?? 0)"
+            case AF_UNIX:
+                let offset = MemoryLayout<sockaddr_un>.offset(of: \sockaddr_un.sun_path)!
+                let path = raw[offset..<Int(length)].prefix { $0 != 0 }
+                return "unix:" + String(decoding: path, as: UTF8.self)
+            default:
+                return "family \(family)"
+            }
+        }
+    }
+
+    private static func text(_ chars: [CChar]) -> String {
+        String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    public static func == (a: SocketAddress, b: SocketAddress) -> Bool {
+        guard a.length == b.length else { return false }
+        return withUnsafeBytes(of: a.storage) { x in
+            withUnsafeBytes(of: b.storage) { y in x.prefix(Int(a.length)).elementsEqual(y.prefix(Int(b.length))) }
+        }
+    }
+}

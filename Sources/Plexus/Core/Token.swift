@@ -1,0 +1,26 @@
+/// Names one submitted operation until its final completion.
+///
+/// A backend hands out a token from `prepare`; it is the slot of the operation's record
+/// (low 32 bits) and that slot's generation (high 32 bits), so a token kept after its
+/// operation completed can never cancel or match the operation that reuses the slot.
+/// `index` is below the backend's record count, so callers can keep per-operation state
+/// in a plain array indexed by it.
+public struct Token: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    init(index: UInt32, generation: UInt32) {
+        rawValue = UInt64(generation) << 32 | UInt64(index)
+    }
+
+    /// The record slot; dense from 0.
+    public var index: Int { Int(UInt32(truncatingIfNeeded: rawValue)) }
+    /// The slot's generation when the operation was prepared.
+    public var generation: UInt32 { UInt32(truncatingIfNeeded: rawValue >> 32) }
+
+    /// user_data of the backend's own SQEs, which never reach callers.
+    static let internalOperation = Token(index: .max, generation: .max)
+
+    public var description: String { "#\(index).\(generation)" }
+}

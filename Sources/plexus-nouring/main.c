@@ -1,0 +1,57 @@
+// plexus-nouring COMMAND [ARG...]
+//
+// Runs COMMAND under a seccomp filter that makes io_uring_setup(2) fail with EPERM, as
+// Docker's default profile does, so the fallback from io_uring to epoll can be tested
+// through the real mechanism. PLEXUS_NOURING_ERRNO picks another errno (e.g. 38 = ENOSYS).
+// The filter is inherited across execve; NO_NEW_PRIVS lets an unprivileged user install it.
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#define PLEXUS_AUDIT_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define PLEXUS_AUDIT_ARCH AUDIT_ARCH_AARCH64
+#else
+#error "plexus-nouring: add this architecture's AUDIT_ARCH"
+#endif
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: plexus-nouring COMMAND [ARG...]\n");
+        return 2;
+    }
+    int denied = EPERM;
+    const char *chosen = getenv("PLEXUS_NOURING_ERRNO");
+    if (chosen) denied = atoi(chosen);
+
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PLEXUS_AUDIT_ARCH, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (denied & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog program = {.len = sizeof(filter) / sizeof(filter[0]), .filter = filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
+        perror("plexus-nouring: prctl(PR_SET_NO_NEW_PRIVS)");
+        return 126;
+    }
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) != 0) {
+        perror("plexus-nouring: prctl(PR_SET_SECCOMP)");
+        return 126;
+    }
+    execvp(argv[1], argv + 1);
+    fprintf(stderr, "plexus-nouring: execvp(%s): %s\n", argv[1], strerror(errno));
+    return 127;
+}
