@@ -2,6 +2,7 @@
 #include "CPlexus.h"
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 
 int plexus_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
@@ -64,6 +65,11 @@ int plexus_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, un
     int ret = io_uring_unregister_buf_ring(ring, group);
     munmap(br, entries * sizeof(struct io_uring_buf));
     return ret;
+}
+
+int plexus_enable_rings(struct io_uring *ring) {
+    long ret = syscall(__NR_io_uring_register, ring->ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    return ret < 0 ? -errno : 0;
 }
 
 unsigned plexus_cq_overflow(const struct io_uring *ring) {
