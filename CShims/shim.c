@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "CPlexus.h"
+#include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 
@@ -27,6 +29,13 @@ ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset
 }
 
 const char *plexus_secure_getenv(const char *name) { return secure_getenv(name); }
+
+int plexus_set_thread_name(const char *name) {
+    char short_name[16];
+    strncpy(short_name, name, sizeof short_name - 1);
+    short_name[sizeof short_name - 1] = 0;
+    return pthread_setname_np(pthread_self(), short_name);
+}
 
 int plexus_errno(void) { return errno; }
 

@@ -76,6 +76,9 @@ ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset
 /// getenv that returns NULL in setuid/setgid programs (secure_getenv, GNU-only).
 const char *plexus_secure_getenv(const char *name);
 
+/// Names the calling thread (pthread_setname_np, GNU-only); at most 15 bytes are kept.
+int plexus_set_thread_name(const char *name);
+
 /// Returns errno of the calling thread (Swift 6 mode makes the global awkward to read).
 int plexus_errno(void);
 
