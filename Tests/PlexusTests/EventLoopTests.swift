@@ -255,10 +255,27 @@ enum LoopTestSupport {
         return n
     }
 
+    /// Open fds with what they point to, from /proc/self/fd.
+    static func openFDs() -> Set<String> {
+        guard let dir = opendir("/proc/self/fd") else { return [] }
+        defer { closedir(dir) }
+        var names: Set<String> = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name != "." && name != ".." else { continue }
+            var target = [CChar](repeating: 0, count: 256)
+            let n = readlink("/proc/self/fd/" + name, &target, 255)
+            let text = n > 0 ? String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+            names.insert(name + " -> " + text)
+        }
+        return names
+    }
+
     static func checkingFDs(_ body: () throws -> Void) throws {
-        let before = openFDCount()
+        let before = openFDs()
         try body()
-        #expect(openFDCount() == before, "fd count changed")
+        let after = openFDs()
+        #expect(after.count == before.count, "fd count changed: now open \(after.subtracting(before).sorted())")
     }
 
     /// Turns the loop until `done` or 10 s (never hangs).
