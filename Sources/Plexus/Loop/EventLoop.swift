@@ -169,6 +169,13 @@ public final class EventLoop: @unchecked Sendable {
         return true
     }
 
+    /// Queues `target.loopSignalled()` to run on the loop thread, waking the loop only if
+    /// it sleeps. Callable from any thread; allocates nothing once the queue has grown.
+    func signal(_ target: any LoopSignalTarget) {
+        _ = remote.push(.signal(target))
+        wakeForRemoteJob()
+    }
+
     // MARK: Submitting
 
     /// Prepares `operation` with `handler`; the heart of every adapter.
@@ -263,6 +270,7 @@ public final class EventLoop: @unchecked Sendable {
             switch job {
             case .closure(let body): body()
             case .task(let task): runTask(task)
+            case .signal(let target): target.loopSignalled()
             }
         }
         runLocalJobs()

@@ -9,6 +9,8 @@ final class RemoteQueue: @unchecked Sendable {
         case closure(@Sendable () -> Void)
         /// A Swift task enqueued on the loop as its executor.
         case task(UnownedJob)
+        /// A component (a message queue's consumer) asking for a turn; no closure, no allocation.
+        case signal(any LoopSignalTarget)
     }
 
     private let lock = Lock()
@@ -26,7 +28,7 @@ final class RemoteQueue: @unchecked Sendable {
     /// that was started must be able to finish).
     func push(_ job: Job) -> Bool {
         lock.withLock {
-            if closed, case .closure = job { return false }
+            if closed, case .closure = job { return false }  // tasks and signals still run
             incoming.append(job)
             queued.add(1, ordering: .sequentiallyConsistent)
             return true
@@ -50,4 +52,11 @@ final class RemoteQueue: @unchecked Sendable {
         for job in running { run(job) }
         running.removeAll(keepingCapacity: true)
     }
+}
+
+/// Something that asks the loop for a turn from another thread without allocating:
+/// `EventLoop.signal(_:)` queues the object itself and the loop calls `loopSignalled()`
+/// on its thread. Coalescing (one signal per batch) is the target's job.
+protocol LoopSignalTarget: AnyObject, Sendable {
+    func loopSignalled()
 }
