@@ -411,4 +411,169 @@ struct ReadinessBackendSmokeTests {
         }
         #expect(Self.openFDCount() == before)
     }
+
+    @Test(arguments: kinds)
+    func blockingSockets(_ kind: BackendKind) throws {
+        let b = try Self.make(kind)
+        var fds: [Int32] = [0, 0]
+        precondition(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        let rd = b.prepare(.read(Self.fd(fds[0]), IOBuffer(capacity: 8)))
+        #expect(try Self.waitOnce(b, .milliseconds(10)).isEmpty)
+        _ = b.prepare(.send(Self.fd(fds[1]), IOBuffer("blocking")))
+        let got = try Self.collect(b, 2)
+        #expect(got.count == 2)
+        #expect(got.first { $0.token == rd }?.bytes == Array("blocking".utf8))
+        #expect(fcntl(fds[0], F_GETFL) & O_NONBLOCK == 0)  // never changed
+
+        // A listener without O_NONBLOCK: accept waits for readiness, one per report.
+        let (l, port) = Self.listener()
+        defer { close(l) }
+        _ = fcntl(l, F_SETFL, fcntl(l, F_GETFL) & ~O_NONBLOCK)
+        let multi = b.prepare(.accept(Self.fd(l), multishot: true))
+        #expect(try Self.waitOnce(b, .milliseconds(10)).isEmpty)
+        let clients = (0..<5).map { _ in Self.blockingConnect(port) }
+        let accepted = try Self.collect(b, 5)
+        #expect(accepted.count == 5 && accepted.allSatisfy { $0.token == multi && $0.more && $0.result >= 0 })
+        for a in accepted { close(a.result) }
+        for c in clients { close(c) }
+        b.cancelAll { _ in }
+        #expect(b.pendingCount == 0)
+    }
+
+    @Test(arguments: kinds)
+    func vectorsAndMessages(_ kind: BackendKind) throws {
+        let b = try Self.make(kind)
+        let (a, z) = Self.socketPair()
+        defer { close(a); close(z) }
+        var out = IOVector(capacity: 2)
+        out.append(IOBuffer("abc"))
+        out.append(IOBuffer("defg"))
+        var into = IOVector(capacity: 2)
+        into.append(IOBuffer(capacity: 2))
+        into.append(IOBuffer(capacity: 10))
+        let rv = b.prepare(.readv(Self.fd(z), into))
+        #expect(try Self.waitOnce(b, .zero).isEmpty)
+        let wv = b.prepare(.writev(Self.fd(a), out))
+        var results: [Token: Int32] = [:]
+        var readBack: [UInt8] = []
+        let start = ContinuousClock.now
+        while results.count < 2 && ContinuousClock.now - start < .seconds(5) {
+            try b.wait(timeout: .milliseconds(100)) { c in
+                var c = c
+                results[c.token] = c.result
+                if let v = c.operation.take()?.takeVector() {
+                    for i in 0..<v.count { v.withBuffer(at: i) { readBack += $0.bytes } }
+                }
+            }
+        }
+        #expect(results[wv] == 7 && results[rv] == 7)
+        #expect(readBack == Array("abcdefg".utf8))
+
+        // UDP: sendmsg to an address, recvmsg learns the sender.
+        let u1 = socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        let u2 = socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        defer { close(u1); close(u2) }
+        func bindLoopback(_ fd: Int32) -> UInt16 {
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            withUnsafePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = bind(fd, $0, length) } }
+            withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &length) } }
+            return UInt16(bigEndian: sin.sin_port)
+        }
+        let p1 = bindLoopback(u1), p2 = bindLoopback(u2)
+        let rm = b.prepare(.receiveMessage(Self.fd(u2), Message(IOBuffer(capacity: 32))))
+        #expect(try Self.waitOnce(b, .zero).isEmpty)
+        _ = b.prepare(.sendMessage(Self.fd(u1), Message(IOBuffer("datagram"), address: SocketAddress(ipv4: "127.0.0.1", port: p2)!)))
+        var sender: SocketAddress?
+        var text = ""
+        var count = 0
+        while count < 2 {
+            count += try b.wait(timeout: .seconds(2)) { c in
+                var c = c
+                if c.token == rm, let m = c.operation.take()?.takeMessage() {
+                    sender = m.address
+                    text = m.buffer.string
+                }
+            }
+        }
+        #expect(text == "datagram")
+        #expect(sender == SocketAddress(ipv4: "127.0.0.1", port: p1))
+    }
+
+    @Test(arguments: kinds)
+    func fdClosedBehindTheBackendsBack(_ kind: BackendKind) throws {
+        let b = try Self.make(kind)
+        let (x, y) = Self.socketPair()
+        let rd = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 4)))
+        #expect(try Self.waitOnce(b, .zero).isEmpty)
+        _ = b.prepare(.cancel(rd))
+        #expect(try Self.collect(b, 2).count == 2)
+        close(x); close(y)
+        // The new pair gets the same numbers; the backend's cached registration is stale.
+        let (x2, y2) = Self.socketPair()
+        defer { close(x2); close(y2) }
+        #expect(x2 == x)
+        let rd2 = b.prepare(.read(Self.fd(x2), IOBuffer(capacity: 4)))
+        #expect(try Self.waitOnce(b, .zero).isEmpty)
+        #expect(write(y2, "new", 3) == 3)
+        let got = try Self.collect(b, 1)
+        #expect(got.count == 1 && got[0].token == rd2 && got[0].result == 3)
+
+        if kind == .poll {
+            // poll reports POLLNVAL for an fd closed while an operation waits on it.
+            let (p, q) = Self.pipe()
+            defer { close(q) }
+            let r3 = b.prepare(.read(Self.fd(p), IOBuffer(capacity: 4)))
+            #expect(try Self.waitOnce(b, .zero).isEmpty)
+            close(p)
+            let bad = try Self.collect(b, 1)
+            #expect(bad.count == 1 && bad[0].token == r3 && bad[0].result == -EBADF)
+        }
+    }
+
+    @Test(arguments: kinds)
+    func orderingAndEdgeCases(_ kind: BackendKind) throws {
+        let b = try Self.make(kind)
+        // A cancel prepared before its target, in the same batch: the target never runs.
+        let (r, w) = Self.pipe()
+        defer { close(r); close(w) }
+        let laterToken = Token(rawValue: UInt64(1))  // slot 1, generation 0: the next prepare
+        let c = b.prepare(.cancel(laterToken))
+        let target = b.prepare(.write(Self.fd(w), IOBuffer("never")))
+        #expect(target == laterToken)
+        let got = try Self.collect(b, 2)
+        #expect(got.map(\.token) == [target, c])
+        #expect(got.map(\.result) == [-ECANCELED, 0])
+        var byte: UInt8 = 0
+        #expect(read(r, &byte, 1) == -1)
+
+        // Multishot accept on a socket that does not listen ends with the error.
+        let s = Self.tcpSocket()
+        defer { close(s) }
+        let m = b.prepare(.accept(Self.fd(s), multishot: true))
+        let end = try Self.collect(b, 1)
+        #expect(end.count == 1 && end[0].token == m && end[0].result == -EINVAL && !end[0].more)
+
+        // Queued completions survive cancelAll; timers fire in deadline order.
+        let t2 = b.prepare(.timeout(.milliseconds(20)))
+        let t1 = b.prepare(.timeout(.milliseconds(5)))
+        let fired = try Self.collect(b, 2)
+        #expect(fired.map(\.token) == [t1, t2])
+        _ = b.prepare(.nop)
+        try b.submit()
+        var results: [Int32] = []
+        b.cancelAll { results.append($0.result) }
+        #expect(results == [0])
+
+        // Many cancelled timers do not pile up.
+        for _ in 0..<1000 {
+            let t = b.prepare(.timeout(.seconds(60)))
+            _ = b.prepare(.cancel(t))
+        }
+        #expect(try Self.collect(b, 2000).count == 2000)
+        #expect(b.pendingCount == 0)
+    }
 }
