@@ -9,6 +9,14 @@ import SystemPackage
 // reports readiness the parked records are retried in order. What differs between
 // epoll and poll (how interest is registered, how readiness is collected) is a
 // `ReadinessPoller`; everything else lives here once.
+//
+// Limits, as in libuv and libxev: regular-file I/O runs on the loop thread (it does
+// not return EAGAIN); connect(2) on a socket without O_NONBLOCK blocks until the
+// kernel answers. The per-fd cache (file type, O_NONBLOCK, registration) is dropped
+// when Plexus closes an fd or hands out a new fd with the same number (accept, open),
+// and a lost epoll registration is noticed and redone; an fd closed outside Plexus and
+// replaced by one of a different kind (a blocking pipe where a nonblocking one was)
+// keeps the old cache until Plexus closes it.
 
 /// How a readiness backend learns which fds are ready. Implementations hold only
 /// pointers and fds, so the engine keeps them in a `let` and calls them without
@@ -480,11 +488,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let place: RecordPlace = Self.isReadSide(kind) ? .read : .write
         let mode = state.pointee.mode
         if mode == .direct {
+            // (A multishot accept here reports one connection and ends: nothing to poll.)
             let result = perform(index, kind, mode)
-            if kind == .acceptMultishot && result >= 0 {
-                // Not a socket that can be polled; report the one connection and end.
-                forget(result)
-            }
+            if (kind == .accept || kind == .acceptMultishot) && result >= 0 { forget(result) }
             complete(index, result)
             return
         }
@@ -538,6 +544,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
         let result = perform(index, kind, mode)
         if result == -EAGAIN { return .blocked }
+        if kind == .accept && result >= 0 { forget(result) }
         complete(index, result)
         return .finished
     }
