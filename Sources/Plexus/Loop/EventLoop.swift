@@ -384,6 +384,9 @@ public final class EventLoop: @unchecked Sendable {
         var rounds = 0
         runLocalJobs()
         while backend.pendingCount > 0 || timers.count > 0 || !localJobs.isEmpty {
+            // Start what was accepted first: a close then really closes (a close is never
+            // cancelled, on any backend), and everything else is in flight to be cancelled.
+            _ = try? backend.submit()
             backend.cancelAll { completion in self.dispatch(completion) }
             runLocalJobs()
             for callback in timers.removeAll() {
