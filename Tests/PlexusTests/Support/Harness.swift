@@ -502,3 +502,33 @@ func isCloseOnExec(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) & FD_CLOEXEC != 0 }
 func isNonBlocking(_ fd: Int32) -> Bool { fcntl(fd, F_GETFL) & O_NONBLOCK != 0 }
 /// fcntl(F_GETFD) says the fd is open.
 func isOpen(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) >= 0 }
+
+// MARK: Expectations
+
+/// The operation failed with exactly `errno`, and its typed error names the operation and errno.
+func expectError(_ outcome: Outcome, _ errno: Int32, _ comment: @autoclosure () -> String = "",
+                 sourceLocation: SourceLocation = #_sourceLocation) {
+    let note = comment().isEmpty ? "" : " (\(comment()))"
+    #expect(outcome.result == -errno,
+            "\(outcome.kind) should fail with \(Harness.errnoName(errno)), got \(outcome)\(note)",
+            sourceLocation: sourceLocation)
+    if let error = outcome.error {
+        #expect(error.operation == outcome.kind.rawValue, sourceLocation: sourceLocation)
+        #expect(error.errno.rawValue == -outcome.result, sourceLocation: sourceLocation)
+        #expect(!error.message.isEmpty, sourceLocation: sourceLocation)
+    }
+}
+
+/// The operation succeeded with `value`.
+func expectResult(_ outcome: Outcome, _ value: Int32, _ comment: @autoclosure () -> String = "",
+                  sourceLocation: SourceLocation = #_sourceLocation) {
+    let note = comment().isEmpty ? "" : " (\(comment()))"
+    #expect(outcome.result == value, "\(outcome.kind) should return \(value), got \(outcome)\(note)",
+            sourceLocation: sourceLocation)
+}
+
+extension Array where Element == UInt8 {
+    var text: String { String(decoding: self, as: UTF8.self) }
+}
+
+func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
