@@ -1,7 +1,10 @@
 #define _GNU_SOURCE
 #include "CPlexus.h"
+#include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 
 int plexus_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
@@ -26,6 +29,13 @@ ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset
 }
 
 const char *plexus_secure_getenv(const char *name) { return secure_getenv(name); }
+
+int plexus_set_thread_name(const char *name) {
+    char short_name[16];
+    strncpy(short_name, name, sizeof short_name - 1);
+    short_name[sizeof short_name - 1] = 0;
+    return pthread_setname_np(pthread_self(), short_name);
+}
 
 int plexus_errno(void) { return errno; }
 
@@ -64,6 +74,11 @@ int plexus_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, un
     int ret = io_uring_unregister_buf_ring(ring, group);
     munmap(br, entries * sizeof(struct io_uring_buf));
     return ret;
+}
+
+int plexus_enable_rings(struct io_uring *ring) {
+    long ret = syscall(__NR_io_uring_register, ring->ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    return ret < 0 ? -errno : 0;
 }
 
 unsigned plexus_cq_overflow(const struct io_uring *ring) {

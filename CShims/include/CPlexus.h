@@ -27,6 +27,11 @@
 #include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <sys/un.h>
+// swift-system's CSystem module includes the kernel's <linux/io_uring.h>; liburing.h would
+// otherwise bring its own, older copy of the same structs under the same include guard,
+// and Swift rejects the two differing definitions of io_uring_sqe. Including the kernel's
+// first makes both modules see one definition (liburing 2.3 builds against it).
+#include <linux/io_uring.h>
 #include <liburing.h>
 
 // SQE flags: liburing defines these as (1U << IOSQE_*_BIT), which Swift cannot import.
@@ -54,6 +59,8 @@ typedef struct plexus_op_scratch {
     struct msghdr message;
     struct iovec vector;
     struct __kernel_timespec timeout;
+    /// A copy of an openat path, freed at the operation's final completion.
+    char *path;
     socklen_t address_length;
     uint32_t reserved;
 } plexus_op_scratch;
@@ -69,6 +76,9 @@ ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset
 /// getenv that returns NULL in setuid/setgid programs (secure_getenv, GNU-only).
 const char *plexus_secure_getenv(const char *name);
 
+/// Names the calling thread (pthread_setname_np, GNU-only); at most 15 bytes are kept.
+int plexus_set_thread_name(const char *name);
+
 /// Returns errno of the calling thread (Swift 6 mode makes the global awkward to read).
 int plexus_errno(void);
 
@@ -80,6 +90,10 @@ int plexus_probe_opcode(struct io_uring *ring, int opcode);
 struct io_uring_buf_ring *plexus_setup_buf_ring(struct io_uring *ring, unsigned entries, int group, int *error);
 /// Unregisters group `group` and unmaps its ring.
 int plexus_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, unsigned entries, int group);
+
+/// io_uring_enable_rings, declared by liburing 2.3 but missing from its library:
+/// IORING_REGISTER_ENABLE_RINGS, which makes the calling thread the single issuer.
+int plexus_enable_rings(struct io_uring *ring);
 
 /// Number of CQEs the kernel dropped because the CQ ring was full (kernel counter).
 unsigned plexus_cq_overflow(const struct io_uring *ring);

@@ -10,6 +10,8 @@ struct OperationRecord: ~Copyable {
     /// Next slot in the free list or in a backend's wait queue.
     var next: UInt32 = OperationTable.none
     var kind: OperationKind = .nop
+    /// The operation's fd, -1 if it has none (kept here for per-fd queues and cancels).
+    var fd: Int32 = -1
     var state: State = .free
 
     enum State: UInt8 {
@@ -18,8 +20,9 @@ struct OperationRecord: ~Copyable {
         case prepared
         /// Submitted; the kernel (or the readiness backend) owns it.
         case inFlight
-        /// Cancelled while in flight; its final completion reports -ECANCELED.
-        case cancelling
+        /// io_uring only: the kernel said EAGAIN (an old kernel and an O_NONBLOCK file), so
+        /// a poll for readiness is in flight under the same token; then the operation reruns.
+        case awaitingReadiness
     }
 }
 
@@ -91,6 +94,7 @@ struct OperationTable {
         header.pointee.live += 1
         r.pointee.next = Self.none
         r.pointee.kind = operation.kind
+        r.pointee.fd = operation.fileDescriptor?.rawValue ?? -1
         r.pointee.state = .prepared
         r.pointee.operation = consume operation
         return Token(index: UInt32(index), generation: r.pointee.generation)

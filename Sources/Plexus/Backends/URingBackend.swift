@@ -1,14 +1,441 @@
-// Placeholder until the backend lands: it refuses to start, so selection falls back.
+import CPlexus
+import Glibc
+import SystemPackage
+
+/// The io_uring backend: native completions through liburing.
+///
+/// Set-up asks for the best ring the kernel gives and degrades one feature at a time:
+/// SINGLE_ISSUER + DEFER_TASKRUN (completion work runs only when the loop waits), then
+/// COOP_TASKRUN, then a plain ring. The CQ is four times the SQ so multishot operations
+/// have room, the kernel keeps CQEs that still do not fit (IORING_FEAT_NODROP), and a
+/// full SQ is flushed with io_uring_submit before the next SQE is taken, so no
+/// operation and no completion is lost. Multishot accept and poll are native where the
+/// kernel has them and re-armed when the kernel ends them without IORING_CQE_F_MORE.
 public final class URingBackend: IOBackend {
-    public var kind: BackendKind { .ioUring }
-    public var capabilities: Capabilities { [] }
-    public var pendingCount: Int { 0 }
-    public var statistics: BackendStatistics { BackendStatistics() }
-    public init(entries: UInt32 = 256) throws(PlexusError) {
-        throw PlexusError(operation: "URingBackend.init", errno: .noFunction, message: "not built yet")
+    public let kind = BackendKind.ioUring
+    public let capabilities: Capabilities
+    /// The IORING_SETUP_* flags the ring was created with.
+    public let setupFlags: UInt32
+
+    private let ring: UnsafeMutablePointer<io_uring>
+    private let table = OperationTable()
+    private let state: UnsafeMutablePointer<State>
+    private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
+    private let cqeBatch: Int
+
+    private struct State {
+        var statistics = BackendStatistics()
+        /// Operations whose SQE could not be had yet (SQ full and the kernel busy).
+        var backlog: [Int] = []
+        /// Results known without the kernel (invalid input, a cancel of a dead token).
+        var immediate: [(index: Int, result: Int32)] = []
+        /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
+        /// single issuer, whichever thread created the backend.
+        var enabled = false
     }
-    public func prepare(_ operation: consuming Operation) -> Token { fatalError() }
-    public func submit() throws(PlexusError) -> Int { fatalError() }
-    public func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int { fatalError() }
-    public func cancelAll(_ body: (consuming Completion) -> Void) { fatalError() }
+
+    /// Opcodes every operation needs; a kernel without one of them is not used.
+    static let requiredOpcodes: [(io_uring_op, String)] = [
+        (IORING_OP_NOP, "NOP"), (IORING_OP_READ, "READ"), (IORING_OP_WRITE, "WRITE"),
+        (IORING_OP_READV, "READV"), (IORING_OP_WRITEV, "WRITEV"), (IORING_OP_SEND, "SEND"),
+        (IORING_OP_RECV, "RECV"), (IORING_OP_SENDMSG, "SENDMSG"), (IORING_OP_RECVMSG, "RECVMSG"),
+        (IORING_OP_ACCEPT, "ACCEPT"), (IORING_OP_CONNECT, "CONNECT"), (IORING_OP_POLL_ADD, "POLL_ADD"),
+        (IORING_OP_TIMEOUT, "TIMEOUT"), (IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"),
+        (IORING_OP_CLOSE, "CLOSE"), (IORING_OP_OPENAT, "OPENAT"), (IORING_OP_FSYNC, "FSYNC"),
+        (IORING_OP_SHUTDOWN, "SHUTDOWN"),
+    ]
+
+    /// Creates a ring with `entries` SQEs (io_uring_queue_init_params).
+    ///
+    /// Throws when io_uring cannot start: ENOSYS (no io_uring), EPERM or EACCES (seccomp,
+    /// `kernel.io_uring_disabled`), ENOMEM (locked-memory limit), EINVAL or EOPNOTSUPP
+    /// (a required opcode missing from this kernel).
+    public init(entries: UInt32 = 256) throws(PlexusError) {
+        ring = .allocate(capacity: 1)
+        ring.initialize(to: io_uring())
+        let attempts: [UInt32] = [
+            IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED | IORING_SETUP_SUBMIT_ALL,
+            IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+            0,
+        ]
+        var result: Int32 = -EINVAL
+        var flags: UInt32 = 0
+        for attempt in attempts {
+            var params = io_uring_params()
+            params.flags = attempt | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
+            params.cq_entries = entries &* 4
+            result = io_uring_queue_init_params(entries, ring, &params)
+            flags = attempt
+            // EINVAL means "this flag is too new"; anything else is final.
+            if result != -EINVAL { break }
+        }
+        guard result == 0 else {
+            ring.deallocate()
+            table.destroy()
+            throw PlexusError(operation: "io_uring_queue_init", errno: Errno(rawValue: -result),
+                              message: "io_uring_setup failed: \(Errno(rawValue: -result))")
+        }
+        for (opcode, name) in Self.requiredOpcodes where plexus_probe_opcode(ring, Int32(opcode.rawValue)) == 0 {
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+            table.destroy()
+            throw PlexusError(operation: "io_uring_register_probe", errno: .notSupported,
+                              message: "this kernel's io_uring lacks IORING_OP_\(name)")
+        }
+        setupFlags = flags
+        let ring = self.ring
+        let has = { (op: io_uring_op) in plexus_probe_opcode(ring, Int32(op.rawValue)) != 0 }
+        var caps: Capabilities = [.nativeCompletions, .linkedOperations, .nonBlockingFileIO]
+        // The probe lists opcodes, not flags; an opcode of the same kernel release stands in.
+        if has(IORING_OP_SOCKET) { caps.formUnion([.multishotAccept, .cancelByFileDescriptor]) }  // 5.19
+        if has(IORING_OP_MKDIRAT) { caps.insert(.multishotPoll) }  // 5.15 (multishot poll: 5.13)
+        if has(IORING_OP_SEND_ZC) { caps.formUnion([.multishotReceive, .providedBufferRings]) }  // 6.0
+        if has(IORING_OP_MSG_RING) { caps.insert(.messageRing) }  // 5.18
+        if flags & IORING_SETUP_DEFER_TASKRUN != 0 { caps.insert(.deferredTaskRun) }
+        if ring.pointee.features & IORING_FEAT_NODROP != 0 { caps.insert(.noDrop) }
+        capabilities = caps
+        state = .allocate(capacity: 1)
+        state.initialize(to: State())
+        state.pointee.backlog.reserveCapacity(64)
+        state.pointee.immediate.reserveCapacity(64)
+        cqeBatch = Int(ring.pointee.cq.ring_entries)
+        cqes = .allocate(capacity: cqeBatch)
+        state.pointee.enabled = flags & IORING_SETUP_R_DISABLED == 0
+    }
+
+    deinit {
+        if state.pointee.enabled { cancelAll { _ in } }
+        // A ring never enabled never ran anything: its records only need their buffers freed.
+        for index in table.liveIndices() { release(index); _ = table.remove(index) }
+        io_uring_queue_exit(ring)
+        ring.deallocate()
+        cqes.deallocate()
+        state.deinitialize(count: 1)
+        state.deallocate()
+        table.destroy()
+    }
+
+    public var pendingCount: Int { table.liveCount }
+    public var statistics: BackendStatistics {
+        var s = state.pointee.statistics
+        s.completionQueueOverflows = UInt64(plexus_cq_overflow(ring))
+        return s
+    }
+
+    // MARK: prepare / submit / wait
+
+    public func prepare(_ operation: consuming Operation) -> Token {
+        let token = table.insert(operation)
+        state.pointee.statistics.prepared &+= 1
+        prep(token.index)
+        return token
+    }
+
+    @discardableResult
+    public func submit() throws(PlexusError) -> Int {
+        try enableIfNeeded()
+        drainBacklog()
+        let n = io_uring_submit(ring)
+        if n < 0 && n != -EINTR && n != -EAGAIN && n != -EBUSY {
+            throw PlexusError(operation: "io_uring_submit", errno: Errno(rawValue: -n))
+        }
+        return Int(max(n, 0))
+    }
+
+    @discardableResult
+    public func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int {
+        try enableIfNeeded()
+        drainBacklog()
+        var delivered = deliverImmediate(body)
+        var r: Int32
+        if delivered > 0 || timeout == .zero {
+            r = io_uring_submit_and_get_events(ring)
+        } else if let timeout {
+            let ns = timeout.nanosecondsClamped
+            var ts = __kernel_timespec(tv_sec: Int64(ns / 1_000_000_000), tv_nsec: Int64(ns % 1_000_000_000))
+            var cqe: UnsafeMutablePointer<io_uring_cqe>?
+            r = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, nil)
+        } else {
+            r = io_uring_submit_and_wait(ring, 1)
+        }
+        if r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY {
+            throw PlexusError(operation: "io_uring_enter", errno: Errno(rawValue: -r))
+        }
+        delivered += reap(body)
+        return delivered
+    }
+
+    public func cancelAll(_ body: (consuming Completion) -> Void) {
+        if !state.pointee.enabled { try? enableIfNeeded() }
+        drainBacklog()
+        if let sqe = sqe() {
+            io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL))
+            io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+        }
+        // Every cancelled operation still posts its CQE; wait for each one.
+        var idle = 0
+        while table.liveCount > 0 && idle < 1000 {
+            let n = (try? wait(timeout: .milliseconds(10), body)) ?? 0
+            idle = n == 0 ? idle + 1 : 0
+            if n == 0, let sqe = sqe() {  // operations that were not yet cancellable (links, re-arms)
+                io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL))
+                io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+            }
+        }
+    }
+
+    // MARK: Internals
+
+    private func enableIfNeeded() throws(PlexusError) {
+        guard !state.pointee.enabled else { return }
+        let r = plexus_enable_rings(ring)
+        guard r == 0 else { throw PlexusError(operation: "io_uring_enable_rings", errno: Errno(rawValue: -r)) }
+        state.pointee.enabled = true
+    }
+
+    /// An SQE, flushing a full SQ to the kernel first; nil only if the kernel takes nothing.
+    @inline(__always)
+    private func sqe() -> UnsafeMutablePointer<io_uring_sqe>? {
+        if let sqe = io_uring_get_sqe(ring) { return sqe }
+        state.pointee.statistics.submissionQueueFull &+= 1
+        if state.pointee.enabled { _ = io_uring_submit(ring) }
+        return io_uring_get_sqe(ring)
+    }
+
+    private func drainBacklog() {
+        while !state.pointee.backlog.isEmpty, io_uring_sq_space_left(ring) > 0 {
+            let index = state.pointee.backlog.removeFirst()
+            prep(index)
+        }
+    }
+
+    /// Writes the record's SQE(s). Input that must not reach the kernel completes at once.
+    private func prep(_ index: Int) {
+        let record = table.record(index)
+        let scratch = table.scratch(index)
+        let view = record.pointee.operation!.kernelView(scratch: scratch)
+        let token = Token(index: UInt32(index), generation: record.pointee.generation)
+        if let invalid = view.invalid {
+            state.pointee.immediate.append((index, invalid))
+            return
+        }
+        let kind = record.pointee.kind
+        if kind == .cancel, let target = record.pointee.operation.cancelTarget, table.live(target) == nil {
+            state.pointee.immediate.append((index, -ENOENT))
+            return
+        }
+        guard let sqe = sqe() else {
+            state.pointee.backlog.append(index)
+            return
+        }
+        record.pointee.state = .inFlight
+        let offset = UInt64(bitPattern: view.offset)
+        switch kind {
+        case .nop:
+            io_uring_prep_nop(sqe)
+        case .read:
+            io_uring_prep_read(sqe, view.fd, view.base, UInt32(view.length), offset)
+        case .write:
+            io_uring_prep_write(sqe, view.fd, view.base, UInt32(view.length), offset)
+        case .readv:
+            io_uring_prep_readv(sqe, view.fd, view.vectors, UInt32(view.vectorCount), offset)
+        case .writev:
+            io_uring_prep_writev(sqe, view.fd, view.vectors, UInt32(view.vectorCount), offset)
+        case .send:
+            io_uring_prep_send(sqe, view.fd, view.base, view.length, view.flags)
+        case .recv:
+            io_uring_prep_recv(sqe, view.fd, view.base, view.length, view.flags)
+        case .sendMessage:
+            io_uring_prep_sendmsg(sqe, view.fd, &scratch.pointee.message, UInt32(bitPattern: view.flags))
+        case .receiveMessage:
+            io_uring_prep_recvmsg(sqe, view.fd, &scratch.pointee.message, UInt32(bitPattern: view.flags))
+        case .accept:
+            io_uring_prep_accept(sqe, view.fd, nil, nil, Self.acceptFlags)
+        case .acceptMultishot:
+            if capabilities.contains(.multishotAccept) {
+                io_uring_prep_multishot_accept(sqe, view.fd, nil, nil, Self.acceptFlags)
+            } else {  // re-armed after every connection in `complete`
+                io_uring_prep_accept(sqe, view.fd, nil, nil, Self.acceptFlags)
+            }
+        case .connect:
+            withUnsafeMutablePointer(to: &scratch.pointee.address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    io_uring_prep_connect(sqe, view.fd, $0, scratch.pointee.address_length)
+                }
+            }
+        case .poll:
+            io_uring_prep_poll_add(sqe, view.fd, UInt32(bitPattern: view.flags))
+        case .pollMultishot:
+            if capabilities.contains(.multishotPoll) {
+                io_uring_prep_poll_multishot(sqe, view.fd, UInt32(bitPattern: view.flags))
+            } else {
+                io_uring_prep_poll_add(sqe, view.fd, UInt32(bitPattern: view.flags))
+            }
+        case .timeout:
+            let absolute: UInt32
+            absolute = record.pointee.operation.isDeadline ? IORING_TIMEOUT_ABS : 0
+            io_uring_prep_timeout(sqe, &scratch.pointee.timeout, 0, absolute)
+        case .cancel:
+            io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
+        case .close:
+            // Cancel what is pending on the fd first; the hard link runs the close either way.
+            if capabilities.contains(.cancelByFileDescriptor) {
+                io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+                io_uring_sqe_set_flags(sqe, UInt32(PLEXUS_IOSQE_IO_HARDLINK))
+                io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+                guard let close = self.sqe() else {
+                    // No room after the cancel: let the cancel run alone, the close follows later.
+                    io_uring_sqe_set_flags(sqe, 0)
+                    state.pointee.backlog.append(index)
+                    return
+                }
+                io_uring_prep_close(close, view.fd)
+                io_uring_sqe_set_data64(close, token.rawValue)
+                return
+            } else {
+                cancelPending(on: view.fd, except: index)
+                io_uring_prep_close(sqe, view.fd)
+            }
+        case .open:
+            let (path, mode) = record.pointee.operation.openArguments!
+            if scratch.pointee.path == nil { scratch.pointee.path = path.withPlatformString { strdup($0) } }
+            io_uring_prep_openat(sqe, view.fd, scratch.pointee.path, view.flags, mode)
+        case .fsync:
+            io_uring_prep_fsync(sqe, view.fd, view.flags != 0 ? UInt32(IORING_FSYNC_DATASYNC) : 0)
+        case .shutdown:
+            io_uring_prep_shutdown(sqe, view.fd, view.flags)
+        }
+        io_uring_sqe_set_data64(sqe, token.rawValue)
+    }
+
+    /// Kernels before 5.19 cannot cancel by fd: cancel each pending operation on `fd` by token.
+    private func cancelPending(on fd: Int32, except: Int) {
+        for index in table.liveIndices() where index != except {
+            let record = table.record(index)
+            guard record.pointee.state == .inFlight || record.pointee.state == .awaitingReadiness,
+                  record.pointee.fd == fd,
+                  let sqe = sqe() else { continue }
+            io_uring_prep_cancel64(sqe, Token(index: UInt32(index), generation: record.pointee.generation).rawValue, 0)
+            io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+        }
+    }
+
+    private func deliverImmediate(_ body: (consuming Completion) -> Void) -> Int {
+        guard !state.pointee.immediate.isEmpty else { return 0 }
+        var n = 0
+        while !state.pointee.immediate.isEmpty {
+            let (index, result) = state.pointee.immediate.removeFirst()
+            n += finish(index, result: result, flags: [], body)
+        }
+        return n
+    }
+
+    /// Hands every CQE in the ring to `complete`, in batches (io_uring_peek_batch_cqe).
+    private func reap(_ body: (consuming Completion) -> Void) -> Int {
+        var delivered = 0
+        while true {
+            let n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(cqeBatch)))
+            if n == 0 { break }
+            for i in 0..<n {
+                let cqe = cqes[i].unsafelyUnwrapped
+                delivered += complete(cqe.pointee.user_data, cqe.pointee.res, cqe.pointee.flags, body)
+            }
+            io_uring_cq_advance(ring, UInt32(n))
+        }
+        delivered += deliverImmediate(body)
+        return delivered
+    }
+
+    @inline(__always)
+    private func complete(_ userData: UInt64, _ res: Int32, _ cqeFlags: UInt32,
+                          _ body: (consuming Completion) -> Void) -> Int {
+        if userData == Token.internalOperation.rawValue { return 0 }
+        let token = Token(rawValue: userData)
+        guard let record = table.live(token) else {
+            assertionFailure("CQE for a token that is not live: \(token)")
+            return 0
+        }
+        let kind = record.pointee.kind
+        var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
+        if record.pointee.state == .awaitingReadiness {
+            // The readiness poll of an operation that got EAGAIN: run the operation again.
+            if res >= 0 {
+                record.pointee.state = .inFlight
+                prep(token.index)
+                return 0
+            }
+            return finish(token.index, result: res, flags: flags, body)
+        }
+        if res == -EAGAIN && !kind.isMultishot && Self.waitsForReadiness(kind) {
+            // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same token.
+            if let sqe = sqe() {
+                let fd = record.pointee.fd
+                io_uring_prep_poll_add(sqe, fd, Self.writes(kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
+                io_uring_sqe_set_data64(sqe, userData)
+                record.pointee.state = .awaitingReadiness
+                state.pointee.statistics.wouldBlock &+= 1
+                return 0
+            }
+        }
+        if kind.isMultishot {
+            let more = cqeFlags & IORING_CQE_F_MORE != 0
+            if res >= 0 {
+                if !more {
+                    // Ended by the kernel (CQ overflow, or a one-shot stand-in): re-arm it.
+                    state.pointee.statistics.multishotRearms &+= 1
+                    prep(token.index)
+                }
+                flags.insert(.more)
+                state.pointee.statistics.completed &+= 1
+                body(Completion(token: token, result: res, flags: flags, kind: kind, operation: nil))
+                return 1
+            }
+            if more {  // an error the kernel reports without ending the operation
+                state.pointee.statistics.completed &+= 1
+                body(Completion(token: token, result: res, flags: .more, kind: kind, operation: nil))
+                return 1
+            }
+        }
+        let result = kind == .timeout && res == -ETIME ? 0 : res
+        return finish(token.index, result: result, flags: flags, body)
+    }
+
+    /// The final completion: apply the result to the buffers, free the record, deliver.
+    @inline(__always)
+    private func finish(_ index: Int, result: Int32, flags: CompletionFlags,
+                        _ body: (consuming Completion) -> Void) -> Int {
+        let record = table.record(index)
+        let token = Token(index: UInt32(index), generation: record.pointee.generation)
+        let kind = record.pointee.kind
+        let scratch = table.scratch(index)
+        record.pointee.operation!.apply(result: result, scratch: scratch)
+        release(index)
+        let operation = table.remove(index)
+        state.pointee.statistics.completed &+= 1
+        body(Completion(token: token, result: result, flags: flags, kind: kind, operation: operation))
+        return 1
+    }
+
+    /// Frees what the record borrowed from the C heap.
+    private func release(_ index: Int) {
+        let scratch = table.scratch(index)
+        if let path = scratch.pointee.path {
+            free(path)
+            scratch.pointee.path = nil
+        }
+    }
+
+    /// Every fd Plexus creates is close-on-exec; accepted sockets are also non-blocking.
+    private static let acceptFlags = Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
+
+    private static func waitsForReadiness(_ kind: OperationKind) -> Bool {
+        switch kind {
+        case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage, .accept: true
+        default: false
+        }
+    }
+
+    private static func writes(_ kind: OperationKind) -> Bool {
+        kind == .write || kind == .writev || kind == .send || kind == .sendMessage
+    }
 }

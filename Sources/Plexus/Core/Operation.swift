@@ -191,3 +191,32 @@ extension Duration {
         return overflow2 ? .max : sum
     }
 }
+
+// Read from a record's `Operation?` in place: a borrowed noncopyable optional cannot be
+// force-unwrapped without consuming it, but it can be matched.
+extension Optional where Wrapped == Operation {
+    /// The token a cancel targets.
+    var cancelTarget: Token? {
+        switch self {
+        case .some(.cancel(let target)): target
+        default: nil
+        }
+    }
+
+    /// True for `.deadline` (an absolute CLOCK_MONOTONIC time).
+    var isDeadline: Bool {
+        switch self {
+        case .some(.deadline): true
+        default: false
+        }
+    }
+
+    /// The path and mode of an open.
+    var openArguments: (path: FilePath, mode: mode_t)? {
+        switch self {
+        case .some(.open(let path, _, let mode, _)): (path, mode)
+        default: nil
+        }
+    }
+
+}

@@ -1,0 +1,387 @@
+import CPlexus
+import Glibc
+import Synchronization
+import SystemPackage
+
+/// One thread, one backend: the event loop.
+///
+/// Operations are submitted on the loop thread (from callbacks, or from other threads
+/// through `execute`), their callbacks run on the loop thread, timers live in a heap,
+/// and `shutdown` completes every pending operation and timer exactly once before the
+/// loop thread returns from `run`.
+///
+/// Thread-safety: `execute`, `shutdown` and the read-only properties may be called from
+/// any thread; everything else belongs to the loop thread and checks it.
+public final class EventLoop: @unchecked Sendable {
+    /// The backend, used only on the loop thread.
+    let backend: any IOBackend
+    /// How the backend was chosen (and why io_uring was not, under `auto`).
+    public let selection: BackendSelectionInfo
+    /// Called on the loop thread with every error a callback threw; the loop keeps running.
+    public var errorHandler: @Sendable (CallbackError) -> Void
+
+    let handlers = HandlerTable()
+    var timers = TimerQueue()
+    private let remote = RemoteQueue()
+    /// 0 running, 1 about to sleep or asleep in the backend's wait, 2 shutting down.
+    private let sleepState = Atomic<Int>(0)
+    private let stopRequested = Atomic<Bool>(false)
+    private let wakeFD: Int32
+    private var loopThread: pthread_t?
+    private var running = false
+    private var stopped = false
+    private var wakeToken: Token?
+
+    /// Creates a loop over the backend `choice` names (by default `PLEXUS_BACKEND`).
+    /// The loop runs when a thread calls `run()`; see `EventLoop.startThread`.
+    public init(backend choice: BackendChoice? = nil, entries: UInt32 = 256) throws {
+        let chosen = try choice ?? BackendChoice.fromEnvironment()
+        let selected = try chosen.start(entries: entries)
+        backend = selected.backend
+        selection = BackendSelectionInfo(kind: selected.kind, choice: chosen, fallbackReason: selected.fallbackReason,
+                                         capabilities: selected.backend.capabilities)
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard wakeFD >= 0 else {
+            throw PlexusError(operation: "eventfd", errno: Errno(rawValue: plexus_errno()))
+        }
+        errorHandler = { error in
+            let line = "plexus: unhandled callback error: \(error)\n"
+            _ = line.utf8CString.withUnsafeBufferPointer { Glibc.write(2, $0.baseAddress, $0.count - 1) }
+        }
+    }
+
+    deinit {
+        Glibc.close(wakeFD)
+    }
+
+    /// The backend that runs this loop.
+    public var backendKind: BackendKind { selection.kind }
+
+    /// True on the loop thread while it runs.
+    public var inLoop: Bool {
+        guard let loopThread else { return false }
+        return pthread_equal(loopThread, pthread_self()) != 0
+    }
+
+    @inline(__always)
+    func assertInLoop(_ function: StaticString = #function) {
+        precondition(inLoop || !running, "\(function) must be called on the loop thread; use execute { } from other threads")
+    }
+
+    // MARK: Running
+
+    /// Runs the loop on the calling thread until `shutdown` has completed everything.
+    public func run() {
+        precondition(!running && !stopped, "run() called twice")
+        loopThread = pthread_self()
+        running = true
+        armWake()
+        while true {
+            runRemoteJobs()
+            fireDueTimers()
+            if stopRequested.load(ordering: .acquiring) { break }
+            var timeout = nextTimeout()
+            // Announce the sleep, then look once more: a job queued before the announcement
+            // is seen here, one queued after it sees the announcement and writes the eventfd.
+            if timeout != .zero {
+                sleepState.store(1, ordering: .sequentiallyConsistent)
+                if remote.hasJobs || stopRequested.load(ordering: .sequentiallyConsistent) { timeout = .zero }
+            }
+            wait(timeout: timeout)
+            sleepState.store(0, ordering: .sequentiallyConsistent)
+        }
+        drainForShutdown()
+        running = false
+        stopped = true
+        loopThread = nil
+    }
+
+    /// Runs one turn: remote jobs, due timers, and the backend's ready completions,
+    /// waiting at most `timeout`. For tests and for embedding in another loop.
+    public func runOnce(timeout: Duration? = .zero) {
+        if loopThread == nil { loopThread = pthread_self(); armWake() }
+        runRemoteJobs()
+        fireDueTimers()
+        var limit = nextTimeout()
+        if let t = timeout, limit == nil || t < limit! { limit = t }
+        wait(timeout: limit)
+        fireDueTimers()
+    }
+
+    /// Starts a thread named `name` that runs the loop; returns once it runs.
+    public static func startThread(name: String = "plexus-loop", backend choice: BackendChoice? = nil,
+                                   entries: UInt32 = 256) throws -> EventLoop {
+        let loop = try EventLoop(backend: choice, entries: entries)
+        let started = Semaphore()
+        let context = Unmanaged.passRetained(ThreadStart(loop: loop, name: name, started: started)).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { raw in
+            let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
+            _ = plexus_set_thread_name(start.name)
+            start.loop.loopThread = pthread_self()
+            start.loop.running = true
+            start.started.signal()
+            start.loop.running = false
+            start.loop.run()
+            start.loop.threadFinished.signal()
+            return nil
+        }, context)
+        guard rc == 0 else {
+            Unmanaged<ThreadStart>.fromOpaque(context).release()
+            throw PlexusError(operation: "pthread_create", errno: Errno(rawValue: rc))
+        }
+        pthread_detach(thread)
+        started.wait()
+        return loop
+    }
+
+    let threadFinished = Semaphore()
+
+    /// Stops the loop: no new remote jobs are accepted, jobs already queued run, every
+    /// pending operation completes with -ECANCELED and every timer with `.cancelled`,
+    /// then `run` returns. Callable from any thread; returns at once.
+    public func shutdown() {
+        if stopRequested.exchange(true, ordering: .sequentiallyConsistent) { return }
+        remote.close()
+        wake()
+    }
+
+    /// Shuts down a loop started with `startThread` and waits until its thread is done.
+    public func shutdownAndWait() {
+        shutdown()
+        threadFinished.wait()
+        threadFinished.signal()  // a second caller does not block
+    }
+
+    /// Runs `job` on the loop thread, after the jobs queued before it by the same thread.
+    /// Returns false (and drops nothing: the job was not taken) once shutdown began.
+    @discardableResult
+    public func execute(_ job: @escaping @Sendable () -> Void) -> Bool {
+        guard remote.push(job) else { return false }
+        // Wake only a loop that is asleep or about to be: one eventfd write per sleep.
+        if sleepState.compareExchange(expected: 1, desired: 0, ordering: .sequentiallyConsistent).exchanged {
+            wake()
+        }
+        return true
+    }
+
+    // MARK: Submitting
+
+    /// Prepares `operation` with `handler`; the heart of every adapter.
+    @inline(__always)
+    func submit(_ operation: consuming Operation, _ handler: Handler) -> Token {
+        assertInLoop()
+        let token = backend.prepare(operation)
+        let slot = handlers.slot(token.index)
+        slot.pointee.handler = handler
+        slot.pointee.cancelRequested = false
+        return token
+    }
+
+    /// Asks the backend to cancel `token`'s operation. Its callback still runs exactly
+    /// once: with -ECANCELED, or with its result if it had already finished; an accept or
+    /// open that still produced an fd has that fd closed and reports -ECANCELED.
+    public func cancel(_ token: Token) {
+        assertInLoop()
+        let slot = handlers.slot(token.index)
+        guard case .none = slot.pointee.handler else {
+            slot.pointee.cancelRequested = true
+            _ = backend.prepare(.cancel(token))
+            return
+        }
+    }
+
+    /// Pending operations (the loop's own eventfd read included).
+    public var pendingOperations: Int { backend.pendingCount }
+    /// Pending timers.
+    public var pendingTimers: Int { timers.count }
+
+    // MARK: Timers
+
+    /// Calls `callback` with `.fired` after `delay`, or with `.cancelled`.
+    @discardableResult
+    public func schedule(after delay: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        schedule(at: Deadline.now + delay, callback)
+    }
+
+    /// Calls `callback` with `.fired` at `deadline` (CLOCK_MONOTONIC), or with `.cancelled`.
+    @discardableResult
+    public func schedule(at deadline: Deadline, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        assertInLoop()
+        return timers.schedule(at: deadline.nanoseconds, interval: 0, callback)
+    }
+
+    /// Calls `callback` with `.fired` every `interval` (first after one interval) until cancelled.
+    @discardableResult
+    public func scheduleRepeating(every interval: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        assertInLoop()
+        let ns = max(interval.nanosecondsClamped, 1)
+        return timers.schedule(at: Deadline.now.nanoseconds &+ ns, interval: ns, callback)
+    }
+
+    /// Cancels a timer; its callback runs with `.cancelled` (at once, on this thread).
+    /// Returns false if it had already ended.
+    @discardableResult
+    public func cancel(_ timer: TimerHandle) -> Bool {
+        assertInLoop()
+        guard let callback = timers.cancel(timer) else { return false }
+        invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
+        return true
+    }
+
+    // MARK: The turn
+
+    private func nextTimeout() -> Duration? {
+        if remote.hasJobs { return .zero }
+        guard let next = timers.nextDeadline() else { return nil }
+        let now = Deadline.now.nanoseconds
+        return next <= now ? .zero : .nanoseconds(Int64(clamping: next - now))
+    }
+
+    private func wait(timeout: Duration?) {
+        do {
+            try backend.wait(timeout: timeout) { completion in self.dispatch(completion) }
+        } catch {
+            errorHandler(CallbackError(operation: "wait", token: nil, error: error))
+        }
+    }
+
+    private func fireDueTimers() {
+        guard timers.count > 0 else { return }
+        let now = Deadline.now.nanoseconds
+        while let (callback, _) = timers.popDue(now: now) {
+            invoke(kind: .timeout, token: nil) { try callback(.fired) }
+        }
+    }
+
+    private func runRemoteJobs() {
+        remote.drain { job in job() }
+    }
+
+    @inline(__always)
+    private func invoke(kind: OperationKind, token: Token?, _ body: () throws -> Void) {
+        do { try body() } catch {
+            errorHandler(CallbackError(operation: kind.rawValue, token: token, error: error))
+        }
+    }
+
+    /// Calls the operation's handler in the shape it was registered with.
+    private func dispatch(_ completion: consuming Completion) {
+        let token = completion.token
+        let slot = handlers.slot(token.index)
+        let final = completion.isFinal
+        var result = completion.result
+        let kind = completion.kind
+        if slot.pointee.cancelRequested, result >= 0, kind == .accept || kind == .acceptMultishot || kind == .open {
+            // The caller no longer wants this fd: never hand it out, never leak it.
+            Glibc.close(result)
+            result = -ECANCELED
+            if !final { return }
+        }
+        let handler = slot.pointee.handler
+        if final { slot.pointee.handler = .none }
+        let value: Result<Int, PlexusError> = result >= 0 ? .success(Int(result)) : .failure(PlexusError(kind, result: result))
+        do {
+            switch handler {
+            case .none:
+                return
+            case .wake:
+                if final { rearmWake(completion.takeBuffer()) }
+            case .completion(let body):
+                try body(Completion(token: token, result: result, flags: completion.flags, kind: kind,
+                                    operation: completion.operation.take()))
+            case .count(let body):
+                try body(value)
+            case .buffer(let body):
+                try body(value, completion.takeBuffer()!)
+            case .vector(let body):
+                try body(value, completion.operation.take()!.takeVector()!)
+            case .message(let body):
+                try body(value, completion.operation.take()!.takeMessage()!)
+            case .descriptor(let body):
+                try body(value.map { FileDescriptor(rawValue: Int32($0)) })
+            case .done(let body):
+                try body(value.map { _ in () })
+            case .events(let body):
+                try body(value.map { PollEvents(rawValue: UInt32($0)) })
+            }
+        } catch {
+            errorHandler(CallbackError(operation: kind.rawValue, token: token, error: error))
+        }
+    }
+
+    // MARK: Wake-ups
+
+    private func armWake() {
+        rearmWake(IOBuffer(capacity: 8))
+    }
+
+    private func rearmWake(_ buffer: consuming IOBuffer?) {
+        guard !stopped, var buffer = buffer else { return }
+        buffer.clear()
+        wakeToken = submit(.read(FileDescriptor(rawValue: wakeFD), buffer), .wake)
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wakeFD, &one, 8)
+    }
+
+    // MARK: Shutdown
+
+    private func drainForShutdown() {
+        runRemoteJobs()
+        for callback in timers.removeAll() {
+            invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
+        }
+        stopped = true
+        // Callbacks may submit again while being cancelled; cancel until nothing is left.
+        var rounds = 0
+        while backend.pendingCount > 0 || timers.count > 0 {
+            backend.cancelAll { completion in self.dispatch(completion) }
+            for callback in timers.removeAll() {
+                invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
+            }
+            rounds += 1
+            if rounds > 10_000 {
+                errorHandler(CallbackError(operation: "shutdown", token: nil,
+                                           error: PlexusError(operation: "shutdown", errno: .resourceBusy,
+                                                              message: "callbacks keep submitting during shutdown")))
+                break
+            }
+        }
+    }
+}
+
+/// How a loop's backend was chosen.
+public struct BackendSelectionInfo: Sendable {
+    public let kind: BackendKind
+    public let choice: BackendChoice
+    /// Why `auto` did not use io_uring, when it did not.
+    public let fallbackReason: PlexusError?
+    public let capabilities: Capabilities
+}
+
+/// An error a callback threw, with the operation that caused it.
+public struct CallbackError: Error, Sendable, CustomStringConvertible {
+    /// The operation whose callback threw ("read", "timeout", ...).
+    public let operation: String
+    /// Its token, when it was an I/O operation.
+    public let token: Token?
+    public let error: any Error
+
+    public var description: String {
+        "callback of \(operation)\(token.map { " \($0)" } ?? "") threw: \(error)"
+    }
+}
+
+private final class ThreadStart: @unchecked Sendable {
+    let loop: EventLoop
+    let name: String
+    let started: Semaphore
+    init(loop: EventLoop, name: String, started: Semaphore) {
+        self.loop = loop
+        self.name = name
+        self.started = started
+    }
+}

@@ -1,0 +1,84 @@
+import CPlexus
+import Glibc
+import SystemPackage
+import Testing
+@testable import Plexus
+
+/// What only the io_uring backend does: ring set-up, a full SQ, the single issuer.
+/// Skipped with the reason when io_uring cannot start here or PLEXUS_BACKEND names another.
+@Suite(.serialized)
+struct URingBackendTests {
+    static var ringOrSkip: String? {
+        if let name = ProcessInfoLite.environment("PLEXUS_BACKEND"), !name.isEmpty, name != "auto", name != "io_uring" {
+            return "PLEXUS_BACKEND=\(name)"
+        }
+        do { _ = try URingBackend(entries: 4); return nil } catch { return "\(error)" }
+    }
+
+    static func drain(_ backend: URingBackend, expecting count: Int) throws -> [Token: Int32] {
+        var results: [Token: Int32] = [:]
+        let deadline = Deadline.now + .seconds(5)
+        while results.count < count && Deadline.now < deadline {
+            try backend.wait(timeout: .milliseconds(50)) { c in
+                #expect(results[c.token] == nil, "token \(c.token) completed twice")
+                results[c.token] = c.result
+            }
+        }
+        return results
+    }
+
+    @Test(.enabled(if: ringOrSkip == nil, "io_uring unavailable or not selected"))
+    func fullSubmissionQueueLosesNothing() throws {
+        // 4 SQEs, 1000 nops: the SQ fills again and again and is flushed each time.
+        let backend = try URingBackend(entries: 4)
+        #expect(backend.kind == .ioUring)
+        let tokens = (0..<1000).map { _ in backend.prepare(.nop) }
+        let results = try Self.drain(backend, expecting: tokens.count)
+        #expect(results.count == 1000)
+        #expect(results.values.allSatisfy { $0 == 0 })
+        #expect(backend.statistics.submissionQueueFull > 0)
+        #expect(backend.statistics.completionQueueOverflows == 0)
+        #expect(backend.pendingCount == 0)
+    }
+
+    @Test(.enabled(if: ringOrSkip == nil, "io_uring unavailable or not selected"))
+    func createdOnOneThreadUsedOnAnother() throws {
+        // R_DISABLED: the first thread that submits becomes the single issuer.
+        let backend = try URingBackend()
+        let box = UncheckedBox(backend)
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { raw in
+            let box = Unmanaged<UncheckedBox<URingBackend>>.fromOpaque(raw!).takeRetainedValue()
+            _ = box.value.prepare(.nop)
+            let n = (try? box.value.wait(timeout: .seconds(2)) { c in box.result = c.result }) ?? -1
+            box.count = n
+            return nil
+        }, Unmanaged.passRetained(box).toOpaque())
+        #expect(rc == 0)
+        pthread_join(thread, nil)
+        #expect(box.count == 1)
+        #expect(box.result == 0)
+    }
+
+    @Test(.enabled(if: ringOrSkip == nil, "io_uring unavailable or not selected"))
+    func capabilitiesOnThisKernel() throws {
+        let backend = try URingBackend()
+        #expect(backend.capabilities.contains(.nativeCompletions))
+        #expect(backend.capabilities.contains(.linkedOperations))
+        print("io_uring capabilities: \(backend.capabilities), setup flags 0x\(String(backend.setupFlags, radix: 16))")
+    }
+}
+
+final class UncheckedBox<T>: @unchecked Sendable {
+    let value: T
+    var result: Int32 = -1
+    var count = -1
+    init(_ value: T) { self.value = value }
+}
+
+enum ProcessInfoLite {
+    static func environment(_ name: String) -> String? {
+        guard let raw = getenv(name) else { return nil }
+        return String(decoding: UnsafeRawBufferPointer(start: raw, count: strlen(raw)), as: UTF8.self)
+    }
+}
