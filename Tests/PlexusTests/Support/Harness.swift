@@ -416,6 +416,7 @@ final class Harness {
         if !contents.isEmpty {
             let n = contents.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
             guard n == contents.count else { throw HarnessError.system("write", plexus_errno()) }
+            _ = lseek(fd, 0, SEEK_SET)  // the test starts at the beginning of the file
         }
         return (own(fd), path)
     }
