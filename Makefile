@@ -27,10 +27,15 @@ bench: deps
 build-tests: deps
 	$(SWIFT) build --build-tests
 
+# Every run happens even when one fails, so one `make test` shows all four; it fails at
+# the end naming the runs that failed.
 test: build-tests
-	@echo "=== PLEXUS_BACKEND unset (every backend that starts here)"
-	env -u PLEXUS_BACKEND $(SWIFT) test --skip-build $(TEST_FLAGS)
-	@set -e; for backend in $(BACKENDS); do \
+	@failed=""; \
+	echo "=== PLEXUS_BACKEND unset (every backend that starts here)"; \
+	env -u PLEXUS_BACKEND $(SWIFT) test --skip-build $(TEST_FLAGS) || failed="$$failed unset"; \
+	for backend in $(BACKENDS); do \
 		echo "=== PLEXUS_BACKEND=$$backend"; \
-		PLEXUS_BACKEND=$$backend $(SWIFT) test --skip-build $(TEST_FLAGS); \
-	done
+		PLEXUS_BACKEND=$$backend $(SWIFT) test --skip-build $(TEST_FLAGS) || failed="$$failed $$backend"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== make test: FAILED with PLEXUS_BACKEND:$$failed"; exit 1; fi; \
+	echo "=== make test: passed with PLEXUS_BACKEND unset, io_uring, epoll and poll"
