@@ -5,17 +5,15 @@ import SystemPackage
 import Testing
 @testable import Plexus
 
+extension PlexusTests {
 /// The async/await adapter on every backend that runs here.
-@Suite(.serialized)
-struct AsyncAdapterTests {
-    static var backends: [BackendChoice] { LoopTestSupport.backends }
+@Suite struct AsyncAdapterTests {
 
-    @Test(arguments: backends)
-    func tasksPreferringTheLoopRunOnTheLoopThread(_ choice: BackendChoice) async throws {
-        let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func tasksPreferringTheLoopRunOnTheLoopThread(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
         defer { loop.shutdownAndWait() }
-        #expect(loop.backendKind.rawValue == choice.rawValue)
-        let (onLoop, afterAwait) = await Task(executorPreference: loop) {
+                let (onLoop, afterAwait) = await Task(executorPreference: loop) {
             let before = loop.inLoop
             _ = try? await loop.nop()
             return (before, loop.inLoop)
@@ -24,10 +22,10 @@ struct AsyncAdapterTests {
         #expect(afterAwait)
     }
 
-    @Test(arguments: backends)
-    func awaitingFromAnotherExecutorHopsToTheLoop(_ choice: BackendChoice) async throws {
-        try await LoopTestSupport.checkingFDsAsync {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func awaitingFromAnotherExecutorHopsToTheLoop(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             var p: [Int32] = [0, 0]
             #expect(plexus_pipe2(&p, O_CLOEXEC) == 0)
@@ -44,13 +42,12 @@ struct AsyncAdapterTests {
         }
     }
 
-    @Test(arguments: backends)
-    func echoWithOneHundredConcurrentClients(_ choice: BackendChoice) async throws {
-        try await LoopTestSupport.checkingFDsAsync {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func echoWithOneHundredConcurrentClients(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
-            #expect(loop.backendKind.rawValue == choice.rawValue)
-            let listener = try LoopTestSupport.listener()
+                        let listener = try LoopTestSupport.listener()
             let server = Task(executorPreference: loop) {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     for _ in 0..<100 {
@@ -97,10 +94,10 @@ struct AsyncAdapterTests {
         }
     }
 
-    @Test(arguments: backends)
-    func cancellingATaskCancelsItsPendingRead(_ choice: BackendChoice) async throws {
-        try await LoopTestSupport.checkingFDsAsync {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func cancellingATaskCancelsItsPendingRead(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             var p: [Int32] = [0, 0]
             #expect(plexus_pipe2(&p, O_CLOEXEC) == 0)
@@ -109,24 +106,24 @@ struct AsyncAdapterTests {
             let reader = Task(executorPreference: loop) {
                 try await loop.read(readEnd, into: IOBuffer(capacity: 16)).count
             }
-            try await Task.sleep(for: .milliseconds(20))
+            try await loop.sleep(for: .milliseconds(20))
             reader.cancel()
             await #expect(throws: CancellationError.self) { try await reader.value }
             #expect(loop.pendingOperations == 1, "only the loop's own wake-up read is left")
         }
     }
 
-    @Test(arguments: backends)
-    func cancellingATaskCancelsItsPendingAcceptAndConnect(_ choice: BackendChoice) async throws {
-        try await LoopTestSupport.checkingFDsAsync {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func cancellingATaskCancelsItsPendingAcceptAndConnect(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             let listener = try LoopTestSupport.listener()
             defer { Glibc.close(listener.fd) }
             let acceptor = Task(executorPreference: loop) {
                 try await loop.accept(FileDescriptor(rawValue: listener.fd))
             }
-            try await Task.sleep(for: .milliseconds(20))
+            try await loop.sleep(for: .milliseconds(20))
             acceptor.cancel()
             await #expect(throws: CancellationError.self) { try await acceptor.value }
 
@@ -141,7 +138,7 @@ struct AsyncAdapterTests {
             let connector = Task(executorPreference: loop) {
                 try await loop.connect(FileDescriptor(rawValue: socketFD), to: full.address)
             }
-            try await Task.sleep(for: .milliseconds(50))
+            try await loop.sleep(for: .milliseconds(50))
             connector.cancel()
             await #expect(throws: CancellationError.self) { try await connector.value }
         }
@@ -149,10 +146,10 @@ struct AsyncAdapterTests {
 
     /// Cancel racing completion: whichever wins, the call ends exactly once, and a
     /// finished read returns its buffer with the data.
-    @Test(arguments: backends)
-    func cancellationRacingCompletion(_ choice: BackendChoice) async throws {
-        try await LoopTestSupport.checkingFDsAsync {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func cancellationRacingCompletion(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             var p: [Int32] = [0, 0]
             #expect(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
@@ -184,17 +181,9 @@ struct AsyncAdapterTests {
         }
     }
 }
+}
 
 extension LoopTestSupport {
-    static func checkingFDsAsync(_ body: () async throws -> Void) async throws {
-        // Dispatch creates its timerfd on the first Task.sleep and keeps it: not ours.
-        try await Task.sleep(for: .milliseconds(1))
-        let before = openFDs()
-        try await body()
-        let after = openFDs()
-        #expect(after.count == before.count, "fd count changed: now open \(after.subtracting(before).sorted())")
-    }
-
     /// A connect that is left in flight (non-blocking socket, EINPROGRESS).
     static func connectWithoutWaiting(to address: SocketAddress) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
