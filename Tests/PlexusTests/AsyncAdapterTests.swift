@@ -144,6 +144,65 @@ extension PlexusTests {
         }
     }
 
+    @Test(arguments: Backends.kinds)
+    func aDeadlineCancelsAPendingReadWithETIMEDOUT(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        var p: [Int32] = [0, 0]
+        #expect(plexus_pipe2(&p, O_CLOEXEC) == 0)
+        defer { Glibc.close(p[0]); Glibc.close(p[1]) }
+        let readEnd = FileDescriptor(rawValue: p[0])
+        let start = Deadline.now
+        let error = await #expect(throws: PlexusError.self) {
+            try await loop.withTimeout(.milliseconds(20)) {
+                _ = try await loop.read(readEnd, into: IOBuffer(capacity: 8))
+            }
+        }
+        #expect(error?.errno == .timedOut)
+        #expect(error?.operation == "read")
+        #expect(Deadline.now.nanoseconds - start.nanoseconds >= 20_000_000, "not before the deadline")
+        // Within the deadline the result comes back as usual.
+        var byte: UInt8 = 7
+        _ = Glibc.write(p[1], &byte, 1)
+        let n = try await loop.withTimeout(.seconds(5)) { try await loop.read(readEnd, into: IOBuffer(capacity: 8)).count }
+        #expect(n == 1)
+        #expect(loop.pendingTimers == 0, "the deadline's timer is gone with its operation")
+    }
+
+    @Test(arguments: Backends.kinds)
+    func connectionsAsAnAsyncSequenceWithBackpressure(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        let listener = try LoopTestSupport.listener()
+        defer { Glibc.close(listener.fd) }
+        var clients: [Int32] = []
+        defer { for fd in clients { Glibc.close(fd) } }
+        // More connections than the sequence buffers: the rest wait in the kernel's backlog.
+        for _ in 0..<40 { clients.append(try LoopTestSupport.connect(to: listener.address)) }
+        let accepted = try await Task(executorPreference: loop) { () throws -> [Int32] in
+            var fds: [Int32] = []
+            for try await fd in loop.connections(FileDescriptor(rawValue: listener.fd), bufferLimit: 4) {
+                fds.append(fd.rawValue)
+                if fds.count == 40 { break }
+            }
+            return fds
+        }.value
+        #expect(accepted.count == 40)
+        #expect(Set(accepted).count == 40)
+        #expect(accepted.allSatisfy { fcntl($0, F_GETFD) & FD_CLOEXEC != 0 })
+        for fd in accepted { Glibc.close(fd) }
+        // Ending the loop early cancels the accept and closes what was buffered.
+        let extra = try LoopTestSupport.connect(to: listener.address)
+        clients.append(extra)
+        let first = try await Task(executorPreference: loop) { () throws -> Int32? in
+            for try await fd in loop.connections(FileDescriptor(rawValue: listener.fd)) { return fd.rawValue }
+            return nil
+        }.value
+        if let first { Glibc.close(first) }
+        try await loop.sleep(for: .milliseconds(5))
+        #expect(loop.pendingOperations == 1, "only the loop's wake-up read is left")
+    }
+
     /// Cancel racing completion: whichever wins, the call ends exactly once, and a
     /// finished read returns its buffer with the data.
     @Test(arguments: Backends.kinds)

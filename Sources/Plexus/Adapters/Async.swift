@@ -33,12 +33,17 @@ struct AsyncOutcome: ~Copyable {
     let kind: OperationKind
     var operation: Operation?
     let cancelled: Bool
+    var timedOut = false
 
     /// The result, or the error: `CancellationError` when the task was cancelled and the
-    /// operation ended cancelled; a `PlexusError` naming the operation otherwise.
+    /// operation ended cancelled; ETIMEDOUT when the deadline cancelled it; a
+    /// `PlexusError` naming the operation otherwise.
     func check() throws -> Int {
         if result >= 0 { return Int(result) }
         if cancelled && result == -ECANCELED { throw CancellationError() }
+        if timedOut && result == -ECANCELED {
+            throw PlexusError(operation: kind.rawValue, errno: .timedOut, message: "the deadline passed before it completed")
+        }
         throw PlexusError(kind, result: result)
     }
 }
@@ -57,15 +62,25 @@ extension EventLoop {
         if !inLoop {
             // Move to the loop thread for the call; the box is the price of the hop.
             let box = OperationBox(operation)
-            let (result, kind, cancelled) = await withTaskExecutorPreference(self) {
+            let (result, kind, cancelled, timedOut) = await withTaskExecutorPreference(self) {
                 var outcome = await self.perform(box.take())
                 box.put(outcome.operation.take())
-                return (outcome.result, outcome.kind, outcome.cancelled)
+                return (outcome.result, outcome.kind, outcome.cancelled, outcome.timedOut)
             }
-            return AsyncOutcome(result: result, kind: kind, operation: box.takeIfAny(), cancelled: cancelled)
+            return AsyncOutcome(result: result, kind: kind, operation: box.takeIfAny(), cancelled: cancelled,
+                                timedOut: timedOut)
         }
         let index = asyncSlots.allocate()
         let token = submit(operation, .resume(index))
+        // A deadline from withDeadline: a loop timer cancels the operation when it passes.
+        var deadlineTimer: TimerHandle?
+        if let deadline = EventLoop.currentDeadline {
+            deadlineTimer = schedule(at: deadline) { [self] event in
+                guard event == .fired, !asyncSlots.slot(index).pointee.done else { return }
+                asyncSlots.slot(index).pointee.timedOut = true
+                cancel(token)
+            }
+        }
         await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
                 let waiter = asyncSlots.slot(index)
@@ -84,11 +99,29 @@ extension EventLoop {
                 self.wakeForRemoteJob()
             }
         }
+        if let deadlineTimer { timers.discard(deadlineTimer) }
         let waiter = asyncSlots.slot(index)
         let outcome = AsyncOutcome(result: waiter.pointee.result, kind: waiter.pointee.kind,
-                                   operation: waiter.pointee.operation.take(), cancelled: Task.isCancelled)
+                                   operation: waiter.pointee.operation.take(), cancelled: Task.isCancelled,
+                                   timedOut: waiter.pointee.timedOut)
         asyncSlots.free(index)
         return outcome
+    }
+
+    /// The deadline `withDeadline` set for the operations of the current task.
+    @TaskLocal static var currentDeadline: Deadline?
+
+    /// Runs `body` with a deadline for every operation it awaits on a loop: an operation
+    /// still pending at `deadline` is cancelled and throws a `PlexusError` with ETIMEDOUT.
+    /// A loop timer does it on every backend.
+    public func withDeadline<R>(_ deadline: Deadline, _ body: () async throws -> R) async throws -> R {
+        let outer = EventLoop.currentDeadline
+        return try await EventLoop.$currentDeadline.withValue(min(deadline, outer ?? deadline)) { try await body() }
+    }
+
+    /// `withDeadline(.now + timeout, body)`.
+    public func withTimeout<R>(_ timeout: Duration, _ body: () async throws -> R) async throws -> R {
+        try await withDeadline(Deadline.now + timeout, body)
     }
 
     /// IORING_OP_NOP.

@@ -23,15 +23,26 @@ public struct Connections: AsyncSequence, Sendable {
     let bufferLimit: Int
 
     public func makeAsyncIterator() -> Iterator {
-        Iterator(state: AcceptStream(loop: loop, listener: listener, bufferLimit: bufferLimit))
+        Iterator(owner: IterationOwner(AcceptStream(loop: loop, listener: listener, bufferLimit: bufferLimit)))
     }
 
     public struct Iterator: AsyncIteratorProtocol {
-        let state: AcceptStream
+        let owner: IterationOwner
 
         public mutating func next() async throws -> FileDescriptor? {
-            try await state.next()
+            try await owner.state.next()
         }
+    }
+}
+
+/// Owned by the iterator alone: when the consumer stops iterating (break, return, throw),
+/// the iterator and this object go away, and the accept is cancelled.
+final class IterationOwner: Sendable {
+    let state: AcceptStream
+    init(_ state: AcceptStream) { self.state = state }
+    deinit {
+        let state = self.state
+        if state.loop.inLoop { state.stop() } else { state.loop.execute { state.stop() } }
     }
 }
 
@@ -45,6 +56,8 @@ final class AcceptStream: @unchecked Sendable {
     private var token: Token?
     private var failure: PlexusError?
     private var finished = false
+    /// The accept is being cancelled because enough fds wait.
+    private var pausing = false
     private var waiter: UnsafeContinuation<Void, Never>?
 
     init(loop: EventLoop, listener: FileDescriptor, bufferLimit: Int) {
@@ -75,7 +88,15 @@ final class AcceptStream: @unchecked Sendable {
             if Task.isCancelled { stop(); throw CancellationError() }
             arm()
             await withTaskCancellationHandler {
-                await withUnsafeContinuation { self.waiter = $0 }
+                await withUnsafeContinuation { continuation in
+                    // Between the checks above and here the loop may have run (an executor
+                    // switch is a suspension point): look again before parking.
+                    if self.head < self.ready.count || self.failure != nil || self.finished || self.token == nil {
+                        continuation.resume()
+                    } else {
+                        self.waiter = continuation
+                    }
+                }
             } onCancel: {
                 self.loop.execute { self.stop() }
             }
@@ -89,9 +110,13 @@ final class AcceptStream: @unchecked Sendable {
             case .success(let fd):
                 ready.append(fd)
                 // Backpressure: enough fds wait; let the kernel's backlog hold the rest.
-                if ready.count - head >= bufferLimit, let t = token { loop.cancel(t) }
+                if ready.count - head >= bufferLimit, !pausing, let t = token {
+                    pausing = true
+                    loop.cancel(t, discardingDescriptors: false)
+                }
             case .failure(let error):
                 token = nil
+                pausing = false
                 if error.errno != .canceled { failure = error }
             }
             wake()
@@ -99,9 +124,9 @@ final class AcceptStream: @unchecked Sendable {
     }
 
     /// Ends the stream: cancels the accept and wakes the consumer.
-    private func stop() {
+    func stop() {
         finished = true
-        if let t = token { loop.cancel(t) }
+        if let t = token { loop.cancel(t, discardingDescriptors: false) }
         wake()
     }
 

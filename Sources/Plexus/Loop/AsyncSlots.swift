@@ -11,6 +11,8 @@ struct AsyncSlot: ~Copyable {
     var kind = OperationKind.nop
     var flags = CompletionFlags()
     var done = false
+    /// The task's deadline passed and cancelled the operation.
+    var timedOut = false
     var nextFree = -1
 }
 
@@ -46,6 +48,7 @@ final class AsyncSlots {
         slots[i].continuation = nil
         slots[i].operation = nil
         slots[i].done = false
+        slots[i].timedOut = false
         slots[i].nextFree = freeHead
         freeHead = i
     }

@@ -5,9 +5,19 @@
 /// continuation the loop resumes re-enters the loop's local job queue directly, with no
 /// hop through the global pool and no allocation (FIELD-NOTES.md: 15x faster than a
 /// SerialExecutor alone).
+///
+/// The two roles run jobs differently: a task job runs as nonisolated code on the loop
+/// (`runSynchronously(on: taskExecutor)`), an actor's job runs isolated to the loop's
+/// serial executor. Were task jobs run as isolated, every nonisolated async call in them
+/// (withUnsafeContinuation, withTaskCancellationHandler) would switch executors: a
+/// suspension and an extra job per await. Actor jobs therefore arrive through a small
+/// separate object, `LoopSerialExecutor`, that `asUnownedSerialExecutor()` returns.
 extension EventLoop: SerialExecutor, TaskExecutor {
     public func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
+        enqueueOnLoop(LoopJob(job: UnownedJob(job), isolated: false))
+    }
+
+    func enqueueOnLoop(_ job: LoopJob) {
         if inLoop {
             localJobs.append(job)
         } else {
@@ -17,7 +27,7 @@ extension EventLoop: SerialExecutor, TaskExecutor {
     }
 
     public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
-        UnownedSerialExecutor(ordinary: self)
+        UnownedSerialExecutor(ordinary: serialExecutor)
     }
 
     public func asUnownedTaskExecutor() -> UnownedTaskExecutor {
@@ -25,10 +35,40 @@ extension EventLoop: SerialExecutor, TaskExecutor {
     }
 
     public func checkIsolated() {
-        precondition(inLoop, "not on the loop thread of \(self)")
+        precondition(inLoop, "not on the loop thread")
     }
 
-    func runTask(_ job: UnownedJob) {
-        job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+    func runTask(_ job: LoopJob) {
+        if job.isolated {
+            job.job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        } else {
+            job.job.runSynchronously(on: asUnownedTaskExecutor())
+        }
+    }
+}
+
+/// A job for the loop thread, and whether it runs isolated (an actor's) or not (a task's).
+struct LoopJob {
+    let job: UnownedJob
+    let isolated: Bool
+}
+
+/// The serial-executor face of a loop: actors whose `unownedExecutor` is the loop's
+/// enqueue here, and their jobs run isolated on the loop thread.
+final class LoopSerialExecutor: SerialExecutor, @unchecked Sendable {
+    unowned(unsafe) let loop: EventLoop
+
+    init(loop: EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        loop.enqueueOnLoop(LoopJob(job: UnownedJob(job), isolated: true))
+    }
+
+    func asUnownedSerialExecutor() -> UnownedSerialExecutor {
+        UnownedSerialExecutor(ordinary: self)
+    }
+
+    func checkIsolated() {
+        precondition(loop.inLoop, "not on the loop thread")
     }
 }

@@ -24,8 +24,10 @@ public final class EventLoop: @unchecked Sendable {
     var timers = TimerQueue()
     let remote = RemoteQueue()
     /// Swift tasks enqueued on the loop by the loop thread itself (resumed continuations).
-    var localJobs: [UnownedJob] = []
-    private var runningJobs: [UnownedJob] = []
+    var localJobs: [LoopJob] = []
+    private var runningJobs: [LoopJob] = []
+    /// The face actors see (see EventLoop+Executor.swift); it holds the loop unowned.
+    private(set) lazy var serialExecutor = LoopSerialExecutor(loop: self)
     let asyncSlots = AsyncSlots()
     /// 0 running, 1 about to sleep or asleep in the backend's wait, 2 shutting down.
     private let sleepState = Atomic<Int>(0)
@@ -194,11 +196,17 @@ public final class EventLoop: @unchecked Sendable {
     /// once: with -ECANCELED, or with its result if it had already finished; an accept or
     /// open that still produced an fd has that fd closed and reports -ECANCELED.
     public func cancel(_ token: Token) {
+        cancel(token, discardingDescriptors: true)
+    }
+
+    /// `discardingDescriptors: false` keeps delivering the fds a multishot accept still
+    /// yields after the cancel (a stream pausing for backpressure wants every connection).
+    func cancel(_ token: Token, discardingDescriptors: Bool) {
         assertInLoop()
         let slot = handlers.slot(token.index)
         if case .none = slot.pointee.handler { return }
         guard slot.pointee.token == token, !slot.pointee.cancelRequested else { return }
-        slot.pointee.cancelRequested = true
+        slot.pointee.cancelRequested = discardingDescriptors
         _ = backend.prepare(.cancel(token))
     }
 

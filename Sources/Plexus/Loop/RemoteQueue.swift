@@ -8,7 +8,7 @@ final class RemoteQueue: @unchecked Sendable {
         /// `execute { }`.
         case closure(@Sendable () -> Void)
         /// A Swift task enqueued on the loop as its executor.
-        case task(UnownedJob)
+        case task(LoopJob)
         /// A component (a message queue's consumer) asking for a turn; no closure, no allocation.
         case signal(any LoopSignalTarget)
     }

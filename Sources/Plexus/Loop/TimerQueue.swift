@@ -73,6 +73,11 @@ struct TimerQueue {
         return callback
     }
 
+    /// Removes the timer without calling it (for the loop's own timers).
+    mutating func discard(_ handle: TimerHandle) {
+        _ = cancel(handle)
+    }
+
     /// The earliest live deadline, dropping cancelled entries on the way.
     mutating func nextDeadline() -> UInt64? {
         while let top = heap.min {
