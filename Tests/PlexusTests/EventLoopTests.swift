@@ -5,17 +5,15 @@ import SystemPackage
 import Testing
 @testable import Plexus
 
+extension PlexusTests {
 /// The event loop on every backend that runs here.
-@Suite(.serialized)
-struct EventLoopTests {
-    static var backends: [BackendChoice] { LoopTestSupport.backends }
+@Suite struct EventLoopTests {
 
-    @Test(arguments: backends)
-    func timersFireInOrderAndNotEarly(_ choice: BackendChoice) throws {
-        try LoopTestSupport.checkingFDs {
-            let loop = try EventLoop(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
-            let start = Deadline.now
+    @Test(arguments: Backends.kinds)
+    func timersFireInOrderAndNotEarly(_ kind: BackendKind) throws {
+        do {
+            let loop = try Backends.loop(kind)
+                        let start = Deadline.now
             var fired: [(Int, UInt64)] = []
             for i in (0..<20).reversed() {
                 loop.schedule(after: .milliseconds(i * 2)) { event in
@@ -35,11 +33,10 @@ struct EventLoopTests {
         }
     }
 
-    @Test(arguments: backends)
-    func hundredThousandTimers(_ choice: BackendChoice) throws {
-        let loop = try EventLoop(backend: choice)
-        #expect(loop.backendKind.rawValue == choice.rawValue)
-        var fired = 0
+    @Test(arguments: Backends.kinds)
+    func hundredThousandTimers(_ kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+                var fired = 0
         var cancelled = 0
         var handles: [TimerHandle] = []
         handles.reserveCapacity(100_000)
@@ -63,12 +60,11 @@ struct EventLoopTests {
         loop.shutdown(); loop.run()
     }
 
-    @Test(arguments: backends)
-    func executeFromEightThreadsRunsEveryJobInPerThreadOrder(_ choice: BackendChoice) throws {
-        try LoopTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
-            let perThread = 12_500
+    @Test(arguments: Backends.kinds)
+    func executeFromEightThreadsRunsEveryJobInPerThreadOrder(_ kind: BackendKind) throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+                        let perThread = 12_500
             let seen = UnsafeCounters(count: 8)
             let threads = (0..<8).map { t in
                 LoopTestSupport.spawn {
@@ -93,11 +89,11 @@ struct EventLoopTests {
         }
     }
 
-    @Test(arguments: backends)
-    func throwingCallbackReachesTheErrorHandlerAndTheLoopGoesOn(_ choice: BackendChoice) throws {
+    @Test(arguments: Backends.kinds)
+    func throwingCallbackReachesTheErrorHandlerAndTheLoopGoesOn(_ kind: BackendKind) throws {
         struct Boom: Error {}
-        try LoopTestSupport.checkingFDs {
-            let loop = try EventLoop(backend: choice)
+        do {
+            let loop = try Backends.loop(kind)
             let errors = Mutex<[String]>([])
             loop.errorHandler = { e in errors.withLock { $0.append(e.operation) } }
             var after = false
@@ -113,13 +109,12 @@ struct EventLoopTests {
 
     /// Thousands of mixed operations with random cancels, closes and a shutdown in the
     /// middle: every callback runs exactly once and nothing leaks.
-    @Test(arguments: backends)
-    func everyOperationCompletesExactlyOnce(_ choice: BackendChoice) throws {
-        try LoopTestSupport.checkingFDs {
-            var rng = SplitMix(seed: 0x5EED)
-            let loop = try EventLoop(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
-            var calls: [Int] = []
+    @Test(arguments: Backends.kinds)
+    func everyOperationCompletesExactlyOnce(_ kind: BackendKind) throws {
+        do {
+            var rng = SplitMix64(seed: 0x5EED)
+            let loop = try Backends.loop(kind)
+                        var calls: [Int] = []
             var expected = 0
             func record(_ id: Int) { calls[id] += 1 }
             func newID() -> Int { calls.append(0); expected += 1; return calls.count - 1 }
@@ -189,10 +184,10 @@ struct EventLoopTests {
         }
     }
 
-    @Test(arguments: backends)
-    func cancelledAcceptNeverLeaksItsDescriptor(_ choice: BackendChoice) throws {
-        try LoopTestSupport.checkingFDs {
-            let loop = try EventLoop(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func cancelledAcceptNeverLeaksItsDescriptor(_ kind: BackendKind) throws {
+        do {
+            let loop = try Backends.loop(kind)
             let listener = try LoopTestSupport.listener()
             var results: [Result<FileDescriptor, PlexusError>] = []
             for _ in 0..<20 {
@@ -207,6 +202,7 @@ struct EventLoopTests {
             Glibc.close(listener.fd)
         }
     }
+}
 }
 
 final class Box<T>: @unchecked Sendable {
@@ -225,42 +221,8 @@ final class UnsafeCounters: @unchecked Sendable {
     }
 }
 
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 enum LoopTestSupport {
-    /// PLEXUS_BACKEND's backend, or every backend that starts here.
-    static var backends: [BackendChoice] {
-        if let raw = getenv("PLEXUS_BACKEND") {
-            let name = String(decoding: UnsafeRawBufferPointer(start: raw, count: strlen(raw)), as: UTF8.self)
-            if let c = BackendChoice(rawValue: name), c != .automatic { return [c] }
-        }
-        return [BackendChoice.ioUring, .epoll, .poll].filter { (try? $0.start()) != nil }
-    }
-
-    static func openFDCount() -> Int {
-        guard let dir = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(dir) }
-        var n = 0
-        while readdir(dir) != nil { n += 1 }
-        return n
-    }
-
-    static func checkingFDs(_ body: () throws -> Void) throws {
-        let before = openFDCount()
-        try body()
-        #expect(openFDCount() == before, "fd count changed")
-    }
-
     /// Turns the loop until `done` or 10 s (never hangs).
     static func turn(_ loop: EventLoop, until done: () -> Bool) {
         let deadline = Deadline.now + .seconds(10)

@@ -6,12 +6,10 @@ import Testing
 
 /// What only the io_uring backend does: ring set-up, a full SQ, the single issuer.
 /// Skipped with the reason when io_uring cannot start here or PLEXUS_BACKEND names another.
-@Suite(.serialized)
-struct URingBackendTests {
+extension PlexusTests {
+@Suite struct URingBackendTests {
     static var ringOrSkip: String? {
-        if let name = ProcessInfoLite.environment("PLEXUS_BACKEND"), !name.isEmpty, name != "auto", name != "io_uring" {
-            return "PLEXUS_BACKEND=\(name)"
-        }
+        if !Backends.kinds.contains(.ioUring) { return "PLEXUS_BACKEND selects another backend" }
         do { _ = try URingBackend(entries: 4); return nil } catch { return "\(error)" }
     }
 
@@ -69,16 +67,11 @@ struct URingBackendTests {
     }
 }
 
+}
+
 final class UncheckedBox<T>: @unchecked Sendable {
     let value: T
     var result: Int32 = -1
     var count = -1
     init(_ value: T) { self.value = value }
-}
-
-enum ProcessInfoLite {
-    static func environment(_ name: String) -> String? {
-        guard let raw = getenv(name) else { return nil }
-        return String(decoding: UnsafeRawBufferPointer(start: raw, count: strlen(raw)), as: UTF8.self)
-    }
 }

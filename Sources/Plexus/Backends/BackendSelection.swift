@@ -47,7 +47,11 @@ public enum BackendChoice: String, Sendable, CaseIterable, CustomStringConvertib
             do { return SelectedBackend(try URingBackend(entries: entries), choice: self) }
             catch { whyNot = error }
             do { return SelectedBackend(try EpollBackend(), choice: self, fallbackReason: whyNot) }
-            catch { throw .unavailable(.epoll, error) }
+            catch {
+                // Say why neither started: io_uring's reason is the one users look for first.
+                throw .unavailable(.epoll, PlexusError(operation: error.operation, errno: error.errno,
+                                                       message: "\(error.message); io_uring was not used either: \(whyNot)"))
+            }
         }
     }
 }

@@ -1,14 +1,117 @@
-// Placeholder until the backend lands: it refuses to start, so selection falls back.
+import CPlexus
+import Glibc
+import SystemPackage
+
+/// The poll backend: completions emulated over readiness (`ReadinessEngine`).
+///
+/// A pollfd array holds the fds that have parked operations, with the union of what
+/// they wait for, and is kept up to date incrementally (swap-remove); ppoll(2) is
+/// level-triggered. Regular files run directly. Nothing is native: `capabilities` is
+/// empty.
 public final class PollBackend: IOBackend {
+    let engine: ReadinessEngine<PollPoller>
+
+    /// Creates the backend; `entries` sizes the initial pollfd array.
+    public init(entries: UInt32 = 256) throws(PlexusError) {
+        engine = try ReadinessEngine(entries: entries)
+    }
+
     public var kind: BackendKind { .poll }
     public var capabilities: Capabilities { [] }
-    public var pendingCount: Int { 0 }
-    public var statistics: BackendStatistics { BackendStatistics() }
-    public init(entries: UInt32 = 256) throws(PlexusError) {
-        throw PlexusError(operation: "PollBackend.init", errno: .noFunction, message: "not built yet")
+    public var pendingCount: Int { engine.pendingCount }
+    public var statistics: BackendStatistics { engine.statistics }
+
+    @inline(__always)
+    public func prepare(_ operation: consuming Operation) -> Token {
+        engine.prepare(operation)
     }
-    public func prepare(_ operation: consuming Operation) -> Token { fatalError() }
-    public func submit() throws(PlexusError) -> Int { fatalError() }
-    public func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int { fatalError() }
-    public func cancelAll(_ body: (consuming Completion) -> Void) { fatalError() }
+
+    @discardableResult
+    public func submit() throws(PlexusError) -> Int {
+        engine.submit()
+    }
+
+    @discardableResult
+    public func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int {
+        try engine.wait(timeout: timeout, body)
+    }
+
+    public func cancelAll(_ body: (consuming Completion) -> Void) {
+        engine.cancelAll(body)
+    }
+}
+
+/// poll(2) as a `ReadinessPoller`: a pollfd per fd with parked operations (its slot is
+/// kept in `FDState.slot`), interest = union of the parked directions, level-triggered.
+struct PollPoller: ReadinessPoller {
+    static var backendKind: BackendKind { .poll }
+    static var waitCallName: String { "ppoll" }
+
+    struct Ready {
+        var fd: Int32
+        var events: UInt32
+    }
+
+    let pollfds: RawArray<pollfd>
+    /// What the last `wait` found, copied out so the array may change while it is handled.
+    let ready: RawArray<Ready>
+
+    init(entries: UInt32) throws(PlexusError) {
+        pollfds = RawArray(capacity: Int(min(max(entries, 16), 4096)))
+        ready = RawArray(capacity: Int(min(max(entries, 16), 4096)))
+    }
+
+    func destroy() {
+        pollfds.destroy()
+        ready.destroy()
+    }
+
+    func register(_ fd: Int32) -> Int32 { 0 }
+
+    @inline(__always)
+    func update(_ fd: Int32, interest: UInt32, rearm: Bool, states: RawArray<FDState>) -> Int32 {
+        let state = states.pointer(Int(fd))
+        let slot = Int(state.pointee.slot)
+        if interest == 0 {
+            guard slot >= 0 else { return 0 }
+            let last = pollfds.count - 1
+            if slot != last {
+                let moved = pollfds[last]
+                pollfds[slot] = moved
+                states.pointer(Int(moved.fd)).pointee.slot = Int32(slot)
+            }
+            pollfds.removeLast()
+            state.pointee.slot = -1
+        } else if slot < 0 {
+            state.pointee.slot = Int32(pollfds.count)
+            pollfds.append(pollfd(fd: fd, events: Int16(truncatingIfNeeded: interest), revents: 0))
+        } else {
+            pollfds.pointer(slot).pointee.events = Int16(truncatingIfNeeded: interest)
+        }
+        return 0
+    }
+
+    func remove(_ fd: Int32, states: RawArray<FDState>) {
+        guard Int(fd) < states.count else { return }
+        _ = update(fd, interest: 0, rearm: false, states: states)
+    }
+
+    @inline(__always)
+    func wait(_ timeout: UnsafePointer<timespec>?) -> Int32 {
+        ready.removeAll()
+        let n = Sys.ppoll(pollfds.base, pollfds.count, timeout)
+        guard n > 0 else { return n }
+        var found: Int32 = 0
+        for i in 0..<pollfds.count where pollfds[i].revents != 0 {
+            ready.append(Ready(fd: pollfds[i].fd, events: UInt32(UInt16(bitPattern: pollfds[i].revents))))
+            found += 1
+            if found == n { break }
+        }
+        return found
+    }
+
+    @inline(__always)
+    func event(_ i: Int) -> (fd: Int32, events: UInt32) {
+        (ready[i].fd, ready[i].events)
+    }
 }

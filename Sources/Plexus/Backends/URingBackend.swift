@@ -29,6 +29,10 @@ public final class URingBackend: IOBackend {
         var backlog: [Int] = []
         /// Results known without the kernel (invalid input, a cancel of a dead token).
         var immediate: [(index: Int, result: Int32)] = []
+        /// Per fd number: 0 unknown, 1 seekable, 2 a stream (pipe, socket, tty). io_uring
+        /// ignores the offset of a stream where pread(2) fails with ESPIPE; this keeps the
+        /// backends alike at one lseek per fd. Forgotten when the fd is closed through Plexus.
+        var positional: [UInt8] = []
         /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
         /// single issuer, whichever thread created the backend.
         var enabled = false
@@ -224,6 +228,10 @@ public final class URingBackend: IOBackend {
             state.pointee.immediate.append((index, -ENOENT))
             return
         }
+        if view.offset >= 0, Self.takesOffset(kind), !isSeekable(view.fd) {
+            state.pointee.immediate.append((index, -ESPIPE))
+            return
+        }
         guard let sqe = sqe() else {
             state.pointee.backlog.append(index)
             return
@@ -278,6 +286,7 @@ public final class URingBackend: IOBackend {
         case .cancel:
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
+            forgetPositional(view.fd)
             // Cancel what is pending on the fd first; the hard link runs the close either way.
             if capabilities.contains(.cancelByFileDescriptor) {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
@@ -433,6 +442,28 @@ public final class URingBackend: IOBackend {
         case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage, .accept: true
         default: false
         }
+    }
+
+    private static func takesOffset(_ kind: OperationKind) -> Bool {
+        kind == .read || kind == .write || kind == .readv || kind == .writev
+    }
+
+    /// lseek(2) answers ESPIPE for exactly the fds pread(2) refuses; asked once per fd.
+    private func isSeekable(_ fd: Int32) -> Bool {
+        let i = Int(fd)
+        if i < state.pointee.positional.count, state.pointee.positional[i] != 0 {
+            return state.pointee.positional[i] == 1
+        }
+        let seekable = lseek(fd, 0, SEEK_CUR) >= 0 || plexus_errno() != ESPIPE
+        if i >= state.pointee.positional.count {
+            state.pointee.positional.append(contentsOf: repeatElement(0, count: i + 1 - state.pointee.positional.count))
+        }
+        state.pointee.positional[i] = seekable ? 1 : 2
+        return seekable
+    }
+
+    private func forgetPositional(_ fd: Int32) {
+        if Int(fd) < state.pointee.positional.count { state.pointee.positional[Int(fd)] = 0 }
     }
 
     private static func writes(_ kind: OperationKind) -> Bool {

@@ -184,7 +184,8 @@ extension Duration {
     /// Whole nanoseconds, negative durations as 0 and huge ones as UInt64.max.
     var nanosecondsClamped: UInt64 {
         let (seconds, attoseconds) = components
-        if seconds < 0 { return 0 }
+        // A negative duration has a negative part: -0.5 s is (0, -5e17), -1.5 s is (-1, -5e17).
+        if seconds < 0 || attoseconds < 0 { return 0 }
         let (ns, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
         if overflow { return .max }
         let (sum, overflow2) = ns.addingReportingOverflow(UInt64(attoseconds / 1_000_000_000))

@@ -22,7 +22,11 @@ public final class EventLoop: @unchecked Sendable {
 
     let handlers = HandlerTable()
     var timers = TimerQueue()
-    private let remote = RemoteQueue()
+    let remote = RemoteQueue()
+    /// Swift tasks enqueued on the loop by the loop thread itself (resumed continuations).
+    var localJobs: [UnownedJob] = []
+    private var runningJobs: [UnownedJob] = []
+    let asyncSlots = AsyncSlots()
     /// 0 running, 1 about to sleep or asleep in the backend's wait, 2 shutting down.
     private let sleepState = Atomic<Int>(0)
     private let stopRequested = Atomic<Bool>(false)
@@ -85,7 +89,7 @@ public final class EventLoop: @unchecked Sendable {
             // is seen here, one queued after it sees the announcement and writes the eventfd.
             if timeout != .zero {
                 sleepState.store(1, ordering: .sequentiallyConsistent)
-                if remote.hasJobs || stopRequested.load(ordering: .sequentiallyConsistent) { timeout = .zero }
+                if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { timeout = .zero }
             }
             wait(timeout: timeout)
             sleepState.store(0, ordering: .sequentiallyConsistent)
@@ -116,14 +120,16 @@ public final class EventLoop: @unchecked Sendable {
         let context = Unmanaged.passRetained(ThreadStart(loop: loop, name: name, started: started)).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { raw in
-            let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
-            _ = plexus_set_thread_name(start.name)
-            start.loop.loopThread = pthread_self()
-            start.loop.running = true
-            start.started.signal()
-            start.loop.running = false
-            start.loop.run()
-            start.loop.threadFinished.signal()
+            // Every reference to the loop is dropped before `threadFinished` is signalled, so
+            // a caller of shutdownAndWait() that drops the last one closes the loop's fds.
+            let finished: Semaphore = {
+                let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
+                _ = plexus_set_thread_name(start.name)
+                start.started.signal()
+                start.loop.run()
+                return start.loop.threadFinished
+            }()
+            finished.signal()
             return nil
         }, context)
         guard rc == 0 else {
@@ -157,12 +163,17 @@ public final class EventLoop: @unchecked Sendable {
     /// Returns false (and drops nothing: the job was not taken) once shutdown began.
     @discardableResult
     public func execute(_ job: @escaping @Sendable () -> Void) -> Bool {
-        guard remote.push(job) else { return false }
+        guard remote.push(.closure(job)) else { return false }
         // Wake only a loop that is asleep or about to be: one eventfd write per sleep.
-        if sleepState.compareExchange(expected: 1, desired: 0, ordering: .sequentiallyConsistent).exchanged {
-            wake()
-        }
+        wakeForRemoteJob()
         return true
+    }
+
+    /// Queues `target.loopSignalled()` to run on the loop thread, waking the loop only if
+    /// it sleeps. Callable from any thread; allocates nothing once the queue has grown.
+    func signal(_ target: any LoopSignalTarget) {
+        _ = remote.push(.signal(target))
+        wakeForRemoteJob()
     }
 
     // MARK: Submitting
@@ -174,6 +185,7 @@ public final class EventLoop: @unchecked Sendable {
         let token = backend.prepare(operation)
         let slot = handlers.slot(token.index)
         slot.pointee.handler = handler
+        slot.pointee.token = token
         slot.pointee.cancelRequested = false
         return token
     }
@@ -184,11 +196,10 @@ public final class EventLoop: @unchecked Sendable {
     public func cancel(_ token: Token) {
         assertInLoop()
         let slot = handlers.slot(token.index)
-        guard case .none = slot.pointee.handler else {
-            slot.pointee.cancelRequested = true
-            _ = backend.prepare(.cancel(token))
-            return
-        }
+        if case .none = slot.pointee.handler { return }
+        guard slot.pointee.token == token, !slot.pointee.cancelRequested else { return }
+        slot.pointee.cancelRequested = true
+        _ = backend.prepare(.cancel(token))
     }
 
     /// Pending operations (the loop's own eventfd read included).
@@ -232,7 +243,7 @@ public final class EventLoop: @unchecked Sendable {
     // MARK: The turn
 
     private func nextTimeout() -> Duration? {
-        if remote.hasJobs { return .zero }
+        if remote.hasJobs || !localJobs.isEmpty { return .zero }
         guard let next = timers.nextDeadline() else { return nil }
         let now = Deadline.now.nanoseconds
         return next <= now ? .zero : .nanoseconds(Int64(clamping: next - now))
@@ -255,7 +266,33 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     private func runRemoteJobs() {
-        remote.drain { job in job() }
+        remote.drain { job in
+            switch job {
+            case .closure(let body): body()
+            case .task(let task): runTask(task)
+            case .signal(let target): target.loopSignalled()
+            }
+        }
+        runLocalJobs()
+    }
+
+    /// Runs the tasks resumed on this thread, and those they resume in turn, a bounded
+    /// number of rounds so I/O is not starved.
+    private func runLocalJobs() {
+        var rounds = 0
+        while !localJobs.isEmpty && rounds < 16 {
+            swap(&localJobs, &runningJobs)
+            for job in runningJobs { runTask(job) }
+            runningJobs.removeAll(keepingCapacity: true)
+            rounds += 1
+        }
+    }
+
+    /// Wakes the loop for a job queued from another thread.
+    func wakeForRemoteJob() {
+        if sleepState.compareExchange(expected: 1, desired: 0, ordering: .sequentiallyConsistent).exchanged {
+            wake()
+        }
     }
 
     @inline(__always)
@@ -287,6 +324,14 @@ public final class EventLoop: @unchecked Sendable {
                 return
             case .wake:
                 if final { rearmWake(completion.takeBuffer()) }
+            case .resume(let i):
+                let waiter = asyncSlots.slot(i)
+                waiter.pointee.result = result
+                waiter.pointee.kind = kind
+                waiter.pointee.flags = completion.flags
+                waiter.pointee.operation = completion.operation.take()
+                waiter.pointee.done = true
+                waiter.pointee.continuation.take()?.resume()
             case .completion(let body):
                 try body(Completion(token: token, result: result, flags: completion.flags, kind: kind,
                                     operation: completion.operation.take()))
@@ -337,8 +382,13 @@ public final class EventLoop: @unchecked Sendable {
         stopped = true
         // Callbacks may submit again while being cancelled; cancel until nothing is left.
         var rounds = 0
-        while backend.pendingCount > 0 || timers.count > 0 {
+        runLocalJobs()
+        while backend.pendingCount > 0 || timers.count > 0 || !localJobs.isEmpty {
+            // Start what was accepted first: a close then really closes (a close is never
+            // cancelled, on any backend), and everything else is in flight to be cancelled.
+            _ = try? backend.submit()
             backend.cancelAll { completion in self.dispatch(completion) }
+            runLocalJobs()
             for callback in timers.removeAll() {
                 invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
             }

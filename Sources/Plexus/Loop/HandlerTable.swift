@@ -15,6 +15,8 @@ enum Handler {
     case descriptor((Result<FileDescriptor, PlexusError>) throws -> Void)
     case done((Result<Void, PlexusError>) throws -> Void)
     case events((Result<PollEvents, PlexusError>) throws -> Void)
+    /// An awaiting task, parked in `AsyncSlots` at this index.
+    case resume(Int)
     /// The loop's own eventfd read.
     case wake
 }
@@ -23,6 +25,8 @@ enum Handler {
 /// growable array of the same size needs no hashing.
 struct HandlerSlot {
     var handler: Handler = .none
+    /// The token the handler belongs to: a stale token (its slot reused) must not touch it.
+    var token = Token(rawValue: .max)
     /// The user asked to cancel; an fd the operation still produced is closed.
     var cancelRequested = false
 }

@@ -1,10 +1,17 @@
 import Synchronization
 
-/// Jobs handed to the loop by other threads: FIFO, so each thread's jobs run in the
+/// Work handed to the loop by other threads: FIFO, so each thread's jobs run in the
 /// order it queued them. Two arrays swap under the lock, so draining allocates nothing
-/// once they have grown and jobs run without the lock held.
+/// once they have grown, and jobs run without the lock held.
 final class RemoteQueue: @unchecked Sendable {
-    typealias Job = @Sendable () -> Void
+    enum Job {
+        /// `execute { }`.
+        case closure(@Sendable () -> Void)
+        /// A Swift task enqueued on the loop as its executor.
+        case task(UnownedJob)
+        /// A component (a message queue's consumer) asking for a turn; no closure, no allocation.
+        case signal(any LoopSignalTarget)
+    }
 
     private let lock = Lock()
     private var incoming: [Job] = []
@@ -17,10 +24,11 @@ final class RemoteQueue: @unchecked Sendable {
         running.reserveCapacity(64)
     }
 
-    /// Queues `job`; false once the queue is closed.
-    func push(_ job: @escaping Job) -> Bool {
+    /// Queues `job`; false once the queue is closed (tasks are always taken: a task
+    /// that was started must be able to finish).
+    func push(_ job: Job) -> Bool {
         lock.withLock {
-            guard !closed else { return false }
+            if closed, case .closure = job { return false }  // tasks and signals still run
             incoming.append(job)
             queued.add(1, ordering: .sequentiallyConsistent)
             return true
@@ -29,7 +37,7 @@ final class RemoteQueue: @unchecked Sendable {
 
     var hasJobs: Bool { queued.load(ordering: .sequentiallyConsistent) > 0 }
 
-    /// Stops taking jobs; those already queued still run.
+    /// Stops taking closures; those already queued still run.
     func close() {
         lock.withLock { closed = true }
     }
@@ -44,4 +52,11 @@ final class RemoteQueue: @unchecked Sendable {
         for job in running { run(job) }
         running.removeAll(keepingCapacity: true)
     }
+}
+
+/// Something that asks the loop for a turn from another thread without allocating:
+/// `EventLoop.signal(_:)` queues the object itself and the loop calls `loopSignalled()`
+/// on its thread. Coalescing (one signal per batch) is the target's job.
+protocol LoopSignalTarget: AnyObject, Sendable {
+    func loopSignalled()
 }

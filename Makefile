@@ -1,0 +1,41 @@
+# Plexus: the two commands that do all set-up on a fresh Debian machine with Swift.
+#
+#   make bench   build in release and run the main job (for now: plexus-demo's pipe ping-pong)
+#   make test    run the whole suite with PLEXUS_BACKEND unset, then with io_uring, epoll and poll
+#
+# Both install Debian's liburing-dev first when it is missing (with sudo when not root).
+
+SHELL := /bin/bash
+SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The suite is one .serialized tree; --no-parallel also serializes suites outside it.
+TEST_FLAGS ?= --no-parallel
+BACKENDS := io_uring epoll poll
+
+.PHONY: bench test deps build-tests
+
+deps:
+	@dpkg -s liburing-dev >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y liburing-dev; }
+
+bench: deps
+	$(SWIFT) build -c release --product plexus-demo
+	$$($(SWIFT) build -c release --show-bin-path)/plexus-demo --backend-info
+	$$($(SWIFT) build -c release --show-bin-path)/plexus-demo
+
+# Builds the tests and every executable (plexus-demo and plexus-nouring, which the
+# fallback tests run from the directory of the test bundle).
+build-tests: deps
+	$(SWIFT) build --build-tests
+
+# Every run happens even when one fails, so one `make test` shows all four; it fails at
+# the end naming the runs that failed.
+test: build-tests
+	@failed=""; \
+	echo "=== PLEXUS_BACKEND unset (every backend that starts here)"; \
+	env -u PLEXUS_BACKEND $(SWIFT) test --skip-build $(TEST_FLAGS) || failed="$$failed unset"; \
+	for backend in $(BACKENDS); do \
+		echo "=== PLEXUS_BACKEND=$$backend"; \
+		PLEXUS_BACKEND=$$backend $(SWIFT) test --skip-build $(TEST_FLAGS) || failed="$$failed $$backend"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== make test: FAILED with PLEXUS_BACKEND:$$failed"; exit 1; fi; \
+	echo "=== make test: passed with PLEXUS_BACKEND unset, io_uring, epoll and poll"

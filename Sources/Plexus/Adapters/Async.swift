@@ -1,0 +1,219 @@
+import Glibc
+import SystemPackage
+
+/// Bytes moved by an operation, and the buffer handed back (no copy).
+public struct Transfer: ~Copyable, Sendable {
+    /// Bytes read or written.
+    public let count: Int
+    /// The buffer: reads appended to it, writes consumed from it.
+    public var buffer: IOBuffer
+
+    /// Takes the buffer out.
+    public consuming func takeBuffer() -> IOBuffer { buffer }
+}
+
+/// Bytes moved by a readv or writev, and the vector handed back.
+public struct VectorTransfer: ~Copyable, Sendable {
+    public let count: Int
+    public var vector: IOVector
+    public consuming func takeVector() -> IOVector { vector }
+}
+
+/// Bytes moved by a sendmsg or recvmsg, and the message handed back (with the sender's
+/// address after a receive).
+public struct MessageTransfer: ~Copyable, Sendable {
+    public let count: Int
+    public var message: Message
+    public consuming func takeMessage() -> Message { message }
+}
+
+/// What an awaited operation ended with.
+struct AsyncOutcome: ~Copyable {
+    let result: Int32
+    let kind: OperationKind
+    var operation: Operation?
+    let cancelled: Bool
+
+    /// The result, or the error: `CancellationError` when the task was cancelled and the
+    /// operation ended cancelled; a `PlexusError` naming the operation otherwise.
+    func check() throws -> Int {
+        if result >= 0 { return Int(result) }
+        if cancelled && result == -ECANCELED { throw CancellationError() }
+        throw PlexusError(kind, result: result)
+    }
+}
+
+/// The async/await adapter: every operation as an `async throws` function.
+///
+/// The awaiting code runs on the loop thread: directly when the task's executor is
+/// the loop (`Task(executorPreference: loop)`: no thread hop, no allocation), else by
+/// switching to it for the duration of the call. Cancelling the task cancels the
+/// operation in the kernel; the call returns only after the operation's own completion
+/// arrived, so the kernel never touches a buffer after it was handed back. An operation
+/// that finished before the cancel took effect returns its result.
+extension EventLoop {
+    /// Submits `operation` and suspends until its final completion.
+    func perform(_ operation: consuming Operation) async -> AsyncOutcome {
+        if !inLoop {
+            // Move to the loop thread for the call; the box is the price of the hop.
+            let box = OperationBox(operation)
+            let (result, kind, cancelled) = await withTaskExecutorPreference(self) {
+                var outcome = await self.perform(box.take())
+                box.put(outcome.operation.take())
+                return (outcome.result, outcome.kind, outcome.cancelled)
+            }
+            return AsyncOutcome(result: result, kind: kind, operation: box.takeIfAny(), cancelled: cancelled)
+        }
+        let index = asyncSlots.allocate()
+        let token = submit(operation, .resume(index))
+        await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+                let waiter = asyncSlots.slot(index)
+                if waiter.pointee.done {
+                    continuation.resume()
+                } else {
+                    waiter.pointee.continuation = continuation
+                }
+            }
+        } onCancel: {
+            // Any thread: hop to the loop. The token's generation keeps a late cancel harmless.
+            if self.inLoop {
+                self.cancel(token)
+            } else {
+                _ = self.remote.push(.closure { self.cancel(token) })
+                self.wakeForRemoteJob()
+            }
+        }
+        let waiter = asyncSlots.slot(index)
+        let outcome = AsyncOutcome(result: waiter.pointee.result, kind: waiter.pointee.kind,
+                                   operation: waiter.pointee.operation.take(), cancelled: Task.isCancelled)
+        asyncSlots.free(index)
+        return outcome
+    }
+
+    /// IORING_OP_NOP.
+    public func nop() async throws -> Int {
+        try await perform(.nop).check()
+    }
+
+    /// read(2)/pread(2) into `buffer`'s spare capacity.
+    public func read(_ fd: FileDescriptor, into buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
+        try await transfer(perform(.read(fd, buffer, offset: offset)))
+    }
+
+    /// write(2)/pwrite(2) of `buffer`'s readable bytes (consumed as written).
+    public func write(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
+        try await transfer(perform(.write(fd, buffer, offset: offset)))
+    }
+
+    /// Writes every readable byte of `buffer`, resubmitting after short writes.
+    public func writeAll(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> IOBuffer {
+        var buffer = buffer
+        var position = offset
+        while !buffer.isEmpty {
+            let done = try await write(fd, buffer, offset: position)
+            if let p = position { position = p + Int64(done.count) }
+            buffer = done.takeBuffer()
+        }
+        return buffer
+    }
+
+    /// readv(2)/preadv(2).
+    public func readv(_ fd: FileDescriptor, into vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
+        var outcome = await perform(.readv(fd, vector, offset: offset))
+        let n = try outcome.check()
+        return VectorTransfer(count: n, vector: outcome.operation.take()!.takeVector()!)
+    }
+
+    /// writev(2)/pwritev(2).
+    public func writev(_ fd: FileDescriptor, _ vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
+        var outcome = await perform(.writev(fd, vector, offset: offset))
+        let n = try outcome.check()
+        return VectorTransfer(count: n, vector: outcome.operation.take()!.takeVector()!)
+    }
+
+    /// send(2) with MSG_NOSIGNAL.
+    public func send(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
+        try await transfer(perform(.send(fd, buffer, flags: flags)))
+    }
+
+    /// recv(2).
+    public func recv(_ fd: FileDescriptor, into buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
+        try await transfer(perform(.recv(fd, buffer, flags: flags)))
+    }
+
+    /// sendmsg(2).
+    public func sendMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
+        var outcome = await perform(.sendMessage(fd, message, flags: flags))
+        let n = try outcome.check()
+        return MessageTransfer(count: n, message: outcome.operation.take()!.takeMessage()!)
+    }
+
+    /// recvmsg(2); the message comes back with the sender's address.
+    public func receiveMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
+        var outcome = await perform(.receiveMessage(fd, message, flags: flags))
+        let n = try outcome.check()
+        return MessageTransfer(count: n, message: outcome.operation.take()!.takeMessage()!)
+    }
+
+    /// accept4(2): the next connection (CLOEXEC, non-blocking).
+    public func accept(_ fd: FileDescriptor) async throws -> FileDescriptor {
+        FileDescriptor(rawValue: Int32(try await perform(.accept(fd)).check()))
+    }
+
+    /// connect(2).
+    public func connect(_ fd: FileDescriptor, to address: SocketAddress) async throws {
+        _ = try await perform(.connect(fd, address)).check()
+    }
+
+    /// Waits until `fd` is ready for `events`; returns the ready events.
+    public func poll(_ fd: FileDescriptor, _ events: PollEvents) async throws -> PollEvents {
+        PollEvents(rawValue: UInt32(try await perform(.poll(fd, events)).check()))
+    }
+
+    /// Cancels the fd's pending operations, then close(2).
+    public func close(_ fd: FileDescriptor) async throws {
+        _ = try await perform(.close(fd)).check()
+    }
+
+    /// openat(2) with O_CLOEXEC.
+    public func open(_ path: FilePath, flags: Int32, mode: mode_t = 0o644, directory: FileDescriptor? = nil) async throws -> FileDescriptor {
+        FileDescriptor(rawValue: Int32(try await perform(.open(path, flags: flags, mode: mode, directory: directory)).check()))
+    }
+
+    /// fsync(2) or fdatasync(2).
+    public func fsync(_ fd: FileDescriptor, dataOnly: Bool = false) async throws {
+        _ = try await perform(.fsync(fd, dataOnly: dataOnly)).check()
+    }
+
+    /// shutdown(2).
+    public func shutdown(_ fd: FileDescriptor, how: Int32) async throws {
+        _ = try await perform(.shutdown(fd, how: how)).check()
+    }
+
+    /// Suspends for `duration` (a timeout operation); throws `CancellationError` if the
+    /// task is cancelled first.
+    public func sleep(for duration: Duration) async throws {
+        _ = try await perform(.timeout(duration)).check()
+    }
+
+    /// Suspends until `deadline` (CLOCK_MONOTONIC).
+    public func sleep(until deadline: Deadline) async throws {
+        _ = try await perform(.deadline(deadline)).check()
+    }
+
+    private func transfer(_ outcome: consuming AsyncOutcome) throws -> Transfer {
+        var outcome = outcome
+        let n = try outcome.check()
+        return Transfer(count: n, buffer: outcome.operation.take()!.takeBuffer()!)
+    }
+}
+
+/// Carries an operation across the hop to the loop thread.
+final class OperationBox: @unchecked Sendable {
+    private var operation: Operation?
+    init(_ operation: consuming Operation) { self.operation = .some(operation) }
+    func take() -> Operation { operation.take()! }
+    func takeIfAny() -> Operation? { operation.take() }
+    func put(_ operation: consuming Operation?) { self.operation = operation }
+}

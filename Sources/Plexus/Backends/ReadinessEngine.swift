@@ -1,0 +1,940 @@
+import CPlexus
+import Glibc
+import HeapModule
+import SystemPackage
+
+// The completion engine shared by the epoll and poll backends: the reactor-as-proactor
+// of libxev and Asio. Each operation is first tried directly; when the syscall says
+// EAGAIN the record is parked on its fd's read or write FIFO, and when the poller
+// reports readiness the parked records are retried in order. What differs between
+// epoll and poll (how interest is registered, how readiness is collected) is a
+// `ReadinessPoller`; everything else lives here once.
+//
+// Limits, as in libuv and libxev: regular-file I/O runs on the loop thread (it does
+// not return EAGAIN); connect(2) on a socket without O_NONBLOCK blocks until the
+// kernel answers. The per-fd cache (file type, O_NONBLOCK, registration) is dropped
+// when Plexus closes an fd or hands out a new fd with the same number (accept, open),
+// and a lost epoll registration is noticed and redone; an fd closed outside Plexus and
+// replaced by one of a different kind (a blocking pipe where a nonblocking one was)
+// keeps the old cache until Plexus closes it.
+
+/// How a readiness backend learns which fds are ready. Implementations hold only
+/// pointers and fds, so the engine keeps them in a `let` and calls them without
+/// exclusivity checks.
+protocol ReadinessPoller {
+    static var backendKind: BackendKind { get }
+    /// The wait call, for errors ("epoll_pwait2", "ppoll").
+    static var waitCallName: String { get }
+
+    init(entries: UInt32) throws(PlexusError)
+    /// Releases the poller's fd and memory.
+    func destroy()
+
+    /// First sight of a pollable-looking fd. Returns 0, or -errno; -EPERM means the fd
+    /// cannot be polled at all (regular files under epoll) and is run directly.
+    func register(_ fd: Int32) -> Int32
+
+    /// The parked operations of `fd` now want `interest` (POLLIN/POLLOUT/... bits; 0 when
+    /// none are parked). `rearm` asks for a fresh report of the fd's current readiness
+    /// (edge-triggered pollers would otherwise miss a state that has not changed).
+    /// Returns 0, or -ENOENT when the fd's registration was lost (the fd was closed
+    /// outside Plexus and its number reused) and it must be registered again.
+    func update(_ fd: Int32, interest: UInt32, rearm: Bool, states: RawArray<FDState>) -> Int32
+
+    /// Forgets `fd` before it is closed.
+    func remove(_ fd: Int32, states: RawArray<FDState>)
+
+    /// Waits for readiness for at most `timeout` (nil: without limit). Returns the number
+    /// of ready fds, or -errno.
+    func wait(_ timeout: UnsafePointer<timespec>?) -> Int32
+
+    /// Ready fd `i` (below the count `wait` returned) and its poll(2)-style event bits.
+    func event(_ i: Int) -> (fd: Int32, events: UInt32)
+}
+
+/// A growable array of trivial values behind one pointer: the engine keeps it in a
+/// `let`, so reads and writes cost what they cost in C (no exclusivity checks, no
+/// retain/release). It allocates only when it grows.
+struct RawArray<Element: BitwiseCopyable> {
+    private struct Header {
+        var base: UnsafeMutablePointer<Element>
+        var count: Int
+        var capacity: Int
+    }
+
+    private let header: UnsafeMutablePointer<Header>
+
+    init(capacity: Int) {
+        let capacity = max(capacity, 1)
+        header = .allocate(capacity: 1)
+        header.initialize(to: Header(base: .allocate(capacity: capacity), count: 0, capacity: capacity))
+    }
+
+    func destroy() {
+        header.pointee.base.deallocate()
+        header.deallocate()
+    }
+
+    var count: Int {
+        @inline(__always) get { header.pointee.count }
+    }
+
+    var isEmpty: Bool {
+        @inline(__always) get { header.pointee.count == 0 }
+    }
+
+    var base: UnsafeMutablePointer<Element> {
+        @inline(__always) get { header.pointee.base }
+    }
+
+    @inline(__always)
+    func pointer(_ i: Int) -> UnsafeMutablePointer<Element> {
+        header.pointee.base + i
+    }
+
+    subscript(_ i: Int) -> Element {
+        @inline(__always) get { header.pointee.base[i] }
+        @inline(__always) nonmutating set { header.pointee.base[i] = newValue }
+    }
+
+    @inline(__always)
+    func append(_ element: Element) {
+        if header.pointee.count == header.pointee.capacity { reserve(header.pointee.capacity * 2) }
+        (header.pointee.base + header.pointee.count).initialize(to: element)
+        header.pointee.count += 1
+    }
+
+    /// Drops the last element.
+    @inline(__always)
+    func removeLast() { header.pointee.count -= 1 }
+
+    /// Forgets every element; keeps the memory.
+    @inline(__always)
+    func removeAll() { header.pointee.count = 0 }
+
+    /// Grows to `count` elements (at least), filling new ones with `value`.
+    func grow(to count: Int, filling value: Element) {
+        guard count > header.pointee.count else { return }
+        if count > header.pointee.capacity { reserve(max(count, header.pointee.capacity * 2)) }
+        (header.pointee.base + header.pointee.count).initialize(repeating: value, count: count - header.pointee.count)
+        header.pointee.count = count
+    }
+
+    private func reserve(_ capacity: Int) {
+        let new = UnsafeMutablePointer<Element>.allocate(capacity: capacity)
+        new.moveInitialize(from: header.pointee.base, count: header.pointee.count)
+        header.pointee.base.deallocate()
+        header.pointee.base = new
+        header.pointee.capacity = capacity
+    }
+}
+
+/// What the engine knows about one fd number, filled on first sight (fstat + F_GETFL)
+/// and forgotten when Plexus closes the fd or hands out a new fd with the same number.
+struct FDState {
+    enum Mode: UInt8 {
+        /// Not seen yet (or forgotten).
+        case unknown
+        /// Regular file, directory, block device, or anything the poller rejects: the
+        /// syscall is run directly (it does not wait for readiness).
+        case direct
+        /// A socket with O_NONBLOCK.
+        case socket
+        /// A socket without O_NONBLOCK: data calls go through recv/send with MSG_DONTWAIT;
+        /// accept waits for readiness first.
+        case blockingSocket
+        /// A pollable fd with O_NONBLOCK (pipe, eventfd, tty...): try first.
+        case nonBlocking
+        /// A pollable fd without O_NONBLOCK: wait for readiness, then one call per report
+        /// (a write capped at PIPE_BUF), so the loop thread never blocks.
+        case blocking
+    }
+
+    var mode: Mode = .unknown
+    /// Known to the poller (epoll: added to the interest list).
+    var registered = false
+    var readHead = OperationTable.none
+    var readTail = OperationTable.none
+    var writeHead = OperationTable.none
+    var writeTail = OperationTable.none
+    /// `Operation.poll` records (one-shot and multishot).
+    var pollHead = OperationTable.none
+    var pollTail = OperationTable.none
+    /// The poll backend's slot in its pollfd array, -1 when it has none.
+    var slot: Int32 = -1
+
+    var isIdle: Bool {
+        readHead == OperationTable.none && writeHead == OperationTable.none && pollHead == OperationTable.none
+    }
+}
+
+/// Where a record is while the engine owns it.
+enum RecordPlace: UInt8 {
+    /// Not queued anywhere (free, or being started).
+    case none
+    /// In the prepared FIFO, not started.
+    case prepared
+    /// Parked on its fd's read, write or poll FIFO.
+    case read, write, poll
+    /// In the timer heap.
+    case timer
+    /// Its final completion is queued; it can no longer be cancelled.
+    case done
+}
+
+/// The engine's per-record state, beside the table's record (indexed the same way).
+struct RecordInfo {
+    var view = KernelView()
+    var place: RecordPlace = .none
+    /// connect: the first connect(2) has been made, so EISCONN now means success.
+    var retried = false
+}
+
+/// A completion waiting to be delivered, kept as plain values until `wait` hands it out.
+struct QueuedCompletion {
+    var index: UInt32
+    var generation: UInt32
+    var result: Int32
+    var flags: UInt32
+}
+
+/// One timeout in the heap; stale entries (cancelled, slot reused) are skipped by generation.
+struct TimerEntry: Comparable {
+    var deadline: UInt64
+    var sequence: UInt64
+    var index: UInt32
+    var generation: UInt32
+
+    static func < (a: TimerEntry, b: TimerEntry) -> Bool {
+        a.deadline != b.deadline ? a.deadline < b.deadline : a.sequence < b.sequence
+    }
+}
+
+/// The completion protocol emulated over readiness; `EpollBackend` and `PollBackend` are
+/// this engine with their poller.
+final class ReadinessEngine<Poller: ReadinessPoller> {
+    let table = OperationTable()
+    let poller: Poller
+    let infos = RawArray<RecordInfo>(capacity: OperationTable.chunkSize)
+    /// Indexed by fd number; grows only when a larger fd appears.
+    let fds = RawArray<FDState>(capacity: 64)
+    let prepared = RawArray<UInt32>(capacity: 64)
+    let completions = RawArray<QueuedCompletion>(capacity: 256)
+    /// Next completion to deliver (kept in the engine so a nested `wait` from a
+    /// completion handler never delivers one twice).
+    var deliverHead = 0
+    /// Records parked on some fd (0: there is nothing to poll for).
+    var parkedCount = 0
+    var timers = Heap<TimerEntry>()
+    var timerSequence: UInt64 = 0
+    /// Heap entries whose timer was cancelled (lazy deletion).
+    var deadTimers = 0
+    var statistics = BackendStatistics()
+
+    static var readEvents: UInt32 { UInt32(POLLIN | POLLPRI | POLLERR | POLLHUP) | UInt32(PLEXUS_POLLRDHUP) }
+    static var writeEvents: UInt32 { UInt32(POLLOUT | POLLERR | POLLHUP) }
+    static var moreFlag: UInt32 { CompletionFlags.more.rawValue }
+
+    init(entries: UInt32) throws(PlexusError) {
+        poller = try Poller(entries: entries)
+        timers.reserveCapacity(64)
+    }
+
+    deinit {
+        cancelAll { _ in }
+        poller.destroy()
+        table.destroy()
+        infos.destroy()
+        fds.destroy()
+        prepared.destroy()
+        completions.destroy()
+    }
+
+    var pendingCount: Int { table.liveCount }
+
+    // MARK: Protocol
+
+    @inline(__always)
+    func prepare(_ operation: consuming Operation) -> Token {
+        let token = table.insert(operation)
+        if token.index >= infos.count { infos.grow(to: table.slotCount, filling: RecordInfo()) }
+        infos.pointer(token.index).pointee.place = .prepared
+        prepared.append(UInt32(token.index))
+        statistics.prepared += 1
+        return token
+    }
+
+    func submit() -> Int {
+        var started = 0
+        var i = 0
+        while i < prepared.count {
+            let index = Int(prepared[i])
+            i += 1
+            // Cancelled before it started: its completion is already queued.
+            guard infos[index].place == .prepared else { continue }
+            start(index)
+            started += 1
+        }
+        prepared.removeAll()
+        return started
+    }
+
+    func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int {
+        _ = submit()
+        var limit: UInt64? = nil
+        if let timeout {
+            let (sum, overflow) = Deadline.now.nanoseconds.addingReportingOverflow(timeout.nanosecondsClamped)
+            limit = overflow ? .max : sum
+        }
+        while true {
+            var interrupted = false
+            let haveCompletions = completions.count > deliverHead
+            if haveCompletions && parkedCount == 0 {
+                // Nothing can become ready; skip the zero-timeout poll.
+            } else {
+                var waitFor: UInt64? = nil
+                if haveCompletions {
+                    waitFor = 0
+                } else {
+                    let now = limit != nil || !timers.isEmpty ? Deadline.now.nanoseconds : 0
+                    if let limit { waitFor = limit > now ? limit - now : 0 }
+                    if let next = timers.min {
+                        let left = next.deadline > now ? next.deadline - now : 0
+                        waitFor = min(waitFor ?? .max, left)
+                    }
+                }
+                let n: Int32
+                if let waitFor {
+                    var ts = timespec(tv_sec: Int(min(waitFor / 1_000_000_000, UInt64(Int32.max))),
+                                      tv_nsec: Int(waitFor % 1_000_000_000))
+                    n = poller.wait(&ts)
+                } else {
+                    n = poller.wait(nil)
+                }
+                if n < 0 {
+                    guard n == -EINTR else {
+                        throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n))
+                    }
+                    interrupted = true
+                } else {
+                    for i in 0..<Int(n) {
+                        let (fd, events) = poller.event(i)
+                        handle(fd, events)
+                    }
+                }
+            }
+            if !timers.isEmpty { fireTimers() }
+            if completions.count > deliverHead || interrupted { break }
+            if let limit, Deadline.now.nanoseconds >= limit { break }
+        }
+        return deliver(body)
+    }
+
+    func cancelAll(_ body: (consuming Completion) -> Void) {
+        for index in table.liveIndices() {
+            switch infos[index].place {
+            case .done: break
+            default: complete(index, -ECANCELED)
+            }
+        }
+        for fd in 0..<fds.count {
+            let s = fds.pointer(fd)
+            if !s.pointee.isIdle {
+                s.pointee.readHead = OperationTable.none; s.pointee.readTail = OperationTable.none
+                s.pointee.writeHead = OperationTable.none; s.pointee.writeTail = OperationTable.none
+                s.pointee.pollHead = OperationTable.none; s.pointee.pollTail = OperationTable.none
+                _ = poller.update(Int32(fd), interest: 0, rearm: false, states: fds)
+            }
+        }
+        parkedCount = 0
+        timers.removeAll(where: { _ in true })
+        deadTimers = 0
+        prepared.removeAll()
+        _ = deliver(body)
+    }
+
+    // MARK: Completions
+
+    @inline(__always)
+    private func complete(_ index: Int, _ result: Int32) {
+        completions.append(QueuedCompletion(index: UInt32(index), generation: table.record(index).pointee.generation,
+                                            result: result, flags: 0))
+        infos.pointer(index).pointee.place = .done
+    }
+
+    @inline(__always)
+    private func completeMore(_ index: Int, _ result: Int32) {
+        completions.append(QueuedCompletion(index: UInt32(index), generation: table.record(index).pointee.generation,
+                                            result: result, flags: Self.moreFlag))
+    }
+
+    private func deliver(_ body: (consuming Completion) -> Void) -> Int {
+        var delivered = 0
+        while deliverHead < completions.count {
+            let c = completions[deliverHead]
+            deliverHead += 1
+            let index = Int(c.index)
+            let record = table.record(index)
+            let token = Token(index: c.index, generation: c.generation)
+            let kind = record.pointee.kind
+            statistics.completed += 1
+            delivered += 1
+            if c.flags & Self.moreFlag != 0 {
+                body(Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
+                                kind: kind, operation: nil))
+            } else {
+                infos.pointer(index).pointee.place = .none
+                var operation = table.remove(index)!
+                operation.apply(result: c.result, scratch: table.scratch(index))
+                body(Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
+                                kind: kind, operation: consume operation))
+            }
+        }
+        completions.removeAll()
+        deliverHead = 0
+        return delivered
+    }
+
+    // MARK: Starting operations
+
+    private func start(_ index: Int) {
+        let record = table.record(index)
+        let info = infos.pointer(index)
+        record.pointee.state = .inFlight
+        info.pointee.place = .none
+        info.pointee.retried = false
+        let kind = record.pointee.kind
+        var operation = record.pointee.operation.take()!
+        let view = operation.kernelView(scratch: table.scratch(index))
+        info.pointee.view = view
+        if let invalid = view.invalid {
+            record.pointee.operation = consume operation
+            complete(index, invalid)
+            return
+        }
+        // The kinds whose payload the view does not carry.
+        switch kind {
+        case .open:
+            var result: Int32 = -EINVAL
+            switch consume operation {
+            case .open(let path, let flags, let mode, let directory):
+                result = path.withPlatformString { Sys.openat(view.fd, $0, view.flags, mode) }
+                operation = .open(path, flags: flags, mode: mode, directory: directory)
+            case let other:
+                operation = other
+            }
+            record.pointee.operation = consume operation
+            if result >= 0 { forget(result) }
+            complete(index, result)
+            return
+        case .timeout:
+            var deadline: UInt64 = 0
+            switch consume operation {
+            case .timeout(let duration):
+                let (sum, overflow) = Deadline.now.nanoseconds.addingReportingOverflow(duration.nanosecondsClamped)
+                deadline = overflow ? .max : sum
+                operation = .timeout(duration)
+            case .deadline(let d):
+                deadline = d.nanoseconds
+                operation = .deadline(d)
+            case let other:
+                operation = other
+            }
+            record.pointee.operation = consume operation
+            timerSequence &+= 1
+            timers.insert(TimerEntry(deadline: deadline, sequence: timerSequence, index: UInt32(index),
+                                     generation: record.pointee.generation))
+            info.pointee.place = .timer
+            return
+        case .cancel:
+            var target = Token.internalOperation
+            switch consume operation {
+            case .cancel(let t):
+                target = t
+                operation = .cancel(t)
+            case let other:
+                operation = other
+            }
+            record.pointee.operation = consume operation
+            complete(index, cancel(target))
+            return
+        default:
+            record.pointee.operation = consume operation
+        }
+
+        let fd = view.fd
+        switch kind {
+        case .nop:
+            complete(index, 0)
+        case .fsync:
+            complete(index, view.flags & 1 != 0 ? Sys.fdatasync(fd) : Sys.fsync(fd))
+        case .shutdown:
+            complete(index, Sys.shutdown(fd, view.flags))
+        case .close:
+            close(index, fd)
+        case .poll, .pollMultishot:
+            startPoll(index, fd, view.flags)
+        default:
+            startIO(index, kind, fd)
+        }
+    }
+
+    /// read/write/readv/writev/send/recv/sendmsg/recvmsg/accept/connect: try the syscall,
+    /// park on EAGAIN.
+    private func startIO(_ index: Int, _ kind: OperationKind, _ fd: Int32) {
+        let classified = classify(fd)
+        guard classified == 0 else { complete(index, classified); return }
+        let state = fds.pointer(Int(fd))
+        let place: RecordPlace = Self.isReadSide(kind) ? .read : .write
+        let mode = state.pointee.mode
+        if mode == .direct {
+            // (A multishot accept here reports one connection and ends: nothing to poll.)
+            let result = perform(index, kind, mode)
+            if (kind == .accept || kind == .acceptMultishot) && result >= 0 { forget(result) }
+            complete(index, result)
+            return
+        }
+        let waitFirst = mode == .blocking && kind != .connect && kind != .accept && kind != .acceptMultishot
+            || mode == .blockingSocket && (kind == .accept || kind == .acceptMultishot)
+        let queueHead = place == .read ? state.pointee.readHead : state.pointee.writeHead
+        if waitFirst || queueHead != OperationTable.none {
+            // Wait for readiness first, or keep FIFO order behind the parked ones.
+            park(index, fd, place)
+            return
+        }
+        switch attempt(index, kind, mode) {
+        case .finished:
+            break
+        case .blocked, .continuing:
+            statistics.wouldBlock += 1
+            park(index, fd, place)
+        }
+    }
+
+    private func startPoll(_ index: Int, _ fd: Int32, _ events: Int32) {
+        let classified = classify(fd)
+        guard classified == 0 else { complete(index, classified); return }
+        if fds[Int(fd)].mode == .direct {
+            // Files are always ready (poll(2) reports POLLIN|POLLOUT for them).
+            let ready = UInt32(bitPattern: events) & UInt32(POLLIN | POLLOUT)
+            complete(index, Int32(bitPattern: ready))
+            return
+        }
+        park(index, fd, .poll)
+    }
+
+    private enum Attempt { case finished, blocked, continuing }
+
+    /// One try (or, for a multishot accept, a loop until EAGAIN) of a parked or new record.
+    @inline(__always)
+    private func attempt(_ index: Int, _ kind: OperationKind, _ mode: FDState.Mode) -> Attempt {
+        if kind == .acceptMultishot {
+            while true {
+                let result = perform(index, kind, mode)
+                if result == -EAGAIN { return .blocked }
+                if result < 0 {
+                    complete(index, result)
+                    return .finished
+                }
+                forget(result)
+                completeMore(index, result)
+                // Without O_NONBLOCK another accept could block: one per readiness report.
+                if mode == .blockingSocket { return .continuing }
+            }
+        }
+        let result = perform(index, kind, mode)
+        if result == -EAGAIN { return .blocked }
+        if kind == .accept && result >= 0 { forget(result) }
+        complete(index, result)
+        return .finished
+    }
+
+    /// The syscall for a data, accept or connect record; -EAGAIN when it would block.
+    @inline(__always)
+    private func perform(_ index: Int, _ kind: OperationKind, _ mode: FDState.Mode) -> Int32 {
+        let info = infos.pointer(index)
+        let v = info.pointee.view
+        let fd = v.fd
+        let socket = mode == .socket || mode == .blockingSocket
+        let dontWait = Int32(MSG_DONTWAIT)
+        let result: Int
+        switch kind {
+        case .read:
+            if socket {
+                result = Sys.recv(fd, v.base, v.length, dontWait)
+            } else if v.offset >= 0 {
+                result = Sys.pread(fd, v.base, v.length, v.offset)
+            } else {
+                result = Sys.read(fd, v.base, v.length)
+            }
+        case .write:
+            if socket {
+                result = Sys.send(fd, v.base, v.length, dontWait | Int32(MSG_NOSIGNAL))
+            } else {
+                let length = mode == .blocking ? min(v.length, Int(PIPE_BUF)) : v.length
+                result = v.offset >= 0 ? Sys.pwrite(fd, v.base, length, v.offset) : Sys.write(fd, v.base, length)
+            }
+        case .readv:
+            if socket {
+                result = Sys.recvmsg(fd, &vectorMessage(index, v).pointee.message, dontWait)
+            } else if v.offset >= 0 {
+                result = Sys.preadv(fd, v.vectors, v.vectorCount, v.offset)
+            } else {
+                result = Sys.readv(fd, v.vectors, v.vectorCount)
+            }
+        case .writev:
+            if socket {
+                result = Sys.sendmsg(fd, &vectorMessage(index, v).pointee.message, dontWait | Int32(MSG_NOSIGNAL))
+            } else if mode == .blocking {
+                // At most PIPE_BUF bytes of the first non-empty buffer: cannot block after POLLOUT.
+                var chosen = iovec()
+                for i in 0..<v.vectorCount where v.vectors![i].iov_len > 0 {
+                    chosen = v.vectors![i]
+                    break
+                }
+                let length = min(chosen.iov_len, Int(PIPE_BUF))
+                result = v.offset >= 0 ? Sys.pwrite(fd, chosen.iov_base, length, v.offset)
+                    : Sys.write(fd, chosen.iov_base, length)
+            } else if v.offset >= 0 {
+                result = Sys.pwritev(fd, v.vectors, v.vectorCount, v.offset)
+            } else {
+                result = Sys.writev(fd, v.vectors, v.vectorCount)
+            }
+        case .recv:
+            result = Sys.recv(fd, v.base, v.length, v.flags | dontWait)
+        case .send:
+            result = Sys.send(fd, v.base, v.length, v.flags | dontWait)
+        case .receiveMessage:
+            let scratch = table.scratch(index)
+            scratch.pointee.message.msg_namelen = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            result = Sys.recvmsg(fd, &scratch.pointee.message, v.flags | dontWait)
+        case .sendMessage:
+            let scratch = table.scratch(index)
+            result = Sys.sendmsg(fd, &scratch.pointee.message, v.flags | dontWait)
+        case .accept, .acceptMultishot:
+            result = Int(Sys.accept4(fd))
+        case .connect:
+            let scratch = table.scratch(index)
+            let r = Sys.connect(fd, &scratch.pointee.address, scratch.pointee.address_length)
+            if !info.pointee.retried {
+                info.pointee.retried = true
+                result = Int(r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
+            } else if r == 0 || r == -EISCONN {
+                result = 0
+            } else {
+                result = Int(r == -EALREADY || r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
+            }
+        default:
+            result = Int(-EINVAL)
+        }
+        return Int32(truncatingIfNeeded: result)
+    }
+
+    /// A msghdr over the record's iovecs, for readv/writev on a socket (recvmsg/sendmsg
+    /// take MSG_DONTWAIT; readv/writev would block on a socket without O_NONBLOCK).
+    @inline(__always)
+    private func vectorMessage(_ index: Int, _ v: KernelView) -> UnsafeMutablePointer<plexus_op_scratch> {
+        let scratch = table.scratch(index)
+        var header = msghdr()
+        header.msg_iov = v.vectors
+        header.msg_iovlen = v.vectorCount
+        scratch.pointee.message = header
+        return scratch
+    }
+
+    @inline(__always)
+    private static func isReadSide(_ kind: OperationKind) -> Bool {
+        switch kind {
+        case .read, .readv, .recv, .receiveMessage, .accept, .acceptMultishot: true
+        default: false
+        }
+    }
+
+    // MARK: Per-fd state
+
+    /// Makes sure `fd` has a cached state; 0, or -errno when the fd is not usable.
+    private func classify(_ fd: Int32) -> Int32 {
+        if Int(fd) >= fds.count { fds.grow(to: max(Int(fd) + 1, fds.count * 2), filling: FDState()) }
+        let state = fds.pointer(Int(fd))
+        if state.pointee.mode != .unknown { return 0 }
+        let type = Sys.fileType(fd)
+        if type < 0 { return type }
+        if type == Int32(Glibc.S_IFREG) || type == Int32(Glibc.S_IFDIR) || type == Int32(Glibc.S_IFBLK) {
+            state.pointee.mode = .direct
+            return 0
+        }
+        let flags = Sys.statusFlags(fd)
+        if flags < 0 { return flags }
+        let nonBlocking = flags & O_NONBLOCK != 0
+        let mode: FDState.Mode = type == Int32(Glibc.S_IFSOCK) ? (nonBlocking ? .socket : .blockingSocket)
+            : (nonBlocking ? .nonBlocking : .blocking)
+        let registered = poller.register(fd)
+        if registered == -EPERM {
+            state.pointee.mode = .direct
+            return 0
+        }
+        if registered < 0 { return registered }
+        state.pointee.mode = mode
+        state.pointee.registered = true
+        return 0
+    }
+
+    /// Drops what the engine knew about fd number `fd` (a new fd now has that number).
+    private func forget(_ fd: Int32) {
+        guard Int(fd) < fds.count else { return }
+        let state = fds.pointer(Int(fd))
+        // Operations parked under the old fd can no longer be reported: end them.
+        if !state.pointee.isIdle { cancelParked(fd, result: -EBADF) }
+        if state.pointee.slot >= 0 { _ = poller.update(fd, interest: 0, rearm: false, states: fds) }
+        state.pointee = FDState()
+    }
+
+    /// The events the parked records of `fd` wait for.
+    private func interest(_ fd: Int32) -> UInt32 {
+        let state = fds.pointer(Int(fd))
+        var events: UInt32 = 0
+        if state.pointee.readHead != OperationTable.none { events |= UInt32(POLLIN) }
+        if state.pointee.writeHead != OperationTable.none { events |= UInt32(POLLOUT) }
+        var i = state.pointee.pollHead
+        while i != OperationTable.none {
+            events |= UInt32(bitPattern: infos[Int(i)].view.flags)
+            i = table.record(Int(i)).pointee.next
+        }
+        return events
+    }
+
+    @inline(__always)
+    private func refreshInterest(_ fd: Int32, rearm: Bool) {
+        let r = poller.update(fd, interest: interest(fd), rearm: rearm, states: fds)
+        if r == -ENOENT {
+            // The fd was closed outside Plexus and its number reused: register the new one.
+            let state = fds.pointer(Int(fd))
+            state.pointee.mode = .unknown
+            state.pointee.registered = false
+            if classify(fd) == 0 { _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds) }
+        }
+    }
+
+    // MARK: Parking
+
+    private func park(_ index: Int, _ fd: Int32, _ place: RecordPlace) {
+        let state = fds.pointer(Int(fd))
+        let wasIdle = state.pointee.isIdle
+        let record = table.record(index)
+        record.pointee.next = OperationTable.none
+        let i = UInt32(index)
+        switch place {
+        case .read:
+            if state.pointee.readTail == OperationTable.none { state.pointee.readHead = i }
+            else { table.record(Int(state.pointee.readTail)).pointee.next = i }
+            state.pointee.readTail = i
+        case .write:
+            if state.pointee.writeTail == OperationTable.none { state.pointee.writeHead = i }
+            else { table.record(Int(state.pointee.writeTail)).pointee.next = i }
+            state.pointee.writeTail = i
+        default:
+            if state.pointee.pollTail == OperationTable.none { state.pointee.pollHead = i }
+            else { table.record(Int(state.pointee.pollTail)).pointee.next = i }
+            state.pointee.pollTail = i
+        }
+        infos.pointer(index).pointee.place = place
+        parkedCount += 1
+        // A fresh report is needed when the fd was idle (its last edge may have gone
+        // unused), for readiness operations, and whenever the fd is waited on first.
+        let rearm = wasIdle || place == .poll || state.pointee.mode == .blocking || state.pointee.mode == .blockingSocket
+        refreshInterest(fd, rearm: rearm)
+    }
+
+    /// Removes `index` from the FIFO it is parked on. Does not update the poller.
+    private func unlink(_ index: Int, _ fd: Int32, _ place: RecordPlace) {
+        let state = fds.pointer(Int(fd))
+        let target = UInt32(index)
+        var prev = OperationTable.none
+        var i: UInt32
+        switch place {
+        case .read: i = state.pointee.readHead
+        case .write: i = state.pointee.writeHead
+        default: i = state.pointee.pollHead
+        }
+        while i != OperationTable.none && i != target {
+            prev = i
+            i = table.record(Int(i)).pointee.next
+        }
+        guard i == target else { return }
+        let next = table.record(index).pointee.next
+        if prev != OperationTable.none { table.record(Int(prev)).pointee.next = next }
+        switch place {
+        case .read:
+            if prev == OperationTable.none { state.pointee.readHead = next }
+            if state.pointee.readTail == target { state.pointee.readTail = prev }
+        case .write:
+            if prev == OperationTable.none { state.pointee.writeHead = next }
+            if state.pointee.writeTail == target { state.pointee.writeTail = prev }
+        default:
+            if prev == OperationTable.none { state.pointee.pollHead = next }
+            if state.pointee.pollTail == target { state.pointee.pollTail = prev }
+        }
+        table.record(index).pointee.next = OperationTable.none
+        infos.pointer(index).pointee.place = .none
+        parkedCount -= 1
+    }
+
+    /// Completes every record parked on `fd` with `result`, in FIFO order (reads, writes, polls).
+    private func cancelParked(_ fd: Int32, result: Int32) {
+        let state = fds.pointer(Int(fd))
+        for place in [RecordPlace.read, .write, .poll] {
+            while true {
+                let head: UInt32
+                switch place {
+                case .read: head = state.pointee.readHead
+                case .write: head = state.pointee.writeHead
+                default: head = state.pointee.pollHead
+                }
+                if head == OperationTable.none { break }
+                unlink(Int(head), fd, place)
+                complete(Int(head), result)
+            }
+        }
+    }
+
+    // MARK: Readiness
+
+    private func handle(_ fd: Int32, _ events: UInt32) {
+        guard fd >= 0, Int(fd) < fds.count else { return }
+        let state = fds.pointer(Int(fd))
+        if state.pointee.isIdle { return }
+        if events & UInt32(POLLNVAL) != 0 {
+            // Closed behind Plexus's back (poll only reports this).
+            cancelParked(fd, result: -EBADF)
+            _ = poller.update(fd, interest: 0, rearm: false, states: fds)
+            state.pointee = FDState()
+            return
+        }
+        var changed = false
+        if events & Self.readEvents != 0 && state.pointee.readHead != OperationTable.none {
+            changed = retry(fd, .read) || changed
+        }
+        if events & Self.writeEvents != 0 && state.pointee.writeHead != OperationTable.none {
+            changed = retry(fd, .write) || changed
+        }
+        if state.pointee.pollHead != OperationTable.none {
+            changed = firePolls(fd, events) || changed
+        }
+        if changed { refreshInterest(fd, rearm: state.pointee.mode == .blocking || state.pointee.mode == .blockingSocket) }
+    }
+
+    /// Retries the records parked on one side of `fd` in FIFO order until one would
+    /// block again. Returns true when the FIFO changed.
+    private func retry(_ fd: Int32, _ place: RecordPlace) -> Bool {
+        let state = fds.pointer(Int(fd))
+        let mode = state.pointee.mode
+        var changed = false
+        var blockingCalls = 0
+        while true {
+            let head = place == .read ? state.pointee.readHead : state.pointee.writeHead
+            if head == OperationTable.none { break }
+            let index = Int(head)
+            let kind = table.record(index).pointee.kind
+            // Without O_NONBLOCK only one call per readiness report is sure not to block.
+            if mode == .blocking || mode == .blockingSocket && (kind == .accept || kind == .acceptMultishot) {
+                if blockingCalls > 0 { break }
+                blockingCalls += 1
+            }
+            let outcome = attempt(index, kind, mode)
+            if outcome == .blocked { break }
+            if outcome == .continuing { changed = true; break }
+            // Finished: its completion is queued; take it off the FIFO.
+            unlink(index, fd, place)
+            infos.pointer(index).pointee.place = .done
+            changed = true
+        }
+        return changed
+    }
+
+    /// Reports readiness to the parked poll records of `fd`. Returns true when one ended.
+    private func firePolls(_ fd: Int32, _ events: UInt32) -> Bool {
+        let state = fds.pointer(Int(fd))
+        var changed = false
+        var i = state.pointee.pollHead
+        while i != OperationTable.none {
+            let index = Int(i)
+            let record = table.record(index)
+            i = record.pointee.next
+            let wanted = UInt32(bitPattern: infos[index].view.flags) | UInt32(POLLERR | POLLHUP)
+            let ready = events & wanted
+            if ready == 0 { continue }
+            if record.pointee.kind == .pollMultishot {
+                completeMore(index, Int32(bitPattern: ready))
+            } else {
+                unlink(index, fd, .poll)
+                complete(index, Int32(bitPattern: ready))
+                changed = true
+            }
+        }
+        return changed
+    }
+
+    // MARK: Timers
+
+    private func fireTimers() {
+        let now = Deadline.now.nanoseconds
+        while let first = timers.min, first.deadline <= now {
+            _ = timers.popMin()
+            let index = Int(first.index)
+            if let record = table.live(Token(index: first.index, generation: first.generation)),
+               infos[index].place == .timer, record.pointee.kind == .timeout {
+                complete(index, 0)
+            } else {
+                deadTimers -= 1
+            }
+        }
+    }
+
+    private func dropTimer(_ index: Int) {
+        deadTimers += 1
+        if deadTimers > 64 && deadTimers > timers.count / 2 {
+            let table = table, infos = infos
+            timers.removeAll { entry in
+                table.live(Token(index: entry.index, generation: entry.generation)) == nil
+                    || infos[Int(entry.index)].place != .timer
+            }
+            deadTimers = 0
+        }
+    }
+
+    // MARK: Cancel and close
+
+    /// Cancels the record `target` names; the cancel's own result.
+    private func cancel(_ target: Token) -> Int32 {
+        guard table.live(target) != nil else { return -ENOENT }
+        let index = target.index
+        let info = infos.pointer(index)
+        switch info.pointee.place {
+        case .none, .done:
+            return -ENOENT
+        case .prepared:
+            complete(index, -ECANCELED)
+        case .timer:
+            // Completed now; the heap entry is skipped when it comes up.
+            complete(index, -ECANCELED)
+            dropTimer(index)
+        case .read, .write, .poll:
+            let fd = info.pointee.view.fd
+            unlink(index, fd, info.pointee.place)
+            complete(index, -ECANCELED)
+            refreshInterest(fd, rearm: false)
+        }
+        return 0
+    }
+
+    /// close: cancels what is parked on the fd, forgets it, then close(2).
+    private func close(_ index: Int, _ fd: Int32) {
+        if Int(fd) < fds.count {
+            let state = fds.pointer(Int(fd))
+            cancelParked(fd, result: -ECANCELED)
+            poller.remove(fd, states: fds)
+            state.pointee = FDState()
+        }
+        complete(index, Sys.close(fd))
+    }
+}

@@ -1,0 +1,213 @@
+import CPlexus
+import Glibc
+
+/// One thin wrapper per system call the readiness backends make.
+///
+/// Every wrapper returns the call's non-negative result, or `-errno` on failure, so a
+/// result can go straight into a completion. Calls that may be interrupted by a signal
+/// before doing anything (EINTR) are retried here; `close` is not (Linux has already
+/// released the fd when it reports EINTR).
+enum Sys {
+    @inline(__always)
+    private static func check(_ result: Int) -> Int { result >= 0 ? result : -Int(plexus_errno()) }
+
+    @inline(__always)
+    private static func check(_ result: Int32) -> Int32 { result >= 0 ? result : -plexus_errno() }
+
+    /// read(2).
+    @inline(__always)
+    static func read(_ fd: Int32, _ base: UnsafeMutableRawPointer?, _ count: Int) -> Int {
+        while true {
+            let r = check(Glibc.read(fd, base, count))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// write(2).
+    @inline(__always)
+    static func write(_ fd: Int32, _ base: UnsafeRawPointer?, _ count: Int) -> Int {
+        while true {
+            let r = check(Glibc.write(fd, base, count))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// pread(2).
+    @inline(__always)
+    static func pread(_ fd: Int32, _ base: UnsafeMutableRawPointer?, _ count: Int, _ offset: Int64) -> Int {
+        while true {
+            let r = check(Glibc.pread(fd, base, count, off_t(offset)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// pwrite(2).
+    @inline(__always)
+    static func pwrite(_ fd: Int32, _ base: UnsafeRawPointer?, _ count: Int, _ offset: Int64) -> Int {
+        while true {
+            let r = check(Glibc.pwrite(fd, base, count, off_t(offset)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// readv(2).
+    @inline(__always)
+    static func readv(_ fd: Int32, _ vectors: UnsafePointer<iovec>?, _ count: Int) -> Int {
+        while true {
+            let r = check(Glibc.readv(fd, vectors, Int32(count)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// writev(2).
+    @inline(__always)
+    static func writev(_ fd: Int32, _ vectors: UnsafePointer<iovec>?, _ count: Int) -> Int {
+        while true {
+            let r = check(Glibc.writev(fd, vectors, Int32(count)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// preadv(2).
+    @inline(__always)
+    static func preadv(_ fd: Int32, _ vectors: UnsafePointer<iovec>?, _ count: Int, _ offset: Int64) -> Int {
+        while true {
+            let r = check(Glibc.preadv(fd, vectors, Int32(count), off_t(offset)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// pwritev(2).
+    @inline(__always)
+    static func pwritev(_ fd: Int32, _ vectors: UnsafePointer<iovec>?, _ count: Int, _ offset: Int64) -> Int {
+        while true {
+            let r = check(Glibc.pwritev(fd, vectors, Int32(count), off_t(offset)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// recv(2).
+    @inline(__always)
+    static func recv(_ fd: Int32, _ base: UnsafeMutableRawPointer?, _ count: Int, _ flags: Int32) -> Int {
+        while true {
+            let r = check(Glibc.recv(fd, base, count, flags))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// send(2).
+    @inline(__always)
+    static func send(_ fd: Int32, _ base: UnsafeRawPointer?, _ count: Int, _ flags: Int32) -> Int {
+        while true {
+            let r = check(Glibc.send(fd, base, count, flags))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// recvmsg(2).
+    @inline(__always)
+    static func recvmsg(_ fd: Int32, _ message: UnsafeMutablePointer<msghdr>, _ flags: Int32) -> Int {
+        while true {
+            let r = check(Glibc.recvmsg(fd, message, flags))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// sendmsg(2).
+    @inline(__always)
+    static func sendmsg(_ fd: Int32, _ message: UnsafePointer<msghdr>, _ flags: Int32) -> Int {
+        while true {
+            let r = check(Glibc.sendmsg(fd, message, flags))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// accept4(2) with SOCK_NONBLOCK|SOCK_CLOEXEC (through the shim: accept4 is GNU-only).
+    @inline(__always)
+    static func accept4(_ fd: Int32) -> Int32 {
+        let flags = Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+        while true {
+            let r = check(plexus_accept4(fd, nil, nil, flags))
+            if r != -EINTR { return r }
+        }
+    }
+
+    /// connect(2). Not retried on EINTR: the connection then proceeds asynchronously,
+    /// and the caller treats EINTR like EINPROGRESS.
+    @inline(__always)
+    static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr_storage>, _ length: socklen_t) -> Int32 {
+        address.withMemoryRebound(to: sockaddr.self, capacity: 1) { check(Glibc.connect(fd, $0, length)) }
+    }
+
+    /// openat(2); `flags` must already include O_CLOEXEC.
+    static func openat(_ directory: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32, _ mode: mode_t) -> Int32 {
+        while true {
+            let r = check(Glibc.openat(directory, path, flags, mode))
+            if r != -EINTR { return r }
+        }
+    }
+
+    /// close(2). Never retried: on Linux the fd is gone even when close reports EINTR.
+    static func close(_ fd: Int32) -> Int32 {
+        check(Glibc.close(fd))
+    }
+
+    /// fsync(2).
+    static func fsync(_ fd: Int32) -> Int32 {
+        while true {
+            let r = check(Glibc.fsync(fd))
+            if r != -EINTR { return r }
+        }
+    }
+
+    /// fdatasync(2).
+    static func fdatasync(_ fd: Int32) -> Int32 {
+        while true {
+            let r = check(Glibc.fdatasync(fd))
+            if r != -EINTR { return r }
+        }
+    }
+
+    /// shutdown(2).
+    static func shutdown(_ fd: Int32, _ how: Int32) -> Int32 {
+        check(Glibc.shutdown(fd, how))
+    }
+
+    /// fstat(2): the file type bits of `st_mode` (S_IFMT), or -errno.
+    static func fileType(_ fd: Int32) -> Int32 {
+        var st = stat()
+        let r = check(Glibc.fstat(fd, &st))
+        return r < 0 ? r : Int32(bitPattern: st.st_mode & S_IFMT)
+    }
+
+    /// fcntl(2) with F_GETFL: the file status flags, or -errno.
+    static func statusFlags(_ fd: Int32) -> Int32 {
+        check(Glibc.fcntl(fd, F_GETFL))
+    }
+
+    /// epoll_create1(2).
+    static func epollCreate(_ flags: Int32) -> Int32 {
+        check(epoll_create1(flags))
+    }
+
+    /// epoll_ctl(2).
+    @inline(__always)
+    static func epollControl(_ epfd: Int32, _ op: Int32, _ fd: Int32, _ event: UnsafeMutablePointer<epoll_event>?) -> Int32 {
+        check(epoll_ctl(epfd, op, fd, event))
+    }
+
+    /// epoll_pwait2(2) without a signal mask (through the shim); nil `timeout` blocks.
+    /// EINTR is returned, not retried: the caller delivers what is ready.
+    @inline(__always)
+    static func epollWait(_ epfd: Int32, _ events: UnsafeMutablePointer<epoll_event>, _ max: Int32,
+                          _ timeout: UnsafePointer<timespec>?) -> Int32 {
+        check(plexus_epoll_pwait2(epfd, events, max, timeout))
+    }
+
+    /// ppoll(2) without a signal mask (through the shim); nil `timeout` blocks.
+    /// EINTR is returned, not retried: the caller delivers what is ready.
+    @inline(__always)
+    static func ppoll(_ fds: UnsafeMutablePointer<pollfd>?, _ count: Int, _ timeout: UnsafePointer<timespec>?) -> Int32 {
+        check(plexus_ppoll(fds, nfds_t(count), timeout))
+    }
+}

@@ -1,0 +1,200 @@
+import CPlexus
+import Glibc
+import Synchronization
+import SystemPackage
+import Testing
+@testable import Plexus
+
+extension PlexusTests {
+/// The async/await adapter on every backend that runs here.
+@Suite struct AsyncAdapterTests {
+
+    @Test(arguments: Backends.kinds)
+    func tasksPreferringTheLoopRunOnTheLoopThread(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+                let (onLoop, afterAwait) = await Task(executorPreference: loop) {
+            let before = loop.inLoop
+            _ = try? await loop.nop()
+            return (before, loop.inLoop)
+        }.value
+        #expect(onLoop)
+        #expect(afterAwait)
+    }
+
+    @Test(arguments: Backends.kinds)
+    func awaitingFromAnotherExecutorHopsToTheLoop(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            var p: [Int32] = [0, 0]
+            #expect(plexus_pipe2(&p, O_CLOEXEC) == 0)
+            defer { Glibc.close(p[0]); Glibc.close(p[1]) }
+            let written = try await loop.write(FileDescriptor(rawValue: p[1]), IOBuffer("ping"))
+            #expect(written.count == 4)
+            let drained = written.buffer.isEmpty
+            #expect(drained)
+            let read = try await loop.read(FileDescriptor(rawValue: p[0]), into: IOBuffer(capacity: 16))
+            #expect(read.count == 4)
+            let text = read.buffer.string
+            #expect(text == "ping")
+            try await loop.sleep(for: .milliseconds(2))
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func echoWithOneHundredConcurrentClients(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+                        let listener = try LoopTestSupport.listener()
+            let server = Task(executorPreference: loop) {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<100 {
+                        let fd = try await loop.accept(FileDescriptor(rawValue: listener.fd))
+                        group.addTask(executorPreference: loop) {
+                            var buffer = IOBuffer(capacity: 256)
+                            while true {
+                                let got = try await loop.recv(fd, into: buffer)
+                                let n = got.count
+                                buffer = got.takeBuffer()
+                                if n == 0 { break }
+                                buffer = try await loop.writeAll(fd, buffer)
+                            }
+                            try await loop.close(fd)
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+            }
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                for i in 0..<100 {
+                    group.addTask(executorPreference: loop) {
+                        let fd = FileDescriptor(rawValue: socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0))
+                        try await loop.connect(fd, to: listener.address)
+                        let text = "hello \(i) " + String(repeating: "x", count: i)
+                        _ = try await loop.writeAll(fd, IOBuffer(text))
+                        var buffer = IOBuffer(capacity: 256)
+                        while buffer.count < text.utf8.count {
+                            let got = try await loop.recv(fd, into: buffer)
+                            let n = got.count
+                            buffer = got.takeBuffer()
+                            if n == 0 { break }
+                        }
+                        try await loop.close(fd)
+                        return buffer.string == text
+                    }
+                }
+                var ok = 0
+                for try await matched in group where matched { ok += 1 }
+                #expect(ok == 100)
+            }
+            try await server.value
+            Glibc.close(listener.fd)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func cancellingATaskCancelsItsPendingRead(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            var p: [Int32] = [0, 0]
+            #expect(plexus_pipe2(&p, O_CLOEXEC) == 0)
+            defer { Glibc.close(p[0]); Glibc.close(p[1]) }
+            let readEnd = FileDescriptor(rawValue: p[0])
+            let reader = Task(executorPreference: loop) {
+                try await loop.read(readEnd, into: IOBuffer(capacity: 16)).count
+            }
+            try await loop.sleep(for: .milliseconds(20))
+            reader.cancel()
+            await #expect(throws: CancellationError.self) { try await reader.value }
+            #expect(loop.pendingOperations == 1, "only the loop's own wake-up read is left")
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func cancellingATaskCancelsItsPendingAcceptAndConnect(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            let listener = try LoopTestSupport.listener()
+            defer { Glibc.close(listener.fd) }
+            let acceptor = Task(executorPreference: loop) {
+                try await loop.accept(FileDescriptor(rawValue: listener.fd))
+            }
+            try await loop.sleep(for: .milliseconds(20))
+            acceptor.cancel()
+            await #expect(throws: CancellationError.self) { try await acceptor.value }
+
+            // A listener with a full backlog leaves the next connect pending (SYNs dropped).
+            let full = try LoopTestSupport.listener(backlog: 0)
+            defer { Glibc.close(full.fd) }
+            var queued: [Int32] = []
+            defer { for fd in queued { Glibc.close(fd) } }
+            for _ in 0..<2 { queued.append(LoopTestSupport.connectWithoutWaiting(to: full.address)) }
+            let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
+            defer { Glibc.close(socketFD) }
+            let connector = Task(executorPreference: loop) {
+                try await loop.connect(FileDescriptor(rawValue: socketFD), to: full.address)
+            }
+            try await loop.sleep(for: .milliseconds(50))
+            connector.cancel()
+            await #expect(throws: CancellationError.self) { try await connector.value }
+        }
+    }
+
+    /// Cancel racing completion: whichever wins, the call ends exactly once, and a
+    /// finished read returns its buffer with the data.
+    @Test(arguments: Backends.kinds)
+    func cancellationRacingCompletion(_ kind: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            var p: [Int32] = [0, 0]
+            #expect(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
+            defer { Glibc.close(p[0]); Glibc.close(p[1]) }
+            var completed = 0, cancelled = 0
+            let readEnd = FileDescriptor(rawValue: p[0])
+            for i in 0..<2000 {
+                let reader = Task(executorPreference: loop) { () throws -> String in
+                    let t = try await loop.read(readEnd, into: IOBuffer(capacity: 8))
+                    return t.buffer.string
+                }
+                var byte: UInt8 = 65
+                if i % 2 == 0 { _ = Glibc.write(p[1], &byte, 1) }
+                reader.cancel()
+                if i % 2 == 1 { _ = Glibc.write(p[1], &byte, 1) }
+                do {
+                    let text = try await reader.value
+                    #expect(text == "A")
+                    completed += 1
+                } catch is CancellationError {
+                    cancelled += 1
+                    // The byte stays in the pipe: drain it so the next round starts empty.
+                    var sink: UInt8 = 0
+                    while Glibc.read(p[0], &sink, 1) == 1 {}
+                }
+            }
+            #expect(completed + cancelled == 2000)
+            #expect(loop.pendingOperations == 1)
+        }
+    }
+}
+}
+
+extension LoopTestSupport {
+    /// A connect that is left in flight (non-blocking socket, EINPROGRESS).
+    static func connectWithoutWaiting(to address: SocketAddress) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
+        var a = address
+        _ = withUnsafePointer(to: &a.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, a.length) } }
+        return fd
+    }
+
+    static func listener(backlog: Int32) throws -> (fd: Int32, address: SocketAddress) {
+        let l = try listener()
+        listen(l.fd, backlog)
+        return l
+    }
+}

@@ -1,0 +1,60 @@
+import Glibc
+import Testing
+
+/// The open fds of this process, read from /proc/self/fd, with what each one is.
+func openFileDescriptors() -> [Int32: String] {
+    guard let dir = opendir("/proc/self/fd") else { return [:] }
+    defer { closedir(dir) }
+    let own = dirfd(dir)
+    var result: [Int32: String] = [:]
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        guard let fd = Int32(name), fd != own else { continue }
+        var target = [CChar](repeating: 0, count: 512)
+        let n = readlink("/proc/self/fd/\(fd)", &target, target.count - 1)
+        result[fd] = n > 0 ? String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+    }
+    return result
+}
+
+/// Counts /proc/self/fd before and after every test case below the suite it is applied
+/// to, and records an issue naming each fd that appeared or vanished.
+///
+/// fd numbers are process-wide, so the check is only meaningful when nothing else runs
+/// at the same time: it is applied to the one `.serialized` root suite (`PlexusTests`).
+struct FileDescriptorLeakCheck: SuiteTrait, TestTrait, TestScoping {
+    var isRecursive: Bool { true }
+
+    func scopeProvider(for test: Test, testCase: Test.Case?) -> Self? {
+        // Once per test case (each backend of a parameterized test), never per suite.
+        testCase == nil ? nil : self
+    }
+
+    func provideScope(
+        for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void
+    ) async throws {
+        let before = openFileDescriptors()
+        defer {
+            let after = openFileDescriptors()
+            if after.count != before.count || Set(after.keys) != Set(before.keys) {
+                let opened = after.filter { before[$0.key] == nil }.sorted { $0.key < $1.key }
+                    .map { "\($0.key) -> \($0.value)" }
+                let closed = before.filter { after[$0.key] == nil }.sorted { $0.key < $1.key }
+                    .map { "\($0.key) -> \($0.value)" }
+                Issue.record(
+                    """
+                    fd count changed across the test: \(before.count) before, \(after.count) after; \
+                    left open: \(opened), closed but not opened by the test: \(closed)
+                    """)
+            }
+        }
+        try await function()
+    }
+}
+
+extension Trait where Self == FileDescriptorLeakCheck {
+    /// Requires the same set of open fds before and after every test case.
+    static var checksFileDescriptors: Self { Self() }
+}
