@@ -351,11 +351,17 @@ struct ReadinessBackendSmokeTests {
         _ = b.prepare(.accept(Self.fd(l), multishot: true))
         _ = b.prepare(.timeout(.seconds(30)))
         #expect(try Self.waitOnce(b, .zero).isEmpty)
-        _ = b.prepare(.nop)  // prepared, never submitted
-        var results: [Int32] = []
-        b.cancelAll { c in results.append(c.result) }
-        #expect(results.count == 5)
-        #expect(results.allSatisfy { $0 == -ECANCELED })
+        // Prepared, not submitted: cancelAll starts them first, as io_uring submits its SQ.
+        let nop = b.prepare(.nop)
+        let (cr, cw) = Self.pipe()
+        defer { close(cw) }
+        let closing = b.prepare(.close(Self.fd(cr)))
+        var results: [Token: Int32] = [:]
+        b.cancelAll { c in results[c.token] = c.result }
+        #expect(results.count == 6)
+        #expect(results[nop] == 0 && results[closing] == 0)
+        #expect(results.filter { $0.key != nop && $0.key != closing }.values.allSatisfy { $0 == -ECANCELED })
+        #expect(fcntl(cr, F_GETFD) == -1)
         #expect(b.pendingCount == 0)
         // Still usable.
         _ = b.prepare(.nop)

@@ -330,7 +330,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         return deliver(body)
     }
 
+    /// Starts what is prepared (as io_uring submits its SQ ahead of the cancel-all, so a
+    /// prepared close still closes), then cancels everything still pending.
     func cancelAll(_ body: (consuming Completion) -> Void) {
+        _ = submit()
         for index in table.liveIndices() {
             switch infos[index].place {
             case .done: break
@@ -349,7 +352,6 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         parkedCount = 0
         timers.removeAll(where: { _ in true })
         deadTimers = 0
-        prepared.removeAll()
         _ = deliver(body)
     }
 
