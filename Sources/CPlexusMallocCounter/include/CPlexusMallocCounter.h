@@ -26,4 +26,17 @@ uint64_t plexus_free_count(void);
 /// not compiled in (sanitizers) or not bound (the symbols were not exported).
 int plexus_malloc_counter_active(void);
 
+// Two GNU-only calls the benchmarks need besides the counter (Swift's Glibc module
+// does not import them).
+
+/// Pins the calling thread to the CPU it runs on now (threads it creates inherit the
+/// mask). Returns that CPU, or -errno. `saved` receives the previous mask (128 bytes).
+int plexus_bench_pin_to_current_cpu(void *saved);
+
+/// Restores a mask saved by plexus_bench_pin_to_current_cpu. Returns 0 or -errno.
+int plexus_bench_restore_affinity(const void *saved);
+
+/// Size of the buffer plexus_bench_pin_to_current_cpu needs.
+enum { PLEXUS_BENCH_AFFINITY_SIZE = 128 };
+
 #endif

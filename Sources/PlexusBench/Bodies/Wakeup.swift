@@ -1,4 +1,5 @@
 import CPlexus
+import CPlexusMallocCounter
 import Glibc
 import Plexus
 import Synchronization
@@ -20,20 +21,50 @@ import SystemPackage
 //   raw-poll      ppoll on the request eventfd, read(2), reply.
 // Checked: every request is answered exactly once (each reply read returns 1, and the
 // loop thread counted as many requests as the benchmark thread made round trips).
+//
+// Both threads are pinned to the CPU the benchmark thread is on (the loop thread inherits
+// the mask), so the figure is the software path: eventfd, wait, scheduler. Unpinned, on
+// this kind of VM, waking a sleeping vCPU costs 35-45 us and the runs turn bimodal.
 
 func makeWakeupBody(_ c: BenchmarkCase) throws -> BenchmarkBody {
-    switch (c.backend, c.adapter) {
-    case (_, .callback) where !c.backend.isRaw: return try LoopWakeup(choice: c.backend.choice!)
-    default: return try ThreadWakeup(c)
+    let pin = CPUPin()
+    do {
+        switch (c.backend, c.adapter) {
+        case (_, .callback) where !c.backend.isRaw: return try LoopWakeup(choice: c.backend.choice!, pin: pin)
+        default: return try ThreadWakeup(c, pin: pin)
+        }
+    } catch {
+        pin.restore()
+        throw error
+    }
+}
+
+/// Pins the calling thread (and the threads it then creates) to its current CPU until `restore`.
+final class CPUPin {
+    private let saved = UnsafeMutableRawPointer.allocate(byteCount: Int(PLEXUS_BENCH_AFFINITY_SIZE), alignment: 8)
+    private var pinned: Bool
+
+    init() { pinned = plexus_bench_pin_to_current_cpu(saved) >= 0 }
+
+    func restore() {
+        if pinned { _ = plexus_bench_restore_affinity(saved) }
+        pinned = false
+    }
+
+    deinit {
+        restore()
+        saved.deallocate()
     }
 }
 
 /// The benchmark thread's side: write a request, block reading the reply.
 class WakeupClient {
     let replyFD: Int32
+    let pin: CPUPin
     var roundTrips = 0
 
-    init() throws {
+    init(pin: CPUPin) throws {
+        self.pin = pin
         replyFD = try makeEventFD(nonBlocking: false)
     }
 
@@ -62,10 +93,10 @@ final class ThreadWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
     var loopError: (any Error)?
     var thread: BenchThread?
 
-    init(_ c: BenchmarkCase) throws {
+    init(_ c: BenchmarkCase, pin: CPUPin) throws {
         backendName = c.backend
         requestFD = try makeEventFD(nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
-        try super.init()
+        try super.init(pin: pin)
         thread = try BenchThread(name: "bench-wakeup") { [self] in
             do { try serve() } catch { loopError = error }
         }
@@ -183,6 +214,7 @@ final class ThreadWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
         signalEventFD(requestFD)
         thread?.join()
         closeFDs()
+        pin.restore()
         if let loopError { throw loopError }
         if served != roundTrips { throw BenchmarkError.wrong("loop thread served \(served) of \(roundTrips) requests") }
     }
@@ -194,9 +226,9 @@ final class LoopWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
     /// Written only on the loop thread; read after shutdownAndWait.
     var served = 0
 
-    init(choice: BackendChoice) throws {
+    init(choice: BackendChoice, pin: CPUPin) throws {
         loop = try EventLoop.startThread(name: "bench-wakeup", backend: choice)
-        try super.init()
+        try super.init(pin: pin)
     }
 
     @inline(__always)
@@ -215,6 +247,7 @@ final class LoopWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
     func finish() throws {
         loop.shutdownAndWait()
         Glibc.close(replyFD)
+        pin.restore()
         if served != roundTrips { throw BenchmarkError.wrong("loop served \(served) of \(roundTrips) requests") }
     }
 }
