@@ -17,8 +17,8 @@ struct PlexusBenchCommand: ParsableCommand {
         malloc, all threads, after warm-up), and ops/s as a ratio to the raw baseline of \
         the same mechanism. A progress line goes to stderr.
 
-        Benchmarks:
-        \(Benchmark.allCases.map { "  \($0.rawValue.padding(12)) \($0.summary)" }.joined(separator: "\n"))
+        Benchmarks: \(Benchmark.allCases.map(\.rawValue).joined(separator: ", ")). \
+        `plexus-bench --list` says what each one does and which backends start here.
 
         Backends: io_uring, epoll, poll (Plexus) and raw-io_uring, raw-epoll, raw-poll \
         (baselines). Adapters: raw (the IOBackend protocol itself; also the adapter name \
@@ -93,7 +93,10 @@ struct PlexusBenchCommand: ParsableCommand {
         }
         if list {
             print("benchmarks:")
-            for b in Benchmark.allCases { print("  \(b.rawValue.padding(12)) \(b.summary)") }
+            for b in Benchmark.allCases {
+                print("  \(b.rawValue.padding(12)) \(b.summary)")
+                if b.isImplemented { print("  \("".padding(12)) latency sampled \(b.latencyUnit)") }
+            }
             print("backends that start here: \(usable.map(\.rawValue).joined(separator: ", "))")
             for note in report.notes { print(note) }
             return
