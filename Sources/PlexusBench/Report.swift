@@ -55,7 +55,7 @@ public struct Report: Sendable {
         var rows: [[String]] = []
         for benchmark in benchmarks {
             if !benchmark.isImplemented {
-                rows.append([benchmark.rawValue, "-", "-", "-", "-", "-", "-", "-", "lands with issue 5"])
+                rows.append([benchmark.rawValue, "(issue 5)", "-", "-", "-", "-", "-", "-", "-"])
                 continue
             }
             for r in results where r.benchmarkCase.benchmark == benchmark {
