@@ -1,0 +1,149 @@
+/// Which cases to run, in table order: per benchmark, per mechanism, the raw baseline
+/// first, then the Plexus backend with each adapter.
+public struct Plan: Sendable {
+    public var benchmarks: [Benchmark]
+    public var backends: [BackendName]
+    public var adapters: [Adapter]
+
+    public init(benchmarks: [Benchmark] = Benchmark.allCases, backends: [BackendName] = BackendName.allCases,
+                adapters: [Adapter] = Adapter.allCases) {
+        self.benchmarks = benchmarks
+        self.backends = backends
+        self.adapters = adapters
+    }
+
+    /// Every case that has a body, in table order.
+    public var cases: [BenchmarkCase] {
+        var result: [BenchmarkCase] = []
+        for benchmark in benchmarks {
+            for plexus in BackendName.plexus {
+                let baseline = plexus.baseline
+                if backends.contains(baseline) { result.append(BenchmarkCase(benchmark, baseline, .raw)) }
+                guard backends.contains(plexus) else { continue }
+                for adapter in adapters {
+                    let c = BenchmarkCase(benchmark, plexus, adapter)
+                    if BenchmarkRunner.hasBody(c) { result.append(c) }
+                }
+            }
+        }
+        return result.filter { BenchmarkRunner.hasBody($0) }
+    }
+}
+
+/// The results of a run as a table (stdout) and as JSON (--json).
+public struct Report: Sendable {
+    public var results: [CaseResult] = []
+    /// Lines printed under the table: skipped backends, placeholders, failures.
+    public var notes: [String] = []
+    public var benchmarks: [Benchmark] = []
+
+    public init() {}
+
+    public func result(_ benchmark: Benchmark, _ backend: BackendName, _ adapter: Adapter) -> CaseResult? {
+        results.first { $0.benchmarkCase == BenchmarkCase(benchmark, backend, adapter) }
+    }
+
+    /// ops/s of the case over ops/s of its raw baseline, when both ran.
+    public func ratio(_ r: CaseResult) -> Double? {
+        let c = r.benchmarkCase
+        guard !c.backend.isRaw, let base = result(c.benchmark, c.backend.baseline, .raw), base.median.opsPerSecond > 0 else { return nil }
+        return r.median.opsPerSecond / base.median.opsPerSecond
+    }
+
+    public func table(allocationsCounted: Bool) -> String {
+        let header = ["benchmark", "backend", "adapter", "ops/s", "ns/op", "p50", "p99", "allocs/op", "vs raw"]
+        var rows: [[String]] = []
+        for benchmark in benchmarks {
+            if !benchmark.isImplemented {
+                rows.append([benchmark.rawValue, "(issue 5)", "-", "-", "-", "-", "-", "-", "-"])
+                continue
+            }
+            for r in results where r.benchmarkCase.benchmark == benchmark {
+                let c = r.benchmarkCase
+                let m = r.median
+                rows.append([
+                    c.benchmark.rawValue, c.backend.rawValue, c.adapter.rawValue,
+                    formatRate(m.opsPerSecond), formatNanoseconds(m.nsPerOp),
+                    m.p50.map(formatNanoseconds) ?? "-", m.p99.map(formatNanoseconds) ?? "-",
+                    m.allocsPerOp.map { fixed($0, 2) } ?? "n/a",
+                    c.backend.isRaw ? "base" : ratio(r).map { fixed($0, 2) + "x" } ?? "-",
+                ])
+            }
+        }
+        var widths = header.map(\.count)
+        for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, cell in
+                let pad = String(repeating: " ", count: widths[i] - cell.count)
+                return i < 3 ? cell + pad : pad + cell  // names left, numbers right
+            }.joined(separator: "  ")
+        }
+        var out = line(header) + "\n" + line(widths.map { String(repeating: "-", count: $0) }) + "\n"
+        var previous: String?
+        for row in rows {
+            if let previous, previous != row[0] { out += "\n" }
+            out += line(row) + "\n"
+            previous = row[0]
+        }
+        out += "\nlatency samples: "
+        out += benchmarks.filter(\.isImplemented).map { "\($0) \($0.latencyUnit)" }.joined(separator: "; ")
+        out += ".\nvs raw: ops/s over the raw baseline of the same mechanism. allocs/op: malloc-family calls per op in the timed window, all threads"
+        out += allocationsCounted ? ".\n" : " (not counted in this process: sanitizer build).\n"
+        for note in notes { out += note + "\n" }
+        return out
+    }
+
+    /// One record per benchmark × backend × adapter that ran.
+    public func json() -> String {
+        func number(_ v: Double?) -> String {
+            guard let v, v.isFinite else { return "null" }
+            return v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : "\(v)"
+        }
+        let records = results.map { r in
+            let c = r.benchmarkCase
+            let m = r.median
+            return "  {\"benchmark\": \"\(c.benchmark.rawValue)\", \"backend\": \"\(c.backend.rawValue)\", "
+                + "\"adapter\": \"\(c.adapter.rawValue)\", \"ops_per_sec\": \(number(m.opsPerSecond)), "
+                + "\"ns_per_op\": \(number(m.nsPerOp)), \"p50_ns\": \(number(m.p50)), \"p99_ns\": \(number(m.p99)), "
+                + "\"allocs_per_op\": \(number(m.allocsPerOp))}"
+        }
+        return "[\n" + records.joined(separator: ",\n") + "\n]\n"
+    }
+}
+
+// MARK: Formatting without Foundation
+
+/// `value` with `decimals` digits after the point.
+func fixed(_ value: Double, _ decimals: Int) -> String {
+    guard value.isFinite else { return "-" }
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let scaled = Int64((abs(value) * scale).rounded())
+    let whole = scaled / Int64(scale)
+    var text = (value < 0 && scaled != 0 ? "-" : "") + String(whole)
+    if decimals > 0 {
+        let fraction = String(scaled % Int64(scale))
+        text += "." + String(repeating: "0", count: decimals - fraction.count) + fraction
+    }
+    return text
+}
+
+/// 3 significant digits at most: 12.3M, 456k, 7.89k, 812.
+func formatRate(_ v: Double) -> String {
+    func scaled(_ x: Double, _ suffix: String) -> String {
+        fixed(x, x < 10 ? 2 : x < 100 ? 1 : 0) + suffix
+    }
+    if v >= 1e9 { return scaled(v / 1e9, "G") }
+    if v >= 1e6 { return scaled(v / 1e6, "M") }
+    if v >= 1e3 { return scaled(v / 1e3, "k") }
+    return scaled(v, "")
+}
+
+/// 812ns, 1.23us, 45.6us, 1.20ms.
+func formatNanoseconds(_ v: Double) -> String {
+    if !v.isFinite { return "-" }
+    if v < 1_000 { return fixed(v, 0) + "ns" }
+    if v < 1_000_000 { return fixed(v / 1e3, v < 10_000 ? 2 : 1) + "us" }
+    if v < 1_000_000_000 { return fixed(v / 1e6, 2) + "ms" }
+    return fixed(v / 1e9, 2) + "s"
+}

@@ -1,0 +1,165 @@
+import Plexus
+
+/// How long and how often each case runs.
+public struct RunSettings: Sendable {
+    /// Length of one timed window.
+    public var duration: Duration
+    /// Untimed steps before each window (caches, ring set-up, table growth).
+    public var warmup: Duration
+    /// Windows per case; the table reports the median of each figure.
+    public var repetitions: Int
+
+    public init(duration: Duration = .milliseconds(200), warmup: Duration = .milliseconds(40), repetitions: Int = 5) {
+        self.duration = duration
+        self.warmup = warmup
+        self.repetitions = repetitions
+    }
+
+    /// A few milliseconds per case: enough to check results, not to measure.
+    public static let quick = RunSettings(duration: .milliseconds(15), warmup: .milliseconds(3), repetitions: 1)
+}
+
+/// The figures of one timed window (or the medians over several).
+public struct Measurement: Sendable {
+    public var operations: Int
+    public var opsPerSecond: Double
+    /// Wall time per operation: 1e9 / ops per second.
+    public var nsPerOp: Double { opsPerSecond > 0 ? 1e9 / opsPerSecond : .infinity }
+    /// Sampled latency (per op, per batch or per turn: `Benchmark.latencyUnit`), in ns.
+    public var p50: Double?
+    public var p99: Double?
+    /// malloc-family calls per operation in the window, all threads; nil when not counted.
+    public var allocsPerOp: Double?
+}
+
+/// What running one case gave.
+public struct CaseResult: Sendable {
+    public let benchmarkCase: BenchmarkCase
+    /// Medians over the repetitions.
+    public let median: Measurement
+    public let repetitions: [Measurement]
+}
+
+/// Runs bodies and measures them. Owns the latency buffer, so measuring allocates
+/// nothing inside a timed window.
+public final class BenchmarkRunner {
+    let sampler = LatencySampler()
+
+    public init() {}
+
+    /// Nil when the backend starts here, else why not.
+    public static func unavailability(_ backend: BackendName) -> String? {
+        do {
+            switch backend {
+            case .rawIoUring: _ = try RawRing()
+            case .rawEpoll, .rawPoll: break
+            default: _ = try backend.choice!.start()
+            }
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    /// True when a body exists for the case.
+    public static func hasBody(_ c: BenchmarkCase) -> Bool {
+        guard c.benchmark.isImplemented, c.adapter != .async else { return false }
+        if c.backend.isRaw { return c.adapter == .raw }
+        return c.benchmark.adapters.contains(c.adapter)
+    }
+
+    /// One warm-up and one timed window on a fresh body; nil when the case has no body.
+    public func measure(_ c: BenchmarkCase, duration: Duration, warmup: Duration) throws -> Measurement? {
+        guard let body = try makeBody(c, sampler: sampler) else { return nil }
+        var finished = false
+        defer { if !finished { try? body.finish() } }
+        sampler.enabled = false
+        sampler.reset()
+
+        // Warm-up, which also tells how long a step takes.
+        let warmupEnd = monotonicNanoseconds() &+ UInt64(warmup.nanosecondsForBench)
+        let warmupStart = monotonicNanoseconds()
+        var warmupSteps = 0
+        var now = warmupStart
+        repeat {
+            _ = try body.step()
+            warmupSteps += 1
+            now = monotonicNanoseconds()
+        } while now < warmupEnd || warmupSteps < 3
+        let stepNanoseconds = max(1, (now - warmupStart) / UInt64(warmupSteps))
+        // Time one step in `stride` so the two clock reads (~50 ns) cost under ~1% of the
+        // window; the deadline is checked on the timed steps.
+        var stride = 1
+        while stride < 1024 && UInt64(stride) * stepNanoseconds < 5_000 { stride <<= 1 }
+        let mask = stride - 1
+        let timeSteps = !body.recordsOwnLatency
+
+        sampler.reset()
+        sampler.enabled = true
+        let allocationsBefore = MallocCounter.count
+        let start = monotonicNanoseconds()
+        let deadline = start &+ UInt64(duration.nanosecondsForBench)
+        var operations = 0
+        var steps = 0
+        var end = start
+        while true {
+            if steps & mask == 0 {
+                let t0 = monotonicNanoseconds()
+                operations += try body.step()
+                let t1 = monotonicNanoseconds()
+                if timeSteps { sampler.record(t1 &- t0) }
+                steps += 1
+                if t1 >= deadline {
+                    end = t1
+                    break
+                }
+            } else {
+                operations += try body.step()
+                steps += 1
+            }
+        }
+        let allocations = MallocCounter.count &- allocationsBefore
+        sampler.enabled = false
+        finished = true
+        try body.finish()
+
+        guard operations > 0 else { throw BenchmarkError.wrong("no operation completed in \(duration)") }
+        let seconds = Double(end - start) / 1e9
+        let latency = sampler.percentiles()
+        return Measurement(operations: operations, opsPerSecond: Double(operations) / seconds,
+                           p50: latency?.p50, p99: latency?.p99,
+                           allocsPerOp: MallocCounter.isActive ? Double(allocations) / Double(operations) : nil)
+    }
+
+    /// `settings.repetitions` windows, each on a fresh body; nil when the case has no body.
+    /// `progress` is called before each repetition with its number (1-based).
+    public func run(_ c: BenchmarkCase, settings: RunSettings, progress: (Int) -> Void = { _ in }) throws -> CaseResult? {
+        var measurements: [Measurement] = []
+        for repetition in 1...max(1, settings.repetitions) {
+            progress(repetition)
+            guard let m = try measure(c, duration: settings.duration, warmup: settings.warmup) else { return nil }
+            measurements.append(m)
+        }
+        func median(_ values: [Double]) -> Double {
+            let sorted = values.sorted()
+            return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+        }
+        func medianOptional(_ values: [Double?]) -> Double? {
+            let present = values.compactMap { $0 }
+            return present.isEmpty ? nil : median(present)
+        }
+        let result = Measurement(operations: measurements.map(\.operations).reduce(0, +),
+                                 opsPerSecond: median(measurements.map(\.opsPerSecond)),
+                                 p50: medianOptional(measurements.map(\.p50)),
+                                 p99: medianOptional(measurements.map(\.p99)),
+                                 allocsPerOp: medianOptional(measurements.map(\.allocsPerOp)))
+        return CaseResult(benchmarkCase: c, median: result, repetitions: measurements)
+    }
+}
+
+extension Duration {
+    var nanosecondsForBench: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
+    }
+}

@@ -1,0 +1,234 @@
+import ArgumentParser
+import Glibc
+import PlexusBench
+
+@main
+struct PlexusBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "plexus-bench",
+        abstract: "Plexus microbenchmarks: every backend and adapter side by side with raw baselines.",
+        discussion: """
+        For each benchmark, each backend runs it through each adapter, next to a raw \
+        baseline loop that calls the C shim (liburing, epoll_pwait2, ppoll, plain syscalls) \
+        directly with no Plexus layer. The table on stdout gives, per benchmark × backend \
+        × adapter, the median over the repetitions of: ops/s, ns/op, p50 and p99 latency \
+        (sampled with CLOCK_MONOTONIC; per op, per batch or per turn, as the legend says), \
+        malloc-family calls per operation (counted in this process by an interposed \
+        malloc, all threads, after warm-up), and ops/s as a ratio to the raw baseline of \
+        the same mechanism. A progress line goes to stderr.
+
+        Benchmarks: \(Benchmark.allCases.map(\.rawValue).joined(separator: ", ")). \
+        `plexus-bench --list` says what each one does and which backends start here.
+
+        Backends: io_uring, epoll, poll (Plexus) and raw-io_uring, raw-epoll, raw-poll \
+        (baselines). Adapters: raw (the IOBackend protocol itself; also the adapter name \
+        of the baselines), callback (EventLoop callbacks), async (lands with issue 4; \
+        accepted, runs nothing yet).
+
+        Build with `swift build -c release`: debug builds measure the compiler, not Plexus.
+        """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("Comma-separated benchmarks to run, or 'all'.", valueName: "list"))
+    var benchmarks: String = "all"
+
+    @Option(name: .long, help: ArgumentHelp("""
+        Comma-separated backends, or 'all' (every one that starts here). Naming a Plexus \
+        backend also runs its raw baseline (see --no-baselines).
+        """, valueName: "list"))
+    var backends: String = "all"
+
+    @Option(name: .long, help: ArgumentHelp("Comma-separated adapters for the Plexus backends (raw, callback, async), or 'all'. Baselines always run as 'raw'.", valueName: "list"))
+    var adapters: String = "all"
+
+    @Option(name: .long, help: ArgumentHelp("Length of each timed run, e.g. 200ms, 0.5s, 1s.", valueName: "time"))
+    var duration: String = "200ms"
+
+    @Option(name: .long, help: ArgumentHelp("Untimed warm-up before each timed run.", valueName: "time"))
+    var warmup: String = "40ms"
+
+    @Option(name: .long, help: "Timed runs per case, each on freshly set-up fds and loops; the table reports the median.")
+    var repetitions: Int = 5
+
+    @Option(name: .long, help: ArgumentHelp("Also write the results as JSON to FILE: one record per benchmark × backend × adapter with benchmark, backend, adapter, ops_per_sec, ns_per_op, p50_ns, p99_ns, allocs_per_op.", valueName: "file"))
+    var json: String?
+
+    @Flag(name: .long, help: "Do not add the raw baseline of each Plexus backend named in --backends.")
+    var noBaselines = false
+
+    @Flag(name: .long, help: "No progress line on stderr.")
+    var quiet = false
+
+    @Flag(name: .long, help: "List the benchmarks and which backends start here, then exit.")
+    var list = false
+
+    func validate() throws {
+        guard repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
+        _ = try parseDuration(duration, "--duration")
+        _ = try parseDuration(warmup, "--warmup")
+        _ = try selection(benchmarks, Benchmark.self, "--benchmarks")
+        _ = try selection(backends, BackendName.self, "--backends")
+        _ = try selection(adapters, Adapter.self, "--adapters")
+    }
+
+    func run() throws {
+        let settings = RunSettings(duration: try parseDuration(duration, "--duration"),
+                                   warmup: try parseDuration(warmup, "--warmup"), repetitions: repetitions)
+        let chosenBenchmarks = try selection(benchmarks, Benchmark.self, "--benchmarks")
+        let chosenAdapters = try selection(adapters, Adapter.self, "--adapters")
+        var chosenBackends = try selection(backends, BackendName.self, "--backends")
+        if !noBaselines {
+            for b in chosenBackends where !b.isRaw && !chosenBackends.contains(b.baseline) { chosenBackends.append(b.baseline) }
+        }
+
+        var report = Report()
+        report.benchmarks = chosenBenchmarks
+        var usable: [BackendName] = []
+        for backend in BackendName.allCases where chosenBackends.contains(backend) {
+            if let why = BenchmarkRunner.unavailability(backend) {
+                report.notes.append("\(backend): skipped, it does not start here: \(why)")
+            } else {
+                usable.append(backend)
+            }
+        }
+        if list {
+            print("benchmarks:")
+            for b in Benchmark.allCases {
+                print("  \(b.rawValue.padding(12)) \(b.summary)")
+                if b.isImplemented { print("  \("".padding(12)) latency sampled \(b.latencyUnit)") }
+            }
+            print("backends that start here: \(usable.map(\.rawValue).joined(separator: ", "))")
+            for note in report.notes { print(note) }
+            return
+        }
+        if chosenAdapters.contains(.async) && BackendName.plexus.contains(where: usable.contains) {
+            report.notes.append("async adapter: lands with issue 4; no rows yet.")
+        }
+        if chosenBenchmarks.contains(.messageQueue) {
+            report.notes.append("\(Benchmark.messageQueue): lands with issue 5 (MessageQueue); no numbers until then.")
+        }
+
+        let plan = Plan(benchmarks: chosenBenchmarks, backends: usable, adapters: chosenAdapters)
+        let cases = plan.cases
+        let progress = Progress(enabled: !quiet, total: cases.count, repetitions: settings.repetitions)
+        let runner = BenchmarkRunner()
+        var failures = 0
+        for (i, c) in cases.enumerated() {
+            do {
+                if let result = try runner.run(c, settings: settings, progress: { rep in progress.show(i + 1, c, rep) }) {
+                    report.results.append(result)
+                }
+            } catch {
+                failures += 1
+                report.notes.append("\(c): FAILED: \(error)")
+            }
+        }
+        progress.done()
+        if !MallocCounterInfo.active {
+            report.notes.append("allocations are not counted in this process (sanitizer build): allocs/op shows n/a.")
+        }
+        print(report.table(allocationsCounted: MallocCounterInfo.active), terminator: "")
+        if let json {
+            try writeFile(json, report.json())
+        }
+        if failures > 0 { throw ExitCode(1) }
+    }
+}
+
+enum MallocCounterInfo {
+    static var active: Bool { MallocCounter.isActive }
+}
+
+/// The progress line on stderr: rewritten in place on a terminal, one line per case otherwise.
+final class Progress {
+    let enabled: Bool
+    let total: Int
+    let repetitions: Int
+    let terminal = isatty(2) != 0
+    var lastCase = -1
+
+    init(enabled: Bool, total: Int, repetitions: Int) {
+        self.enabled = enabled
+        self.total = total
+        self.repetitions = repetitions
+    }
+
+    func show(_ index: Int, _ c: BenchmarkCase, _ repetition: Int) {
+        guard enabled else { return }
+        let text = "[\(index)/\(total)] \(c.benchmark) \(c.backend) \(c.adapter) (run \(repetition)/\(repetitions))"
+        if terminal {
+            writeStderr("\r\u{1B}[K" + text)
+        } else if index != lastCase {
+            writeStderr(text + "\n")
+        }
+        lastCase = index
+    }
+
+    func done() {
+        if enabled && terminal { writeStderr("\r\u{1B}[K") }
+    }
+}
+
+func writeStderr(_ text: String) {
+    var text = text
+    text.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let n = Glibc.write(2, bytes.baseAddress! + offset, bytes.count - offset)
+            if n <= 0 { return }
+            offset += n
+        }
+    }
+}
+
+func writeFile(_ path: String, _ contents: String) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw ValidationError("cannot open \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    var contents = contents
+    try contents.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+            guard n > 0 else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
+            offset += n
+        }
+    }
+}
+
+/// "200ms", "0.5s", "1s", "500us", or plain seconds ("0.2").
+func parseDuration(_ text: String, _ option: String) throws -> Duration {
+    let units: [(String, Double)] = [("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9), ("s", 1)]
+    var number = Substring(text)
+    var scale = 1.0
+    for (suffix, factor) in units where text.hasSuffix(suffix) {
+        number = text.dropLast(suffix.count)
+        scale = factor
+        break
+    }
+    guard let value = Double(number), value > 0, value * scale < 3600 else {
+        throw ValidationError("\(option): '\(text)' is not a duration like 200ms, 0.5s or 1s")
+    }
+    return .nanoseconds(Int64(value * scale * 1e9))
+}
+
+/// A comma-separated list of raw values, or "all".
+func selection<T: RawRepresentable & CaseIterable>(_ text: String, _: T.Type, _ option: String) throws -> [T] where T.RawValue == String {
+    if text == "all" { return Array(T.allCases) }
+    var chosen: [T] = []
+    for name in text.split(separator: ",").map({ String($0).trimmingWhitespace() }) where !name.isEmpty {
+        guard let value = T(rawValue: name) else {
+            throw ValidationError("\(option): unknown '\(name)'; valid: all, \(T.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        chosen.append(value)
+    }
+    guard !chosen.isEmpty else { throw ValidationError("\(option) is empty") }
+    return chosen
+}
+
+extension String {
+    func padding(_ width: Int) -> String { count >= width ? self : self + String(repeating: " ", count: width - count) }
+    func trimmingWhitespace() -> String {
+        String(drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " }).reversed())
+    }
+}

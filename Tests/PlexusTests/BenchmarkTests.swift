@@ -1,0 +1,93 @@
+import Glibc
+import Plexus
+import PlexusBench
+import Testing
+
+extension PlexusTests {
+    /// Every microbenchmark body, run briefly on every backend that starts here (or only on
+    /// PLEXUS_BACKEND's and its raw baseline when that is set), checking its result, never
+    /// its speed. PLEXUS_BENCH_FULL=1 also runs the whole table at full length and prints it.
+    /// Nested in the serialized root suite: the fd-leak check covers every body too.
+    @Suite struct BenchmarkTests {
+        static let environmentBackend: String? = {
+            guard let raw = getenv("PLEXUS_BACKEND") else { return nil }
+            let name = String(cString: raw)
+            return name.isEmpty || name == "auto" ? nil : name
+        }()
+
+        /// The backends to run on: PLEXUS_BACKEND's and its baseline, or all that start.
+        static var backends: [BackendName] {
+            if let name = environmentBackend, let named = BackendName(rawValue: name) {
+                return [named, named.baseline]
+            }
+            return BackendName.allCases.filter { BenchmarkRunner.unavailability($0) == nil }
+        }
+
+        static var cases: [BenchmarkCase] { Plan(backends: backends).cases }
+
+        static var full: Bool { getenv("PLEXUS_BENCH_FULL").map { String(cString: $0) == "1" } ?? false }
+
+        @Test func namedBackendStarts() throws {
+            guard let name = Self.environmentBackend else { return }
+            let named = try #require(BackendName(rawValue: name), "PLEXUS_BACKEND=\(name) is not a backend")
+            #expect(BenchmarkRunner.unavailability(named) == nil, "PLEXUS_BACKEND=\(name) does not start")
+        }
+
+        @Test(arguments: cases)
+        func resultIsCorrect(_ c: BenchmarkCase) throws {
+            // Each body checks every operation's result as it runs and, in finish, that every
+            // operation completed exactly once; a wrong result throws.
+            let result = try #require(try BenchmarkRunner().run(c, settings: .quick), "\(c) has no body")
+            #expect(result.median.operations > 0)
+            #expect(result.median.opsPerSecond > 0)
+            if MallocCounter.isActive { #expect(result.median.allocsPerOp != nil) }
+        }
+
+        @Test func everyImplementedBenchmarkHasACaseOnEachBackend() {
+            let cases = Self.cases
+            for backend in Self.backends {
+                for benchmark in Benchmark.allCases where benchmark.isImplemented {
+                    let present = cases.contains { $0.benchmark == benchmark && $0.backend == backend }
+                    #expect(present, "\(benchmark) has no case on \(backend)")
+                }
+            }
+            #expect(!cases.contains { $0.benchmark == .messageQueue }, "the message-queue placeholder must not produce numbers")
+        }
+
+        @Test func mallocCounterCountsAllocations() {
+            guard MallocCounter.isActive else { return }  // sanitizer build: the sanitizer owns malloc
+            let before = MallocCounter.count
+            let boxes = (0..<10).map { _ in CountedBox() }
+            #expect(MallocCounter.count - before >= 10)
+            #expect(boxes.count == 10)
+        }
+
+        @Test func jsonHasExactlyTheDocumentedFields() throws {
+            let c = BenchmarkCase(.nop1, .rawEpoll, .raw)
+            var report = Report()
+            report.benchmarks = [.nop1]
+            report.results = [try #require(try BenchmarkRunner().run(c, settings: .quick))]
+            let json = report.json()
+            for field in ["benchmark", "backend", "adapter", "ops_per_sec", "ns_per_op", "p50_ns", "p99_ns", "allocs_per_op"] {
+                #expect(json.contains("\"\(field)\": "), "JSON lacks \(field)")
+            }
+            #expect(json.contains("\"benchmark\": \"nop-1\", \"backend\": \"raw-epoll\", \"adapter\": \"raw\""))
+            #expect(report.table(allocationsCounted: true).contains("nop-1"))
+        }
+
+        @Test(.enabled(if: PlexusTests.BenchmarkTests.full, "set PLEXUS_BENCH_FULL=1 to run the full table"))
+        func fullTable() throws {
+            var report = Report()
+            report.benchmarks = Benchmark.allCases
+            let runner = BenchmarkRunner()
+            for c in Self.cases {
+                if let result = try runner.run(c, settings: RunSettings()) { report.results.append(result) }
+            }
+            print(report.table(allocationsCounted: MallocCounter.isActive))
+        }
+    }
+}
+
+private final class CountedBox {
+    var value = 0
+}
