@@ -82,6 +82,8 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// The consumer's loop has shut down: nothing will consume any more.
     private var loopGone = false
     private var consumer: Consumer = .none
+    /// The async consumer, suspended because the ring was empty.
+    private var consumerContinuation: UnsafeContinuation<Void, Never>?
     /// The consumer was told the queue ended (onClosed called).
     private var endReported = false
     /// The most messages the ring ever held (for tests: memory stays bounded).
@@ -94,8 +96,6 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// The consumer's batch, reused: allocation-free once it has grown to `capacity`.
     private var batch: [Message] = []
     private var resumeScratch: [UnsafeContinuation<SenderOutcome, Never>] = []
-    /// The async consumer, suspended because the ring was empty.
-    private var consumerContinuation: UnsafeContinuation<Void, Never>?
     private var isDelivering = false
 
     private enum Consumer {
@@ -374,7 +374,7 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
             // a ring refilled by waiting senders signals itself another turn.
             deliverBatch()
         case .async:
-            consumerContinuation.take()?.resume()
+            lock.withLock { consumerContinuation.take() }?.resume()
         }
     }
 
@@ -403,17 +403,27 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
                 resumeAdmittedSenders()
                 return message
             }
-            wakePending = false
             if closed {
+                wakePending = false
                 lock.unlock()
                 return nil
             }
-            batchCount += 1  // the next wake-up starts a batch
             lock.unlock()
-            // Producers signal the loop; loopSignalled (same thread, later turn) resumes us.
+            // Decide to sleep and publish the continuation in one critical section: the
+            // calls on the way in may hop executors, and a signal handled in such a gap
+            // must find either a message in the ring or the continuation, never neither.
             await withTaskCancellationHandler {
                 await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+                    lock.lock()
+                    if !ring.isEmpty || closed || Task.isCancelled {
+                        lock.unlock()
+                        continuation.resume()
+                        return
+                    }
+                    wakePending = false  // the ring is empty: the next send wakes us
                     consumerContinuation = continuation
+                    batchCount += 1      // the wake-up that resumes us starts a batch
+                    lock.unlock()
                 }
             } onCancel: {
                 if let loop = self.loop { loop.signal(self) }
