@@ -1,6 +1,7 @@
 # Plexus: the two commands that do all set-up on a fresh Debian machine with Swift.
 #
-#   make bench   build in release and run the main job (for now: plexus-demo's pipe ping-pong)
+#   make bench   build in release and run the main job: plexus-bench's table of every
+#                benchmark on every backend and adapter, beside the raw baselines
 #   make test    run the whole suite with PLEXUS_BACKEND unset, then with io_uring, epoll and poll
 #
 # Both install Debian's liburing-dev first when it is missing (with sudo when not root).
@@ -18,9 +19,8 @@ deps:
 	@dpkg -s liburing-dev >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y liburing-dev; }
 
 bench: deps
-	$(SWIFT) build -c release --product plexus-demo
-	$$($(SWIFT) build -c release --show-bin-path)/plexus-demo --backend-info
-	$$($(SWIFT) build -c release --show-bin-path)/plexus-demo
+	$(SWIFT) build -c release --product plexus-bench
+	$$($(SWIFT) build -c release --show-bin-path)/plexus-bench $(BENCH_FLAGS)
 
 # Builds the tests and every executable (plexus-demo and plexus-nouring, which the
 # fallback tests run from the directory of the test bundle).

@@ -4,20 +4,18 @@ import Testing
 @testable import Plexus
 
 /// The message queue on every backend that runs here, with real threads.
-@Suite(.serialized)
-struct MessageQueueTests {
-    static var backends: [BackendChoice] { LoopTestSupport.backends }
+extension PlexusTests {
+@Suite struct MessageQueueTests {
 
     /// 4 producers x 250k messages, capacity 64, a consumer that pauses every 1000
     /// messages: each message arrives exactly once and in its producer's order, and the
     /// queue never holds more than its capacity. Two producers are threads using
     /// trySend; two are tasks using send (backpressure).
-    @Test(arguments: backends, HandOffConsumer.allCases)
-    func fourProducersSlowConsumerEveryMessageOnceInOrder(_ choice: BackendChoice, _ kind: HandOffConsumer) async throws {
+    @Test(arguments: Backends.kinds, HandOffConsumer.allCases)
+    func fourProducersSlowConsumerEveryMessageOnceInOrder(_ backend: BackendKind, _ kind: HandOffConsumer) async throws {
         let rssBefore = QueueTestSupport.residentKiB()
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+        do {
+            let loop = try Backends.loopThread(backend)
             let producers = 4, perProducer = 250_000, total = producers * perProducer
             let queue = MessageQueue<UInt64>(capacity: 64, loop: loop)
             let check = OrderCheck(producers: producers)
@@ -75,17 +73,16 @@ struct MessageQueueTests {
             #expect((0..<producers).allSatisfy { check.next[$0] == perProducer })
             #expect(queue.highWaterMark <= 64, "the queue held \(queue.highWaterMark) messages")
             let rssAfter = QueueTestSupport.residentKiB()
-            print("MessageQueue \(choice.rawValue) \(kind.rawValue): \(total) messages in \(queue.batchCount) batches "
+            print("MessageQueue \(backend.rawValue) \(kind.rawValue): \(total) messages in \(queue.batchCount) batches "
                   + "(\(total / max(queue.batchCount, 1)) per batch), high-water \(queue.highWaterMark)/64, "
                   + "RSS \(rssBefore) KiB before, \(rssAfter) KiB after")
         }
     }
 
-    @Test(arguments: backends)
-    func trySendOnFullAndOnClosedQueueHandsTheMessageBack(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+    @Test(arguments: Backends.kinds)
+    func trySendOnFullAndOnClosedQueueHandsTheMessageBack(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<String>(capacity: 2, loop: loop)  // no consumer yet
             #expect(queue.trySend("a").isSent)
             #expect(queue.trySend("b").isSent)
@@ -104,11 +101,10 @@ struct MessageQueueTests {
         }
     }
 
-    @Test(arguments: backends)
-    func suspendedSenderIsResumedByCloseWithItsMessage(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+    @Test(arguments: Backends.kinds)
+    func suspendedSenderIsResumedByCloseWithItsMessage(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 1, loop: loop)
             #expect(queue.trySend(1).isSent)
             let sender = Task { () -> MessageQueue<Int>.SendError? in
@@ -123,10 +119,10 @@ struct MessageQueueTests {
         }
     }
 
-    @Test(arguments: backends)
-    func cancelledSenderGetsItsMessageBack(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func cancelledSenderGetsItsMessageBack(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 1, loop: loop)
             #expect(queue.trySend(1).isSent)
             let sender = Task { () -> MessageQueue<Int>.SendError? in
@@ -144,10 +140,10 @@ struct MessageQueueTests {
     }
 
     /// Senders that wait are let in in the order they started waiting.
-    @Test(arguments: backends)
-    func waitingSendersAreAdmittedInOrder(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func waitingSendersAreAdmittedInOrder(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 1, loop: loop)
             #expect(queue.trySend(0).isSent)
             var senders: [Task<Void, any Error>] = []
@@ -169,10 +165,10 @@ struct MessageQueueTests {
     }
 
     /// close() returns what a consumer that stopped (or whose loop shut down) left behind.
-    @Test(arguments: backends)
-    func closeWithTheConsumerGoneReturnsTheUndeliveredMessages(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func closeWithTheConsumerGoneReturnsTheUndeliveredMessages(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 16, loop: loop)
             let received = Mutex<[Int]>([])
             let attached = Semaphore()
@@ -212,11 +208,10 @@ struct MessageQueueTests {
 
     /// Loop shutdown with a consumer: everything queued is delivered (a waiting sender is
     /// let in when the consumer makes room), then the consumer learns the end.
-    @Test(arguments: backends, HandOffConsumer.allCases)
-    func loopShutdownDeliversWhatIsQueued(_ choice: BackendChoice, _ kind: HandOffConsumer) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+    @Test(arguments: Backends.kinds, HandOffConsumer.allCases)
+    func loopShutdownDeliversWhatIsQueued(_ backend: BackendKind, _ kind: HandOffConsumer) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 3, loop: loop)
             let received = Box<[Int]>([])
             let ended = Box(false)
@@ -257,11 +252,10 @@ struct MessageQueueTests {
 
     /// Loop shutdown without a consumer: a waiting sender gets its message back, and
     /// close() returns what was queued.
-    @Test(arguments: backends)
-    func loopShutdownWithoutConsumerHandsEverythingBack(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+    @Test(arguments: Backends.kinds)
+    func loopShutdownWithoutConsumerHandsEverythingBack(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 3, loop: loop)
             for i in 1...3 { #expect(queue.trySend(i).isSent) }
             let sender = Task.detached { () -> MessageQueue<Int>.SendError? in
@@ -278,11 +272,10 @@ struct MessageQueueTests {
     }
 
     /// An idle consumer sleeps in the loop's wait: its thread uses (almost) no CPU over a second.
-    @Test(arguments: backends)
-    func idleConsumerUsesNoCPU(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
-            #expect(loop.backendKind.rawValue == choice.rawValue)
+    @Test(arguments: Backends.kinds)
+    func idleConsumerUsesNoCPU(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let callbackQueue = MessageQueue<Int>(capacity: 8, loop: loop)
             let asyncQueue = MessageQueue<Int>(capacity: 8, loop: loop)
             let received = Atomic<Int>(0)
@@ -305,7 +298,7 @@ struct MessageQueueTests {
             usleep(1_000_000)
             let after = QueueTestSupport.threadCPUNanoseconds(thread)
             let used = after - before
-            print("MessageQueue \(choice.rawValue): idle loop thread used \(used / 1000) us of CPU in 1 s")
+            print("MessageQueue \(backend.rawValue): idle loop thread used \(used / 1000) us of CPU in 1 s")
             #expect(used < 50_000_000, "idle consumer used \(used / 1_000_000) ms of CPU in one second")
             #expect(callbackQueue.close().isEmpty)
             #expect(asyncQueue.close().isEmpty)
@@ -315,10 +308,10 @@ struct MessageQueueTests {
     }
 
     /// An async consumer sees every message sent before close, then the end.
-    @Test(arguments: backends)
-    func asyncConsumerEndsAfterCloseWithEverything(_ choice: BackendChoice) async throws {
-        try await QueueTestSupport.checkingFDs {
-            let loop = try EventLoop.startThread(backend: choice)
+    @Test(arguments: Backends.kinds)
+    func asyncConsumerEndsAfterCloseWithEverything(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
             let queue = MessageQueue<Int>(capacity: 4, loop: loop)
             let consumer = Task(executorPreference: loop) { () -> [Int] in
                 var all: [Int] = []
@@ -334,25 +327,26 @@ struct MessageQueueTests {
 
     /// Hand-off throughput and latency per backend and consumer; reported, never asserted.
     /// PLEXUS_BENCH_FULL=1 runs the full sizes.
-    @Test(arguments: backends)
-    func handOffThroughputAndLatency(_ choice: BackendChoice) throws {
+    @Test(arguments: Backends.kinds)
+    func handOffThroughputAndLatency(_ backend: BackendKind) throws {
         let full = getenv("PLEXUS_BENCH_FULL").map { String(cString: $0) == "1" } ?? false
         let perProducer = full ? 1_000_000 : 50_000
         let pings = full ? 100_000 : 5_000
         for wake in MessageQueueWake.allCases {
             for consumer in HandOffConsumer.allCases {
-                let t = try MessageQueueBenchmark.measureHandOff(backend: choice, wake: wake, consumer: consumer,
+                let t = try MessageQueueBenchmark.measureHandOff(backend: BackendChoice(rawValue: backend.rawValue)!, wake: wake, consumer: consumer,
                                                                  producers: 4, messagesPerProducer: perProducer / 4, capacity: 1024)
-                #expect(t.backend.rawValue == choice.rawValue)
+                #expect(t.backend.rawValue == backend.rawValue)
                 print(t)
                 for mode in [HandOffMeasurement.Mode.pingPong, .idleWake] {
-                    let p = try MessageQueueBenchmark.measureHandOff(backend: choice, wake: wake, consumer: consumer,
+                    let p = try MessageQueueBenchmark.measureHandOff(backend: BackendChoice(rawValue: backend.rawValue)!, wake: wake, consumer: consumer,
                                                                      mode: mode, messagesPerProducer: mode == .idleWake ? pings / 5 : pings)
                     print(p)
                 }
             }
         }
     }
+}
 }
 
 extension MessageQueue {
@@ -418,14 +412,5 @@ enum QueueTestSupport {
             }
             try await Task.sleep(nanoseconds: 1_000_000)
         }
-    }
-
-    static func checkingFDs(_ body: () async throws -> Void) async throws {
-        // The global executor opens its timerfd on the first Task.sleep, once per process.
-        try await Task.sleep(nanoseconds: 1_000_000)
-        let before = LoopTestSupport.openFDs()
-        try await body()
-        let after = LoopTestSupport.openFDs()
-        #expect(after.count == before.count, "fd count changed: now open \(after.subtracting(before).sorted())")
     }
 }

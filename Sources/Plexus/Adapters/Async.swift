@@ -60,6 +60,10 @@ extension EventLoop {
     /// Submits `operation` and suspends until its final completion.
     func perform(_ operation: consuming Operation) async -> AsyncOutcome {
         if !inLoop {
+            // A loop shutting down takes no new work: end the call here, buffer included.
+            if isShuttingDown {
+                return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
+            }
             // Move to the loop thread for the call; the box is the price of the hop.
             let box = OperationBox(operation)
             let (result, kind, cancelled, timedOut) = await withTaskExecutorPreference(self) {

@@ -37,16 +37,16 @@ public enum BackendChoice: String, Sendable, CaseIterable, CustomStringConvertib
             do { return SelectedBackend(try URingBackend(entries: entries), choice: self) }
             catch { throw .unavailable(.ioUring, error) }
         case .epoll:
-            do { return SelectedBackend(try EpollBackend(), choice: self) }
+            do { return SelectedBackend(try EpollBackend(entries: entries), choice: self) }
             catch { throw .unavailable(.epoll, error) }
         case .poll:
-            do { return SelectedBackend(try PollBackend(), choice: self) }
+            do { return SelectedBackend(try PollBackend(entries: entries), choice: self) }
             catch { throw .unavailable(.poll, error) }
         case .automatic:
             let whyNot: PlexusError
             do { return SelectedBackend(try URingBackend(entries: entries), choice: self) }
             catch { whyNot = error }
-            do { return SelectedBackend(try EpollBackend(), choice: self, fallbackReason: whyNot) }
+            do { return SelectedBackend(try EpollBackend(entries: entries), choice: self, fallbackReason: whyNot) }
             catch {
                 // Say why neither started: io_uring's reason is the one users look for first.
                 throw .unavailable(.epoll, PlexusError(operation: error.operation, errno: error.errno,

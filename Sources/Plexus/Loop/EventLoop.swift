@@ -37,6 +37,7 @@ public final class EventLoop: @unchecked Sendable {
     private var running = false
     private var stopped = false
     private var wakeToken: Token?
+    private var shutdownObservers: [any LoopShutdownObserver] = []
 
     /// Creates a loop over the backend `choice` names (by default `PLEXUS_BACKEND`).
     /// The loop runs when a thread calls `run()`; see `EventLoop.startThread`.
@@ -210,6 +211,9 @@ public final class EventLoop: @unchecked Sendable {
         _ = backend.prepare(.cancel(token))
     }
 
+    /// True once `shutdown` was called.
+    public var isShuttingDown: Bool { stopRequested.load(ordering: .acquiring) }
+
     /// Pending operations (the loop's own eventfd read included).
     public var pendingOperations: Int { backend.pendingCount }
     /// Pending timers.
@@ -366,10 +370,12 @@ public final class EventLoop: @unchecked Sendable {
     // MARK: Wake-ups
 
     private func armWake() {
+        guard wakeToken == nil else { return }  // runOnce() may have armed it already
         rearmWake(IOBuffer(capacity: 8))
     }
 
     private func rearmWake(_ buffer: consuming IOBuffer?) {
+        wakeToken = nil
         guard !stopped, var buffer = buffer else { return }
         buffer.clear()
         wakeToken = submit(.read(FileDescriptor(rawValue: wakeFD), buffer), .wake)
@@ -382,7 +388,18 @@ public final class EventLoop: @unchecked Sendable {
 
     // MARK: Shutdown
 
+    /// Calls `observer.loopWillShutDown()` on the loop thread when shutdown begins, after
+    /// the jobs queued before it ran and before operations and timers are cancelled.
+    func onShutdown(_ observer: any LoopShutdownObserver) {
+        assertInLoop()
+        shutdownObservers.append(observer)
+    }
+
     private func drainForShutdown() {
+        runRemoteJobs()
+        let observers = shutdownObservers
+        shutdownObservers.removeAll()
+        for observer in observers { observer.loopWillShutDown() }
         runRemoteJobs()
         for callback in timers.removeAll() {
             invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
@@ -409,6 +426,12 @@ public final class EventLoop: @unchecked Sendable {
             }
         }
     }
+}
+
+/// A component that must finish its work when its loop shuts down (a message queue
+/// delivering what is queued); see `EventLoop.onShutdown`.
+protocol LoopShutdownObserver: AnyObject {
+    func loopWillShutDown()
 }
 
 /// How a loop's backend was chosen.

@@ -128,14 +128,10 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         ring = Ring(capacity: capacity)
         batch.reserveCapacity(capacity)
         resumeScratch.reserveCapacity(capacity)
-        // The loop has no shutdown observers; a timer is the hook it already has: every
-        // timer ends with `.cancelled` when the loop shuts down. Its deadline is decades
-        // away, so it never fires and never wakes an idle loop.
+        // The loop tells the queue when it shuts down; weakly, so a dropped queue goes away.
         let installed = loop.execute { [weak self] in
             guard let self, let loop = self.loop else { return }
-            loop.schedule(at: Deadline.now + .seconds(1_000_000_000)) { [weak self] event in
-                if event == .cancelled { self?.loopDidShutDown() }
-            }
+            loop.onShutdown(WeakShutdownObserver(self))
         }
         if !installed { lock.withLock { closed = true; loopGone = true } }
     }
@@ -348,9 +344,9 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         resumeScratch.removeAll(keepingCapacity: true)
     }
 
-    /// The loop is shutting down (its thread, from the timer hook): close, hand waiting
+    /// The loop is shutting down (its thread, `onShutdown`): close, hand waiting
     /// senders their messages back, and deliver what is queued to the consumer.
-    private func loopDidShutDown() {
+    func loopDidShutDown() {
         var rejected: [Sender] = []
         lock.withLock {
             closed = true
@@ -487,4 +483,11 @@ extension MessageQueue: AsyncSequence {
         init(_ queue: MessageQueue) { self.queue = queue }
         deinit { queue.detachAsyncConsumer() }
     }
+}
+
+/// Forwards a loop's shutdown to a queue without keeping the queue alive.
+private final class WeakShutdownObserver<Message: Sendable>: LoopShutdownObserver {
+    weak var queue: MessageQueue<Message>?
+    init(_ queue: MessageQueue<Message>) { self.queue = queue }
+    func loopWillShutDown() { queue?.loopDidShutDown() }
 }

@@ -25,6 +25,15 @@ func openFileDescriptors() -> [Int32: String] {
 /// fd numbers are process-wide, so the check is only meaningful when nothing else runs
 /// at the same time: it is applied to the one `.serialized` root suite (`PlexusTests`).
 struct FileDescriptorLeakCheck: SuiteTrait, TestTrait, TestScoping {
+    /// Dispatch opens a timerfd per clock on the process's first real sleep on it and keeps
+    /// it: the runtime's, not a test's. Opened here once, before any count (a sleep too
+    /// short to arm a timer opens nothing, hence a millisecond).
+    private static let warmUp: Task<Void, Never> = Task {
+        try? await Task.sleep(nanoseconds: 1_000_000)
+        try? await Task.sleep(for: .milliseconds(1))
+        try? await SuspendingClock().sleep(for: .milliseconds(1))
+    }
+
     var isRecursive: Bool { true }
 
     func scopeProvider(for test: Test, testCase: Test.Case?) -> Self? {
@@ -35,6 +44,7 @@ struct FileDescriptorLeakCheck: SuiteTrait, TestTrait, TestScoping {
     func provideScope(
         for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void
     ) async throws {
+        await Self.warmUp.value
         let before = openFileDescriptors()
         defer {
             let after = openFileDescriptors()
