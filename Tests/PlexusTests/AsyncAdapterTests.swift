@@ -246,8 +246,7 @@ extension LoopTestSupport {
     /// A connect that is left in flight (non-blocking socket, EINPROGRESS).
     static func connectWithoutWaiting(to address: SocketAddress) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
-        var a = address
-        _ = withUnsafePointer(to: &a.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, a.length) } }
+        _ = address.withUnsafeSockaddr { Glibc.connect(fd, $0, $1) }
         return fd
     }
 

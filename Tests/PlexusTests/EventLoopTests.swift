@@ -242,21 +242,24 @@ enum LoopTestSupport {
 
     static func listener() throws -> (fd: Int32, address: SocketAddress) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
-        var address = SocketAddress(ipv4: "127.0.0.1", port: 0)!
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
-        let b = withUnsafePointer(to: &address.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, address.length) } }
+        let b = SocketAddress(ipv4: "127.0.0.1", port: 0)!.withUnsafeSockaddr { bind(fd, $0, $1) }
         precondition(b == 0 && listen(fd, 512) == 0)
+        var bound = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &address.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-        address.length = length
+        let address = withUnsafeMutablePointer(to: &bound) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa -> SocketAddress in
+                _ = getsockname(fd, sa, &length)
+                return SocketAddress(sa, length: length)!
+            }
+        }
         return (fd, address)
     }
 
     static func connect(to address: SocketAddress) throws -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        var a = address
-        let r = withUnsafePointer(to: &a.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, a.length) } }
+        let r = address.withUnsafeSockaddr { Glibc.connect(fd, $0, $1) }
         precondition(r == 0, "connect failed: \(errno)")
         return fd
     }

@@ -234,10 +234,11 @@ extension PlexusTests {
             // backend's slab, on top of its plexus_op_scratch (the kernel-visible msghdr,
             // sockaddr, iovec and timespec). Growing either raises the memory of every pending
             // operation; change these numbers only on purpose, and say why in the commit.
-            // 200 today: the record holds the whole `Operation?` inline, and its largest
-            // payload is `.connect`'s SocketAddress (a 128-byte sockaddr_storage + length);
-            // moving that address into the scratch (which has room for it) would shrink it.
-            #expect(MemoryLayout<OperationRecord>.stride == 200, "OperationRecord is now \(MemoryLayout<OperationRecord>.stride) bytes")
+            // 112 today: the record holds the whole `Operation?` inline; its largest payload is
+            // a Message (a 32-byte IOBuffer and an optional 40-byte SocketAddress, IP addresses
+            // inline, Unix paths out of line). It was 200 while SocketAddress embedded a
+            // 128-byte sockaddr_storage, which every operation then copied around.
+            #expect(MemoryLayout<OperationRecord>.stride == 112, "OperationRecord is now \(MemoryLayout<OperationRecord>.stride) bytes")
             #expect(MemoryLayout<plexus_op_scratch>.stride == 232, "plexus_op_scratch is now \(MemoryLayout<plexus_op_scratch>.stride) bytes")
         }
     }

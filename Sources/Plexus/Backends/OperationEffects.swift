@@ -46,8 +46,7 @@ extension Operation {
             v.setFD(fd); self = .accept(fd, multishot: multishot)
         case .connect(let fd, let address):
             v.setFD(fd)
-            scratch.pointee.address = address.storage
-            scratch.pointee.address_length = address.length
+            scratch.pointee.address_length = address.write(to: &scratch.pointee.address)
             self = .connect(fd, address)
         case .poll(let fd, let events, let multishot):
             v.setFD(fd); v.flags = Int32(bitPattern: events.rawValue); self = .poll(fd, events, multishot: multishot)
@@ -114,8 +113,7 @@ extension Operation {
         withUnsafeMutablePointer(to: &scratch.pointee.vector) { header.msg_iov = $0 }
         header.msg_iovlen = 1
         if let address {
-            scratch.pointee.address = address.storage
-            header.msg_namelen = address.length
+            header.msg_namelen = address.write(to: &scratch.pointee.address)
         }
         withUnsafeMutablePointer(to: &scratch.pointee.address) {
             header.msg_name = UnsafeMutableRawPointer($0)

@@ -1,14 +1,79 @@
 import CPlexus
 import Glibc
 
-/// A socket address (IPv4, IPv6 or Unix), stored as the kernel's `sockaddr_storage`.
+/// A socket address (IPv4, IPv6 or Unix).
+///
+/// 40 bytes: IP addresses live inline in a `sockaddr_in6` (a `sockaddr_in` fits in
+/// it), a Unix path out of line. Every operation carries its address by value, so a
+/// 128-byte `sockaddr_storage` here made every `Operation` and `Completion` that big,
+/// and the hot path copied it around for nothing.
 public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
-    var storage: sockaddr_storage
+    private var inet = sockaddr_in6()
+    private var unix: UnixPath?
     var length: socklen_t
 
+    private final class UnixPath: Sendable {
+        let address: sockaddr_un
+        init(_ address: sockaddr_un) { self.address = address }
+    }
+
     init(storage: sockaddr_storage, length: socklen_t) {
+        self.length = min(length, socklen_t(MemoryLayout<sockaddr_storage>.size))
         self.storage = storage
-        self.length = length
+    }
+
+    /// The address as the kernel's `sockaddr_storage` (for bind, getsockname and the like).
+    var storage: sockaddr_storage {
+        get {
+            var s = sockaddr_storage()
+            withUnsafeMutableBytes(of: &s) { raw in
+                if let unix {
+                    raw.storeBytes(of: unix.address, as: sockaddr_un.self)
+                } else {
+                    raw.storeBytes(of: inet, as: sockaddr_in6.self)
+                }
+            }
+            return s
+        }
+        set {
+            withUnsafeBytes(of: newValue) { raw in
+                if Int32(newValue.ss_family) == AF_UNIX {
+                    unix = UnixPath(raw.load(as: sockaddr_un.self))
+                    inet = sockaddr_in6()
+                } else {
+                    unix = nil
+                    inet = raw.load(as: sockaddr_in6.self)
+                }
+            }
+        }
+    }
+
+    /// From a kernel-filled `sockaddr` of `length` bytes (recvfrom, accept, getsockname).
+    public init?(_ address: UnsafePointer<sockaddr>, length: socklen_t) {
+        guard length >= socklen_t(MemoryLayout<sa_family_t>.size),
+              length <= socklen_t(MemoryLayout<sockaddr_storage>.size) else { return nil }
+        var s = sockaddr_storage()
+        withUnsafeMutableBytes(of: &s) { $0.copyMemory(from: UnsafeRawBufferPointer(start: address, count: Int(length))) }
+        self.init(storage: s, length: length)
+    }
+
+    /// Calls `body` with the address as a `sockaddr` pointer and its length (for bind,
+    /// connect and sendto).
+    public func withUnsafeSockaddr<R, E: Error>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws(E) -> R) throws(E) -> R {
+        var s = storage
+        return try withUnsafePointer(to: &s) { p throws(E) in
+            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa throws(E) in try body(sa, length) }
+        }
+    }
+
+    /// Writes the address where the kernel reads it; returns its length.
+    func write(to destination: UnsafeMutablePointer<sockaddr_storage>) -> socklen_t {
+        if let unix {
+            UnsafeMutableRawPointer(destination).storeBytes(of: unix.address, as: sockaddr_un.self)
+        } else {
+            UnsafeMutableRawPointer(destination).storeBytes(of: inet, as: sockaddr_in6.self)
+        }
+        return length
     }
 
     /// An IPv4 address such as "127.0.0.1" and a port; nil if `host` is not IPv4 text (inet_pton).
@@ -50,7 +115,7 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// AF_INET, AF_INET6 or AF_UNIX.
-    public var family: Int32 { Int32(storage.ss_family) }
+    public var family: Int32 { unix != nil ? AF_UNIX : Int32(inet.sin6_family) }
 
     /// The port of an IP address, nil for Unix addresses.
     public var port: UInt16? {
