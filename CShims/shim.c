@@ -37,6 +37,10 @@ int plexus_set_thread_name(const char *name) {
     return pthread_setname_np(pthread_self(), short_name);
 }
 
+static __thread void *plexus_loop_of_this_thread;
+void *plexus_current_loop(void) { return plexus_loop_of_this_thread; }
+void plexus_set_current_loop(void *loop) { plexus_loop_of_this_thread = loop; }
+
 int plexus_errno(void) { return errno; }
 
 int plexus_probe_opcode(struct io_uring *ring, int opcode) {

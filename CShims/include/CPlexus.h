@@ -79,6 +79,10 @@ const char *plexus_secure_getenv(const char *name);
 /// Names the calling thread (pthread_setname_np, GNU-only); at most 15 bytes are kept.
 int plexus_set_thread_name(const char *name);
 
+/// The Plexus loop running on the calling thread, or NULL (a C thread-local, which Swift lacks).
+void *plexus_current_loop(void);
+void plexus_set_current_loop(void *loop);
+
 /// Returns errno of the calling thread (Swift 6 mode makes the global awkward to read).
 int plexus_errno(void);
 

@@ -188,6 +188,22 @@ public final class URingBackend: IOBackend {
         }
     }
 
+    /// The ring's fd, for IORING_OP_MSG_RING from other rings.
+    public var ringFD: Int32 { ring.pointee.ring_fd }
+
+    /// Wakes the ring `target` (another loop's) with IORING_OP_MSG_RING: its wait ends
+    /// as if a completion arrived. Submitted at once; on this ring the success CQE is
+    /// skipped. False when the kernel lacks MSG_RING or the SQ is full.
+    func postWake(toRing target: Int32) -> Bool {
+        guard capabilities.contains(.messageRing), state.pointee.enabled, let sqe = io_uring_get_sqe(ring) else {
+            return false
+        }
+        io_uring_prep_msg_ring(sqe, target, 0, Token.ringWake.rawValue, 0)
+        io_uring_sqe_set_flags(sqe, UInt32(PLEXUS_IOSQE_CQE_SKIP_SUCCESS))
+        io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+        return io_uring_submit(ring) >= 0
+    }
+
     // MARK: Internals
 
     private func enableIfNeeded() throws(PlexusError) {
@@ -358,7 +374,7 @@ public final class URingBackend: IOBackend {
     @inline(__always)
     private func complete(_ userData: UInt64, _ res: Int32, _ cqeFlags: UInt32,
                           _ body: (consuming Completion) -> Void) -> Int {
-        if userData == Token.internalOperation.rawValue { return 0 }
+        if userData == Token.internalOperation.rawValue || userData == Token.ringWake.rawValue { return 0 }
         let token = Token(rawValue: userData)
         guard let record = table.live(token) else {
             assertionFailure("CQE for a token that is not live: \(token)")

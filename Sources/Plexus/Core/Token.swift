@@ -21,6 +21,8 @@ public struct Token: Hashable, Sendable, CustomStringConvertible {
 
     /// user_data of the backend's own SQEs, which never reach callers.
     static let internalOperation = Token(index: .max, generation: .max)
+    /// user_data of an IORING_OP_MSG_RING wake-up from another loop: it only ends the wait.
+    static let ringWake = Token(index: .max - 1, generation: .max)
 
     public var description: String { "#\(index).\(generation)" }
 }
