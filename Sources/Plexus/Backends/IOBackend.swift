@@ -35,6 +35,15 @@ public protocol IOBackend: AnyObject {
     /// nothing is left in flight. The backend stays usable.
     func cancelAll(_ body: (consuming Completion) -> Void)
 
+    /// Creates `count` (a power of two, at most 32768) buffers of `size` bytes for
+    /// `Operation.receiveMultishot`: a provided buffer ring on io_uring, a free list on
+    /// epoll and poll. Every buffer starts out available.
+    func registerBuffers(count: Int, size: Int) throws(PlexusError) -> BufferGroup
+
+    /// Makes buffer `id` of `group` available again after its bytes were read; a
+    /// multishot receive paused for want of buffers resumes.
+    func recycle(_ group: BufferGroup, id: UInt16)
+
     /// Counters for tests and benchmarks.
     var statistics: BackendStatistics { get }
 }

@@ -33,6 +33,8 @@ extension Operation {
             v.set(fd, b.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL); self = .send(fd, b, flags: flags)
         case .recv(let fd, let b, let flags):
             v.set(fd, b.spareRegion, nil); v.flags = flags; self = .recv(fd, b, flags: flags)
+        case .receiveMultishot(let fd, let group):
+            v.setFD(fd); v.length = group.size; self = .receiveMultishot(fd, group)
         case .sendMessage(let fd, let m, let flags):
             v.set(fd, m.buffer.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL)
             Self.fillMessage(scratch, m.buffer.readableRegion, address: m.address)

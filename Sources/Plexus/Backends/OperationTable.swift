@@ -23,6 +23,8 @@ struct OperationRecord: ~Copyable {
         /// io_uring only: the kernel said EAGAIN (an old kernel and an O_NONBLOCK file), so
         /// a poll for readiness is in flight under the same token; then the operation reruns.
         case awaitingReadiness
+        /// A multishot receive whose buffer group ran dry: parked until a recycle.
+        case awaitingBuffers
     }
 }
 

@@ -39,6 +39,14 @@ public final class PollBackend: IOBackend {
     public func cancelAll(_ body: (consuming Completion) -> Void) {
         engine.cancelAll(body)
     }
+
+    public func registerBuffers(count: Int, size: Int) throws(PlexusError) -> BufferGroup {
+        try engine.registerBuffers(count: count, size: size)
+    }
+
+    public func recycle(_ group: BufferGroup, id: UInt16) {
+        engine.recycle(group, id: id)
+    }
 }
 
 /// poll(2) as a `ReadinessPoller`: a pollfd per fd with parked operations (its slot is

@@ -196,6 +196,16 @@ struct QueuedCompletion {
     var generation: UInt32
     var result: Int32
     var flags: UInt32
+    /// The provided buffer a multishot receive filled; `.max` for none (groups hold at most 32768).
+    var bufferID: UInt16 = .max
+}
+
+/// A buffer group's free list: the ids a multishot receive may fill next.
+struct ProvidedPool {
+    let group: BufferGroup
+    var free: [UInt16]
+    /// Multishot receives parked for want of a buffer, by record index.
+    var starved: [Int] = []
 }
 
 /// One timeout in the heap; stale entries (cancelled, slot reused) are skipped by generation.
@@ -230,6 +240,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// Heap entries whose timer was cancelled (lazy deletion).
     var deadTimers = 0
     var statistics = BackendStatistics()
+    var pools: [UInt16: ProvidedPool] = [:]
+    var nextGroup: UInt16 = 0
 
     static var readEvents: UInt32 { UInt32(POLLIN | POLLPRI | POLLERR | POLLHUP) | UInt32(PLEXUS_POLLRDHUP) }
     static var writeEvents: UInt32 { UInt32(POLLOUT | POLLERR | POLLHUP) }
@@ -365,9 +377,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     @inline(__always)
-    private func completeMore(_ index: Int, _ result: Int32) {
+    private func completeMore(_ index: Int, _ result: Int32, bufferID: UInt16 = .max) {
         completions.append(QueuedCompletion(index: UInt32(index), generation: table.record(index).pointee.generation,
-                                            result: result, flags: Self.moreFlag))
+                                            result: result, flags: Self.moreFlag, bufferID: bufferID))
     }
 
     private func deliver(_ body: (consuming Completion) -> Void) -> Int {
@@ -383,7 +395,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             delivered += 1
             if c.flags & Self.moreFlag != 0 {
                 body(Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
-                                kind: kind, operation: nil))
+                                kind: kind, operation: nil, bufferID: c.bufferID == .max ? nil : c.bufferID))
             } else {
                 infos.pointer(index).pointee.place = .none
                 var operation = table.remove(index)!
@@ -530,6 +542,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// One try (or, for a multishot accept, a loop until EAGAIN) of a parked or new record.
     @inline(__always)
     private func attempt(_ index: Int, _ kind: OperationKind, _ mode: FDState.Mode) -> Attempt {
+        if kind == .receiveMultishot { return receiveChunks(index, mode) }
         if kind == .acceptMultishot {
             while true {
                 let result = perform(index, kind, mode)
@@ -549,6 +562,56 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         if kind == .accept && result >= 0 { forget(result) }
         complete(index, result)
         return .finished
+    }
+
+    /// A multishot receive: recv(2) into free buffers of its group until EAGAIN, end of
+    /// file, an error, or no free buffer (then it stays parked until `recycle`).
+    private func receiveChunks(_ index: Int, _ mode: FDState.Mode) -> Attempt {
+        let groupID = table.record(index).pointee.operation.bufferGroup!.id
+        let fd = infos[index].view.fd
+        while true {
+            guard let id = pools[groupID]!.free.popLast() else {
+                if !pools[groupID]!.starved.contains(index) { pools[groupID]!.starved.append(index) }
+                return .blocked
+            }
+            let group = pools[groupID]!.group
+            let n = Sys.recv(fd, group.address(of: id), group.size, Int32(MSG_DONTWAIT))
+            if n > 0 {
+                completeMore(index, Int32(n), bufferID: id)
+                if mode == .blockingSocket || mode == .blocking { return .continuing }
+                continue
+            }
+            pools[groupID]!.free.append(id)
+            if n == -Int(EAGAIN) { return .blocked }
+            complete(index, Int32(truncatingIfNeeded: n))  // 0: end of file; < 0: the error
+            return .finished
+        }
+    }
+
+    func registerBuffers(count: Int, size: Int) throws(PlexusError) -> BufferGroup {
+        guard count > 0, count <= 32768, count & (count - 1) == 0, size > 0, size <= Operation.maxTransfer else {
+            throw PlexusError(operation: "registerBuffers", errno: .invalidArgument,
+                              message: "a buffer group needs a power-of-two count up to 32768 and a positive size")
+        }
+        let group = BufferGroup(id: nextGroup, count: count, size: size)
+        nextGroup &+= 1
+        pools[group.id] = ProvidedPool(group: group, free: (0..<UInt16(count)).reversed().map { $0 })
+        return group
+    }
+
+    func recycle(_ group: BufferGroup, id: UInt16) {
+        guard pools[group.id]?.group == group, Int(id) < group.count else {
+            preconditionFailure("buffer \(id) does not belong to a group of this backend")
+        }
+        pools[group.id]!.free.append(id)
+        // Receives that ran dry go on (edge-triggered epoll would not report the data again).
+        let starved = pools[group.id]!.starved
+        guard !starved.isEmpty else { return }
+        pools[group.id]!.starved.removeAll()
+        for index in starved where infos[index].place == .read {
+            let fd = infos[index].view.fd
+            if retry(fd, .read) { refreshInterest(fd, rearm: false) }
+        }
     }
 
     /// The syscall for a data, accept or connect record; -EAGAIN when it would block.
@@ -647,7 +710,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @inline(__always)
     private static func isReadSide(_ kind: OperationKind) -> Bool {
         switch kind {
-        case .read, .readv, .recv, .receiveMessage, .accept, .acceptMultishot: true
+        case .read, .readv, .recv, .receiveMessage, .accept, .acceptMultishot, .receiveMultishot: true
         default: false
         }
     }

@@ -33,6 +33,11 @@ public final class URingBackend: IOBackend {
         /// ignores the offset of a stream where pread(2) fails with ESPIPE; this keeps the
         /// backends alike at one lseek per fd. Forgotten when the fd is closed through Plexus.
         var positional: [UInt8] = []
+        /// Provided buffer rings by group id, and the multishot receives that ran out of
+        /// buffers (ENOBUFS) and wait for a recycle to be re-armed.
+        var bufferRings: [UInt16: (ring: UnsafeMutablePointer<io_uring_buf_ring>, group: BufferGroup)] = [:]
+        var nextGroup: UInt16 = 0
+        var starved: [UInt16: [Token]] = [:]
         /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
         /// single issuer, whichever thread created the backend.
         var enabled = false
@@ -111,6 +116,9 @@ public final class URingBackend: IOBackend {
         if state.pointee.enabled { cancelAll { _ in } }
         // A ring never enabled never ran anything: its records only need their buffers freed.
         for index in table.liveIndices() { release(index); _ = table.remove(index) }
+        for (id, entry) in state.pointee.bufferRings {
+            _ = plexus_free_buf_ring(ring, entry.ring, UInt32(entry.group.count), Int32(id))
+        }
         io_uring_queue_exit(ring)
         ring.deallocate()
         cqes.deallocate()
@@ -172,6 +180,7 @@ public final class URingBackend: IOBackend {
     public func cancelAll(_ body: (consuming Completion) -> Void) {
         if !state.pointee.enabled { try? enableIfNeeded() }
         drainBacklog()
+        endStarved { _ in true }
         if let sqe = sqe() {
             io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL))
             io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
@@ -240,8 +249,20 @@ public final class URingBackend: IOBackend {
             return
         }
         let kind = record.pointee.kind
-        if kind == .cancel, let target = record.pointee.operation.cancelTarget, table.live(target) == nil {
-            state.pointee.immediate.append((index, -ENOENT))
+        if kind == .cancel, let target = record.pointee.operation.cancelTarget {
+            guard let targetRecord = table.live(target) else {
+                state.pointee.immediate.append((index, -ENOENT))
+                return
+            }
+            if targetRecord.pointee.state == .awaitingBuffers {
+                // Nothing of it is in the kernel: it ends here.
+                endStarved { $0 == target.index }
+                state.pointee.immediate.append((index, 0))
+                return
+            }
+        }
+        if kind == .receiveMultishot && !capabilities.contains(.multishotReceive) {
+            state.pointee.immediate.append((index, -EOPNOTSUPP))
             return
         }
         if view.offset >= 0, Self.takesOffset(kind), !isSeekable(view.fd) {
@@ -265,6 +286,11 @@ public final class URingBackend: IOBackend {
             io_uring_prep_readv(sqe, view.fd, view.vectors, UInt32(view.vectorCount), offset)
         case .writev:
             io_uring_prep_writev(sqe, view.fd, view.vectors, UInt32(view.vectorCount), offset)
+        case .receiveMultishot:
+            let group = record.pointee.operation.bufferGroup!
+            io_uring_prep_recv_multishot(sqe, view.fd, nil, 0, 0)
+            io_uring_sqe_set_flags(sqe, UInt32(PLEXUS_IOSQE_BUFFER_SELECT))
+            sqe.pointee.buf_group = group.id
         case .send:
             io_uring_prep_send(sqe, view.fd, view.base, view.length, view.flags)
         case .recv:
@@ -303,6 +329,7 @@ public final class URingBackend: IOBackend {
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
             forgetPositional(view.fd)
+            endStarved { table.record($0).pointee.fd == view.fd }
             // Cancel what is pending on the fd first; the hard link runs the close either way.
             if capabilities.contains(.cancelByFileDescriptor) {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
@@ -402,6 +429,9 @@ public final class URingBackend: IOBackend {
                 return 0
             }
         }
+        if kind == .receiveMultishot {
+            return completeReceive(token, record, res, cqeFlags, body)
+        }
         if kind.isMultishot {
             let more = cqeFlags & IORING_CQE_F_MORE != 0
             if res >= 0 {
@@ -423,6 +453,98 @@ public final class URingBackend: IOBackend {
         }
         let result = kind == .timeout && res == -ETIME ? 0 : res
         return finish(token.index, result: result, flags: flags, body)
+    }
+
+    /// A multishot receive's CQE: a chunk in a provided buffer, the end (0 or an error),
+    /// or ENOBUFS, which parks the receive until a buffer of its group is recycled.
+    private func completeReceive(_ token: Token, _ record: UnsafeMutablePointer<OperationRecord>, _ res: Int32,
+                                 _ cqeFlags: UInt32, _ body: (consuming Completion) -> Void) -> Int {
+        let more = cqeFlags & IORING_CQE_F_MORE != 0
+        let bufferID: UInt16? = cqeFlags & IORING_CQE_F_BUFFER != 0 ? UInt16(truncatingIfNeeded: cqeFlags >> 16) : nil
+        if res == -ENOBUFS && !more {
+            let group = record.pointee.operation.bufferGroup!.id
+            state.pointee.starved[group, default: []].append(token)
+            record.pointee.state = .awaitingBuffers
+            return 0
+        }
+        if res > 0 {
+            if !more {  // ended by the kernel with data left to read: keep it going
+                state.pointee.statistics.multishotRearms &+= 1
+                prep(token.index)
+            }
+            var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
+            flags.insert(.more)
+            state.pointee.statistics.completed &+= 1
+            body(Completion(token: token, result: res, flags: flags, kind: .receiveMultishot, operation: nil,
+                            bufferID: bufferID))
+            return 1
+        }
+        if more {
+            state.pointee.statistics.completed &+= 1
+            body(Completion(token: token, result: res, flags: .more, kind: .receiveMultishot, operation: nil))
+            return 1
+        }
+        return finish(token.index, result: res, flags: [], body)  // end of file (0) or an error
+    }
+
+    /// Ends the starved multishot receives `matching` picks with -ECANCELED (they have
+    /// nothing in the kernel to cancel).
+    private func endStarved(_ matching: (Int) -> Bool) {
+        for (group, tokens) in state.pointee.starved {
+            var kept: [Token] = []
+            for token in tokens {
+                guard let record = table.live(token), record.pointee.state == .awaitingBuffers else { continue }
+                if matching(token.index) {
+                    record.pointee.state = .inFlight
+                    state.pointee.immediate.append((token.index, -ECANCELED))
+                } else {
+                    kept.append(token)
+                }
+            }
+            state.pointee.starved[group] = kept.isEmpty ? nil : kept
+        }
+    }
+
+    public func registerBuffers(count: Int, size: Int) throws(PlexusError) -> BufferGroup {
+        guard count > 0, count <= 32768, count & (count - 1) == 0, size > 0, size <= Operation.maxTransfer else {
+            throw PlexusError(operation: "io_uring_register_buf_ring", errno: .invalidArgument,
+                              message: "a buffer group needs a power-of-two count up to 32768 and a positive size")
+        }
+        guard capabilities.contains(.providedBufferRings) else {
+            throw PlexusError(operation: "io_uring_register_buf_ring", errno: .notSupported,
+                              message: "this kernel has no provided buffer rings (Linux 5.19+)")
+        }
+        let id = state.pointee.nextGroup
+        var error: Int32 = 0
+        guard let br = plexus_setup_buf_ring(ring, UInt32(count), Int32(id), &error) else {
+            throw PlexusError(operation: "io_uring_register_buf_ring", errno: Errno(rawValue: -error))
+        }
+        state.pointee.nextGroup &+= 1
+        let group = BufferGroup(id: id, count: count, size: size)
+        let mask = io_uring_buf_ring_mask(UInt32(count))
+        for bid in 0..<count {
+            io_uring_buf_ring_add(br, group.address(of: UInt16(bid)), UInt32(size), UInt16(bid), mask, Int32(bid))
+        }
+        io_uring_buf_ring_advance(br, Int32(count))
+        state.pointee.bufferRings[id] = (br, group)
+        return group
+    }
+
+    public func recycle(_ group: BufferGroup, id: UInt16) {
+        guard let entry = state.pointee.bufferRings[group.id], entry.group == group, Int(id) < group.count else {
+            preconditionFailure("buffer \(id) does not belong to a group of this backend")
+        }
+        io_uring_buf_ring_add(entry.ring, group.address(of: id), UInt32(group.size), id,
+                              io_uring_buf_ring_mask(UInt32(group.count)), 0)
+        io_uring_buf_ring_advance(entry.ring, 1)
+        // Receives that ran dry resume now that there is a buffer.
+        if let waiting = state.pointee.starved.removeValue(forKey: group.id) {
+            for token in waiting {
+                guard let record = table.live(token), record.pointee.state == .awaitingBuffers else { continue }
+                record.pointee.state = .inFlight
+                prep(token.index)
+            }
+        }
     }
 
     /// The final completion: apply the result to the buffers, free the record, deliver.

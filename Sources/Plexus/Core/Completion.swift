@@ -11,13 +11,18 @@ public struct Completion: ~Copyable, Sendable {
     /// The operation, handed back on the final completion (when `flags` lacks `.more`),
     /// with read data appended to its buffers and written data consumed from them.
     public var operation: Operation?
+    /// The provided buffer a multishot receive filled with `result` bytes; give it back
+    /// with the backend's `recycle` once read.
+    public let bufferID: UInt16?
 
-    public init(token: Token, result: Int32, flags: CompletionFlags, kind: OperationKind, operation: consuming Operation?) {
+    public init(token: Token, result: Int32, flags: CompletionFlags, kind: OperationKind, operation: consuming Operation?,
+                bufferID: UInt16? = nil) {
         self.token = token
         self.result = result
         self.flags = flags
         self.kind = kind
         self.operation = operation
+        self.bufferID = bufferID
     }
 
     /// False when more completions follow for the same token (multishot).

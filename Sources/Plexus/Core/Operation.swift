@@ -21,6 +21,10 @@ public enum Operation: ~Copyable, Sendable {
     case send(FileDescriptor, IOBuffer, flags: Int32 = 0)
     /// recv(2) into the spare capacity.
     case recv(FileDescriptor, IOBuffer, flags: Int32 = 0)
+    /// Multishot recv(2) into buffers of `group` the kernel picks: one completion per
+    /// chunk, with the result's byte count and the `bufferID` it filled (see `BufferGroup`),
+    /// until end of file (a final 0), an error, or cancel.
+    case receiveMultishot(FileDescriptor, BufferGroup)
     /// sendmsg(2): the message's bytes, to its address if it has one.
     case sendMessage(FileDescriptor, Message, flags: Int32 = 0)
     /// recvmsg(2): appends to the message's buffer and sets its address to the sender's.
@@ -60,6 +64,7 @@ public enum Operation: ~Copyable, Sendable {
         case .writev: .writev
         case .send: .send
         case .recv: .recv
+        case .receiveMultishot: .receiveMultishot
         case .sendMessage: .sendMessage
         case .receiveMessage: .receiveMessage
         case .accept(_, let multishot): multishot ? .acceptMultishot : .accept
@@ -84,6 +89,7 @@ public enum Operation: ~Copyable, Sendable {
         case .writev(let fd, _, _): fd
         case .send(let fd, _, _): fd
         case .recv(let fd, _, _): fd
+        case .receiveMultishot(let fd, _): fd
         case .sendMessage(let fd, _, _): fd
         case .receiveMessage(let fd, _, _): fd
         case .accept(let fd, _): fd
@@ -209,6 +215,14 @@ extension Optional where Wrapped == Operation {
         switch self {
         case .some(.deadline): true
         default: false
+        }
+    }
+
+    /// The buffer group of a multishot receive.
+    var bufferGroup: BufferGroup? {
+        switch self {
+        case .some(.receiveMultishot(_, let group)): group
+        default: nil
         }
     }
 

@@ -1,6 +1,7 @@
 /// The kinds of `Operation`, named as errors and statistics name them.
 public enum OperationKind: String, Sendable, CaseIterable {
     case nop, read, write, readv, writev, send, recv
+    case receiveMultishot = "recv(multishot)"
     case sendMessage = "sendmsg"
     case receiveMessage = "recvmsg"
     case accept
@@ -10,5 +11,5 @@ public enum OperationKind: String, Sendable, CaseIterable {
     case timeout, cancel, close, open, fsync, shutdown
 
     /// True for the kinds that complete more than once.
-    public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot }
+    public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot || self == .receiveMultishot }
 }

@@ -29,6 +29,8 @@ struct Outcome: CustomStringConvertible {
     /// The address of a returned Message.
     let address: SocketAddress?
     let returned: Returned
+    /// The provided buffer a multishot receive filled.
+    var bufferID: UInt16? = nil
 
     var isFinal: Bool { !flags.contains(.more) }
     /// The errno of a failed operation, nil on success.
@@ -209,6 +211,7 @@ final class Harness {
 
     private func receive(_ completion: consuming Completion) {
         let token = completion.token, result = completion.result, flags = completion.flags, kind = completion.kind
+        let bufferID = completion.bufferID
         let returned = Returned()
         var hadOperation = false
         var bytes: [UInt8]?
@@ -237,7 +240,7 @@ final class Harness {
         }
         let outcome = Outcome(token: token, kind: kind, result: result, flags: flags, at: .now,
                               hadOperation: hadOperation, bytes: bytes, vectorBytes: vectorBytes,
-                              address: address, returned: returned)
+                              address: address, returned: returned, bufferID: bufferID)
         log.append(outcome)
 
         guard open.contains(token) else {
