@@ -203,6 +203,33 @@ extension PlexusTests {
         #expect(loop.pendingOperations == 1, "only the loop's wake-up read is left")
     }
 
+    @Test(arguments: Backends.kinds)
+    func receivesYieldsEveryByteInOrderThroughASmallBufferGroup(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        var pair: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer { Glibc.close(pair[0]) }
+        let reader = FileDescriptor(rawValue: pair[0]), writer = FileDescriptor(rawValue: pair[1])
+        let total = 1 << 20
+        let sent = (0..<total).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        // 4 buffers of 4 KiB for 1 MiB: the receive pauses and resumes many times.
+        let consumer = Task(executorPreference: loop) { () throws -> [UInt8] in
+            var got: [UInt8] = []
+            for try await chunk in loop.receives(reader, bufferCount: 4, bufferSize: 4096) { got += chunk }
+            return got
+        }
+        _ = try await Task(executorPreference: loop) {
+            _ = try await loop.writeAll(writer, IOBuffer(bytes: sent))
+            try await loop.close(writer)
+        }.value
+        let got = try await consumer.value
+        #expect(got.count == total)
+        #expect(got == sent)
+        try await loop.sleep(for: .milliseconds(2))
+        #expect(loop.pendingOperations == 1, "only the loop's wake-up read is left")
+    }
+
     /// Cancel racing completion: whichever wins, the call ends exactly once, and a
     /// finished read returns its buffer with the data.
     @Test(arguments: Backends.kinds)

@@ -44,6 +44,9 @@ public protocol IOBackend: AnyObject {
     /// multishot receive paused for want of buffers resumes.
     func recycle(_ group: BufferGroup, id: UInt16)
 
+    /// Releases a group no pending operation uses any more (io_uring unregisters its ring).
+    func unregisterBuffers(_ group: BufferGroup)
+
     /// Counters for tests and benchmarks.
     var statistics: BackendStatistics { get }
 }

@@ -44,6 +44,10 @@ public final class PollBackend: IOBackend {
         try engine.registerBuffers(count: count, size: size)
     }
 
+    public func unregisterBuffers(_ group: BufferGroup) {
+        engine.unregisterBuffers(group)
+    }
+
     public func recycle(_ group: BufferGroup, id: UInt16) {
         engine.recycle(group, id: id)
     }

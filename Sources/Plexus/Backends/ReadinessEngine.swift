@@ -569,6 +569,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     private func receiveChunks(_ index: Int, _ mode: FDState.Mode) -> Attempt {
         let groupID = table.record(index).pointee.operation.bufferGroup!.id
         let fd = infos[index].view.fd
+        guard pools[groupID] != nil else {  // the group was unregistered under it
+            complete(index, -EINVAL)
+            return .finished
+        }
         while true {
             guard let id = pools[groupID]!.free.popLast() else {
                 if !pools[groupID]!.starved.contains(index) { pools[groupID]!.starved.append(index) }
@@ -597,6 +601,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         nextGroup &+= 1
         pools[group.id] = ProvidedPool(group: group, free: (0..<UInt16(count)).reversed().map { $0 })
         return group
+    }
+
+    func unregisterBuffers(_ group: BufferGroup) {
+        if pools[group.id]?.group == group { pools[group.id] = nil }
     }
 
     func recycle(_ group: BufferGroup, id: UInt16) {

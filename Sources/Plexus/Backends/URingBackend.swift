@@ -530,6 +530,13 @@ public final class URingBackend: IOBackend {
         return group
     }
 
+    public func unregisterBuffers(_ group: BufferGroup) {
+        guard let entry = state.pointee.bufferRings[group.id], entry.group == group else { return }
+        _ = plexus_free_buf_ring(ring, entry.ring, UInt32(group.count), Int32(group.id))
+        state.pointee.bufferRings[group.id] = nil
+        state.pointee.starved[group.id] = nil
+    }
+
     public func recycle(_ group: BufferGroup, id: UInt16) {
         guard let entry = state.pointee.bufferRings[group.id], entry.group == group, Int(id) < group.count else {
             preconditionFailure("buffer \(id) does not belong to a group of this backend")

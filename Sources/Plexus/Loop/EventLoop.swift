@@ -366,7 +366,7 @@ public final class EventLoop: @unchecked Sendable {
                 waiter.pointee.continuation.take()?.resume()
             case .completion(let body):
                 try body(Completion(token: token, result: result, flags: completion.flags, kind: kind,
-                                    operation: completion.operation.take()))
+                                    operation: completion.operation.take(), bufferID: completion.bufferID))
             case .count(let body):
                 try body(value)
             case .buffer(let body):
