@@ -63,14 +63,42 @@ public final class BenchmarkRunner {
 
     /// True when a body exists for the case.
     public static func hasBody(_ c: BenchmarkCase) -> Bool {
-        guard c.benchmark.isImplemented, c.adapter != .async else { return false }
-        if c.backend.isRaw { return c.adapter == .raw }
+        guard c.benchmark.isImplemented else { return false }
+        if c.backend.isRaw { return c.adapter == .raw && c.benchmark.hasBaseline }
         return c.benchmark.adapters.contains(c.adapter)
     }
 
     /// One warm-up and one timed window on a fresh body; nil when the case has no body.
     public func measure(_ c: BenchmarkCase, duration: Duration, warmup: Duration) throws -> Measurement? {
-        guard let body = try makeBody(c, sampler: sampler) else { return nil }
+        guard let anyBody = try makeBody(c, sampler: sampler) else { return nil }
+        switch anyBody {
+        case .steps(let body): return try measure(body, duration: duration, warmup: warmup)
+        case .window(let body): return try measure(body, duration: duration, warmup: warmup)
+        }
+    }
+
+    /// A body that times its own window (async, message queue).
+    func measure(_ body: WindowBody, duration: Duration, warmup: Duration) throws -> Measurement {
+        var finished = false
+        defer { if !finished { try? body.finish() } }
+        sampler.enabled = false
+        sampler.reset()
+        let figures = try body.runWindow(duration: duration, warmup: warmup, sampler: sampler)
+        sampler.enabled = false
+        finished = true
+        try body.finish()
+        guard figures.operations > 0 else { throw BenchmarkError.wrong("no operation completed in \(duration)") }
+        let seconds = Double(max(figures.nanoseconds, 1)) / 1e9
+        var p50 = figures.p50
+        var p99 = figures.p99
+        if p50 == nil, let latency = sampler.percentiles() { (p50, p99) = latency }
+        return Measurement(operations: figures.operations, opsPerSecond: Double(figures.operations) / seconds,
+                           p50: p50, p99: p99,
+                           allocsPerOp: MallocCounter.isActive ? Double(figures.allocations) / Double(figures.operations) : nil)
+    }
+
+    /// A stepped body: the runner times the window.
+    func measure(_ body: BenchmarkBody, duration: Duration, warmup: Duration) throws -> Measurement {
         var finished = false
         defer { if !finished { try? body.finish() } }
         sampler.enabled = false
