@@ -30,6 +30,14 @@ public struct Measurement: Sendable {
     public var p99: Double?
     /// malloc-family calls per operation in the window, all threads; nil when not counted.
     public var allocsPerOp: Double?
+
+    public init(operations: Int, opsPerSecond: Double, p50: Double? = nil, p99: Double? = nil, allocsPerOp: Double? = nil) {
+        self.operations = operations
+        self.opsPerSecond = opsPerSecond
+        self.p50 = p50
+        self.p99 = p99
+        self.allocsPerOp = allocsPerOp
+    }
 }
 
 /// What running one case gave.
@@ -38,6 +46,12 @@ public struct CaseResult: Sendable {
     /// Medians over the repetitions.
     public let median: Measurement
     public let repetitions: [Measurement]
+
+    public init(benchmarkCase: BenchmarkCase, median: Measurement, repetitions: [Measurement]) {
+        self.benchmarkCase = benchmarkCase
+        self.median = median
+        self.repetitions = repetitions
+    }
 }
 
 /// Runs bodies and measures them. Owns the latency buffer, so measuring allocates
