@@ -16,6 +16,10 @@ import Plexus
 // - `helpers` tasks (echo servers) run until `workersDone` makes them return.
 //
 // Tasks are created before the window opens; the window holds only awaits on the loop.
+// `work` and the timekeeper are `nonisolated(nonsending)`, as loop-pinned code should be
+// written: they run on the caller's executor, so returning from them is no executor switch
+// (each `swift_task_switch` looks up the task's executor preference under the task's
+// status lock; a plain nonisolated async function costs one more per await).
 
 /// An async benchmark body, driven by `AsyncWindow`. Everything runs on the loop thread.
 protocol AsyncWorkload: AnyObject, Sendable {
@@ -28,7 +32,7 @@ protocol AsyncWorkload: AnyObject, Sendable {
     var recordsOwnLatency: Bool { get }
     /// One unit of work for `worker`: awaits the adapter, checks the result, returns the
     /// operations completed.
-    func work(_ worker: Int) async throws -> Int
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int
     /// A helper task's whole life; returns once `workersDone` asked it to.
     func help(_ helper: Int) async throws
     /// Called on the loop once every worker returned: make the helpers return.
@@ -113,7 +117,7 @@ final class AsyncWindow<W: AsyncWorkload>: WindowBody, @unchecked Sendable {
     }
 
     /// Worker 0: the runner's loop, awaited on the loop thread.
-    private func timekeeper(warmup: UInt64, duration: UInt64, sampler: LatencySampler) async throws {
+    nonisolated(nonsending) private func timekeeper(warmup: UInt64, duration: UInt64, sampler: LatencySampler) async throws {
         let warmupStart = monotonicNanoseconds()
         var now = warmupStart
         var warmupCalls = 0

@@ -78,7 +78,7 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
         workers = tasks
     }
 
-    func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
         let result = try await loop.nop()
         if result != 0 { bad += 1 }
         completed += 1
@@ -142,7 +142,7 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
     }
 
     /// The reader: one round trip.
-    func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
         guard writeResult == 1 else { throw BenchmarkError.wrong("write returned \(writeResult)") }
         letWriterGo(sequence)
         let got = try await loop.read(FileDescriptor(rawValue: readFD), into: readBuffer.take()!)
@@ -239,7 +239,7 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
     }
 
     /// The client of connection `i`: one request, send then receive the whole echo.
-    func work(_ i: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ i: Int) async throws -> Int {
         let c = connections[i]
         c.sequence &+= 1
         let sequence = c.sequence
@@ -308,7 +308,7 @@ final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
         super.init(file: fd, depth: depth)
     }
 
-    func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
         let slot = slots[worker]
         let offset = nextOffset()
         let got = try await loop.read(FileDescriptor(rawValue: fd), into: slot.buffer.take()!, offset: offset)
