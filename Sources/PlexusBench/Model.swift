@@ -8,6 +8,7 @@ public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
     case wakeup = "wakeup"
     case timers = "timers"
     case messageQueue = "mq-handoff"
+    case messageQueuePingPong = "mq-pingpong"
     case echo1 = "echo-1"
     case echo50 = "echo-50"
     case file1 = "file-qd1"
@@ -23,7 +24,8 @@ public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
         case .pingPong: "pipe ping-pong on one thread: a read waits on an empty pipe, 1 byte is written, the read returns it"
         case .wakeup: "eventfd cross-thread wake-up: another thread wakes the loop thread (eventfd write / loop.execute), which answers; round trip"
         case .timers: "timer churn: 64 timers scheduled per turn, 32 due now fire, 32 far ones are cancelled"
-        case .messageQueue: "message-queue hand-off between threads (lands with issue 5)"
+        case .messageQueue: "MessageQueue hand-off, 2 producer threads to a consumer on the loop (trySend, yield when full; capacity 64; loop-signal wake): throughput"
+        case .messageQueuePingPong: "MessageQueue hand-off, one message in flight: the producer thread sends the next as soon as the consumer on the loop received the last"
         case .echo1: "TCP echo on loopback, 1 connection, 64-byte messages, client and server on one loop"
         case .echo50: "TCP echo on loopback, 50 connections, 64-byte messages, client and server on one loop"
         case .file1: "4 KiB reads at random offsets of a page-cached 8 MiB temp file, queue depth 1"
@@ -39,7 +41,8 @@ public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
         case .pingPong: "per round trip"
         case .wakeup: "per round trip"
         case .timers: "per turn of 64 timers"
-        case .messageQueue: "-"
+        case .messageQueue: "per message, producer's send to consumer's receipt (queueing included)"
+        case .messageQueuePingPong: "per message, producer's send to consumer's receipt"
         case .echo1, .echo50: "per request (send to echo received)"
         case .file1: "per read"
         case .file32: "per batch of 32 reads"
@@ -49,14 +52,23 @@ public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
     /// Adapters this benchmark has bodies for, on a Plexus backend.
     public var adapters: [Adapter] {
         switch self {
-        case .timers: [.callback, .async]
-        case .messageQueue: []
+        // timers: the callback churn is the loop's timer heap; the async `sleep(for:)` is a
+        // kernel timeout operation (IORING_OP_TIMEOUT) and cancelling one needs a Task per
+        // timer, so an async row would measure something else (see AsyncBodies.swift).
+        case .timers: [.callback]
+        case .messageQueue, .messageQueuePingPong: [.callback, .async]
         default: [.raw, .callback, .async]
         }
     }
 
     /// False for a placeholder that has no body yet (no numbers are ever made up for it).
-    public var isImplemented: Bool { self != .messageQueue }
+    public var isImplemented: Bool { true }
+
+    /// The message-queue rows: MessageQueueBenchmark.measureHandOff, no raw baseline.
+    public var isMessageQueue: Bool { self == .messageQueue || self == .messageQueuePingPong }
+
+    /// True when a raw baseline loop exists for it.
+    public var hasBaseline: Bool { !isMessageQueue }
 }
 
 /// Where the work runs: a Plexus backend, or the raw baseline loop over the same kernel
@@ -121,7 +133,8 @@ public enum Adapter: String, CaseIterable, Sendable, CustomStringConvertible {
     case raw
     /// The EventLoop and its callback adapter (`loop.read(fd, buffer) { result, buffer in }`).
     case callback
-    /// The async/await adapter (issue 4). Bodies land with it: `makeBody` returns nil.
+    /// The async/await adapter (`try await loop.read(fd, into: buffer)`): the timed window
+    /// runs inside `Task(executorPreference: loop)` on the loop thread (AsyncWindow.swift).
     case async
 
     public var description: String { rawValue }
@@ -160,17 +173,59 @@ extension BenchmarkBody {
     var recordsOwnLatency: Bool { false }
 }
 
-/// Builds the body for a case; nil when the case does not exist (yet).
-func makeBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> BenchmarkBody? {
-    if c.adapter == .async { return nil }  // lands with issue 4: add the async bodies here
+/// A body that runs its own warm-up and timed window and reports the figures: the async
+/// bodies (the window runs inside a task on the loop, see AsyncWindow.swift) and the
+/// message-queue hand-off (a whole measurement of MessageQueueBenchmark).
+protocol WindowBody: AnyObject {
+    func runWindow(duration: Duration, warmup: Duration, sampler: LatencySampler) throws -> WindowFigures
+    /// Checks that every operation completed exactly once with the right result, and
+    /// releases fds and threads.
+    func finish() throws
+}
+
+/// What one self-timed window measured.
+struct WindowFigures {
+    var operations: Int
+    var nanoseconds: UInt64
+    /// malloc-family calls in the window, all threads.
+    var allocations: UInt64
+    /// Latency percentiles the body measured itself; nil: taken from the sampler.
+    var p50: Double? = nil
+    var p99: Double? = nil
+}
+
+/// A body of either kind.
+enum AnyBenchmarkBody {
+    /// The runner calls `step` and times the window.
+    case steps(BenchmarkBody)
+    /// The body times its window itself.
+    case window(WindowBody)
+
+    func finish() throws {
+        switch self {
+        case .steps(let body): try body.finish()
+        case .window(let body): try body.finish()
+        }
+    }
+}
+
+/// Builds the body for a case; nil when the case does not exist.
+func makeBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBenchmarkBody? {
     if c.backend.isRaw && c.adapter != .raw { return nil }
+    guard c.benchmark.adapters.contains(c.adapter) || c.backend.isRaw else { return nil }
+    if c.benchmark.isMessageQueue { return try makeMessageQueueBody(c).map { .window($0) } }
+    if c.adapter == .async { return try makeAsyncBody(c, sampler: sampler) }
+    return try makeSteppedBody(c, sampler: sampler).map { .steps($0) }
+}
+
+func makeSteppedBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> BenchmarkBody? {
     switch c.benchmark {
     case .nop1: return try makeNopBody(c, batch: 1)
     case .nop32: return try makeNopBody(c, batch: 32)
     case .pingPong: return try makePingPongBody(c)
     case .wakeup: return try makeWakeupBody(c)
     case .timers: return try makeTimerBody(c)
-    case .messageQueue: return nil  // lands with issue 5
+    case .messageQueue, .messageQueuePingPong: return nil
     case .echo1: return try makeEchoBody(c, connections: 1, sampler: sampler)
     case .echo50: return try makeEchoBody(c, connections: 50, sampler: sampler)
     case .file1: return try makeFileBody(c, depth: 1)

@@ -50,14 +50,17 @@ public struct Report: Sendable {
         return r.median.opsPerSecond / base.median.opsPerSecond
     }
 
+    /// ops/s of an async case over ops/s of the callback case on the same backend.
+    public func asyncRatio(_ r: CaseResult) -> Double? {
+        let c = r.benchmarkCase
+        guard c.adapter == .async, let base = result(c.benchmark, c.backend, .callback), base.median.opsPerSecond > 0 else { return nil }
+        return r.median.opsPerSecond / base.median.opsPerSecond
+    }
+
     public func table(allocationsCounted: Bool) -> String {
-        let header = ["benchmark", "backend", "adapter", "ops/s", "ns/op", "p50", "p99", "allocs/op", "vs raw"]
+        let header = ["benchmark", "backend", "adapter", "ops/s", "ns/op", "p50", "p99", "allocs/op", "vs raw", "vs cb"]
         var rows: [[String]] = []
         for benchmark in benchmarks {
-            if !benchmark.isImplemented {
-                rows.append([benchmark.rawValue, "(issue 5)", "-", "-", "-", "-", "-", "-", "-"])
-                continue
-            }
             for r in results where r.benchmarkCase.benchmark == benchmark {
                 let c = r.benchmarkCase
                 let m = r.median
@@ -67,6 +70,7 @@ public struct Report: Sendable {
                     m.p50.map(formatNanoseconds) ?? "-", m.p99.map(formatNanoseconds) ?? "-",
                     m.allocsPerOp.map { fixed($0, 2) } ?? "n/a",
                     c.backend.isRaw ? "base" : ratio(r).map { fixed($0, 2) + "x" } ?? "-",
+                    asyncRatio(r).map { fixed($0, 2) + "x" } ?? (c.adapter == .callback ? "base" : ""),
                 ])
             }
         }
@@ -87,7 +91,7 @@ public struct Report: Sendable {
         }
         out += "\nlatency samples: "
         out += benchmarks.filter(\.isImplemented).map { "\($0) \($0.latencyUnit)" }.joined(separator: "; ")
-        out += ".\nvs raw: ops/s over the raw baseline of the same mechanism. allocs/op: malloc-family calls per op in the timed window, all threads"
+        out += ".\nvs raw: ops/s over the raw baseline of the same mechanism. vs cb: async ops/s over callback ops/s on the same backend. allocs/op: malloc-family calls per op in the timed window, all threads"
         out += allocationsCounted ? ".\n" : " (not counted in this process: sanitizer build).\n"
         for note in notes { out += note + "\n" }
         return out

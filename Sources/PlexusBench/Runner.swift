@@ -30,6 +30,14 @@ public struct Measurement: Sendable {
     public var p99: Double?
     /// malloc-family calls per operation in the window, all threads; nil when not counted.
     public var allocsPerOp: Double?
+
+    public init(operations: Int, opsPerSecond: Double, p50: Double? = nil, p99: Double? = nil, allocsPerOp: Double? = nil) {
+        self.operations = operations
+        self.opsPerSecond = opsPerSecond
+        self.p50 = p50
+        self.p99 = p99
+        self.allocsPerOp = allocsPerOp
+    }
 }
 
 /// What running one case gave.
@@ -38,6 +46,12 @@ public struct CaseResult: Sendable {
     /// Medians over the repetitions.
     public let median: Measurement
     public let repetitions: [Measurement]
+
+    public init(benchmarkCase: BenchmarkCase, median: Measurement, repetitions: [Measurement]) {
+        self.benchmarkCase = benchmarkCase
+        self.median = median
+        self.repetitions = repetitions
+    }
 }
 
 /// Runs bodies and measures them. Owns the latency buffer, so measuring allocates
@@ -63,14 +77,42 @@ public final class BenchmarkRunner {
 
     /// True when a body exists for the case.
     public static func hasBody(_ c: BenchmarkCase) -> Bool {
-        guard c.benchmark.isImplemented, c.adapter != .async else { return false }
-        if c.backend.isRaw { return c.adapter == .raw }
+        guard c.benchmark.isImplemented else { return false }
+        if c.backend.isRaw { return c.adapter == .raw && c.benchmark.hasBaseline }
         return c.benchmark.adapters.contains(c.adapter)
     }
 
     /// One warm-up and one timed window on a fresh body; nil when the case has no body.
     public func measure(_ c: BenchmarkCase, duration: Duration, warmup: Duration) throws -> Measurement? {
-        guard let body = try makeBody(c, sampler: sampler) else { return nil }
+        guard let anyBody = try makeBody(c, sampler: sampler) else { return nil }
+        switch anyBody {
+        case .steps(let body): return try measure(body, duration: duration, warmup: warmup)
+        case .window(let body): return try measure(body, duration: duration, warmup: warmup)
+        }
+    }
+
+    /// A body that times its own window (async, message queue).
+    func measure(_ body: WindowBody, duration: Duration, warmup: Duration) throws -> Measurement {
+        var finished = false
+        defer { if !finished { try? body.finish() } }
+        sampler.enabled = false
+        sampler.reset()
+        let figures = try body.runWindow(duration: duration, warmup: warmup, sampler: sampler)
+        sampler.enabled = false
+        finished = true
+        try body.finish()
+        guard figures.operations > 0 else { throw BenchmarkError.wrong("no operation completed in \(duration)") }
+        let seconds = Double(max(figures.nanoseconds, 1)) / 1e9
+        var p50 = figures.p50
+        var p99 = figures.p99
+        if p50 == nil, let latency = sampler.percentiles() { (p50, p99) = latency }
+        return Measurement(operations: figures.operations, opsPerSecond: Double(figures.operations) / seconds,
+                           p50: p50, p99: p99,
+                           allocsPerOp: MallocCounter.isActive ? Double(figures.allocations) / Double(figures.operations) : nil)
+    }
+
+    /// A stepped body: the runner times the window.
+    func measure(_ body: BenchmarkBody, duration: Duration, warmup: Duration) throws -> Measurement {
         var finished = false
         defer { if !finished { try? body.finish() } }
         sampler.enabled = false

@@ -47,11 +47,31 @@ extension PlexusTests {
             let cases = Self.cases
             for backend in Self.backends {
                 for benchmark in Benchmark.allCases where benchmark.isImplemented {
+                    if backend.isRaw && !benchmark.hasBaseline { continue }
                     let present = cases.contains { $0.benchmark == benchmark && $0.backend == backend }
                     #expect(present, "\(benchmark) has no case on \(backend)")
+                    // Every adapter the benchmark names has a body on every Plexus backend.
+                    if !backend.isRaw {
+                        for adapter in benchmark.adapters {
+                            #expect(cases.contains(BenchmarkCase(benchmark, backend, adapter)), "\(benchmark) has no \(adapter) case on \(backend)")
+                        }
+                    }
                 }
             }
-            #expect(!cases.contains { $0.benchmark == .messageQueue }, "the message-queue placeholder must not produce numbers")
+            #expect(!cases.contains { $0.benchmark.isMessageQueue && $0.backend.isRaw }, "the message queue has no raw baseline")
+        }
+
+        @Test func reportShowsAsyncOverCallback() throws {
+            let callback = CaseResult(benchmarkCase: BenchmarkCase(.nop1, .epoll, .callback),
+                                      median: Measurement(operations: 10, opsPerSecond: 1000), repetitions: [])
+            let async = CaseResult(benchmarkCase: BenchmarkCase(.nop1, .epoll, .async),
+                                   median: Measurement(operations: 10, opsPerSecond: 500), repetitions: [])
+            var report = Report()
+            report.benchmarks = [.nop1]
+            report.results = [callback, async]
+            #expect(report.asyncRatio(async) == 0.5)
+            #expect(report.asyncRatio(callback) == nil)
+            #expect(report.table(allocationsCounted: true).contains("0.50x"))
         }
 
         @Test func mallocCounterCountsAllocations() {

@@ -1,0 +1,172 @@
+import Plexus
+
+// How the async bodies are measured. The timed window runs inside the loop, as a user's
+// async code would: `runWindow` creates one `Task(executorPreference: loop)` and runs the
+// loop on the benchmark thread (`loop.run()`) until that task shuts it down. Inside it,
+// `workers` tasks (the first is the task itself, the others children of a task group on
+// the same executor) each await `work(worker)` in a loop:
+//
+// - worker 0 is the timekeeper: it does what the stepped runner does (warm-up, which
+//   also sizes the stride; then one clock pair per `stride` calls, a latency sample per
+//   timed call, the deadline checked on timed calls) and moves the phase from warm-up to
+//   timed to stop, snapshotting the shared operation counter and the malloc counter at
+//   the window's edges;
+// - the other workers run until the phase is stop, adding to the same counter (all of
+//   them run on the loop thread: plain variables, no atomics);
+// - `helpers` tasks (echo servers) run until `workersDone` makes them return.
+//
+// Tasks are created before the window opens; the window holds only awaits on the loop.
+// `work` and the timekeeper are `nonisolated(nonsending)`, as loop-pinned code should be
+// written: they run on the caller's executor, so returning from them is no executor switch
+// (each `swift_task_switch` looks up the task's executor preference under the task's
+// status lock; a plain nonisolated async function costs one more per await).
+
+/// An async benchmark body, driven by `AsyncWindow`. Everything runs on the loop thread.
+protocol AsyncWorkload: AnyObject, Sendable {
+    var loop: EventLoop { get }
+    /// Tasks calling `work`, each with its own index.
+    var workers: Int { get }
+    /// Tasks calling `help` once (servers), beside the workers.
+    var helpers: Int { get }
+    /// True when the workload records its own latency samples (per request).
+    var recordsOwnLatency: Bool { get }
+    /// One unit of work for `worker`: awaits the adapter, checks the result, returns the
+    /// operations completed.
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int
+    /// A helper task's whole life; returns once `workersDone` asked it to.
+    func help(_ helper: Int) async throws
+    /// Called on the loop once every worker returned: make the helpers return.
+    func workersDone()
+    /// After the loop stopped: checks every operation completed exactly once, right.
+    func check() throws
+    /// Closes fds.
+    func close()
+}
+
+extension AsyncWorkload {
+    var helpers: Int { 0 }
+    var recordsOwnLatency: Bool { false }
+    func help(_ helper: Int) async throws {}
+    func workersDone() {}
+}
+
+/// Runs an `AsyncWorkload`'s window inside a task on its loop.
+final class AsyncWindow<W: AsyncWorkload>: WindowBody, @unchecked Sendable {
+    enum Phase { case warmup, timed, stop }
+
+    let workload: W
+    var phase = Phase.warmup
+    var operations = 0
+    var running = 0
+    var failure: (any Error)?
+    var figures: WindowFigures?
+    var ran = false
+    /// The runner's sampler, handed to the task through this object (used only on the loop thread while it runs).
+    var sampler: LatencySampler?
+
+    init(_ workload: W) { self.workload = workload }
+
+    func runWindow(duration: Duration, warmup: Duration, sampler: LatencySampler) throws -> WindowFigures {
+        let loop = workload.loop
+        let durationNS = UInt64(duration.nanosecondsForBench)
+        let warmupNS = UInt64(warmup.nanosecondsForBench)
+        ran = true
+        self.sampler = sampler
+        defer { self.sampler = nil }
+        Task(executorPreference: loop) { [self] in
+            await drive(warmup: warmupNS, duration: durationNS, sampler: self.sampler!)
+            loop.shutdown()
+        }
+        loop.run()  // returns when the task above has shut the loop down
+        if let failure { throw failure }
+        guard let figures else { throw BenchmarkError.wrong("the timed window did not end") }
+        return figures
+    }
+
+    private func fail(_ error: any Error) {
+        if failure == nil { failure = error }
+        phase = .stop
+    }
+
+    private func drive(warmup: UInt64, duration: UInt64, sampler: LatencySampler) async {
+        let loop = workload.loop
+        running = workload.workers
+        await withDiscardingTaskGroup { group in
+            for h in 0..<workload.helpers {
+                group.addTask(executorPreference: loop) { [self] in
+                    do { try await workload.help(h) } catch { fail(error) }
+                }
+            }
+            for w in 1..<max(1, workload.workers) {
+                group.addTask(executorPreference: loop) { [self] in
+                    do {
+                        while phase != .stop { operations &+= try await workload.work(w) }
+                    } catch { fail(error) }
+                    workerReturned()
+                }
+            }
+            do { try await timekeeper(warmup: warmup, duration: duration, sampler: sampler) } catch { fail(error) }
+            phase = .stop
+            workerReturned()
+        }
+    }
+
+    private func workerReturned() {
+        running -= 1
+        if running == 0 { workload.workersDone() }
+    }
+
+    /// Worker 0: the runner's loop, awaited on the loop thread.
+    nonisolated(nonsending) private func timekeeper(warmup: UInt64, duration: UInt64, sampler: LatencySampler) async throws {
+        let warmupStart = monotonicNanoseconds()
+        var now = warmupStart
+        var warmupCalls = 0
+        repeat {
+            operations &+= try await workload.work(0)
+            warmupCalls += 1
+            now = monotonicNanoseconds()
+        } while (now < warmupStart &+ warmup || warmupCalls < 3) && phase != .stop
+        let callNanoseconds = max(1, (now - warmupStart) / UInt64(warmupCalls))
+        var stride = 1
+        while stride < 1024 && UInt64(stride) * callNanoseconds < 5_000 { stride <<= 1 }
+        let mask = stride - 1
+        let timeCalls = !workload.recordsOwnLatency
+
+        sampler.reset()
+        sampler.enabled = true
+        phase = .timed
+        let operationsBefore = operations
+        let allocationsBefore = MallocCounter.count
+        let start = monotonicNanoseconds()
+        let deadline = start &+ duration
+        var end = start
+        var calls = 0
+        while phase != .stop {
+            if calls & mask == 0 {
+                let t0 = monotonicNanoseconds()
+                operations &+= try await workload.work(0)
+                let t1 = monotonicNanoseconds()
+                if timeCalls { sampler.record(t1 &- t0) }
+                calls += 1
+                if t1 >= deadline {
+                    end = t1
+                    break
+                }
+            } else {
+                operations &+= try await workload.work(0)
+                calls += 1
+            }
+        }
+        let allocations = MallocCounter.count &- allocationsBefore
+        sampler.enabled = false
+        figures = WindowFigures(operations: operations - operationsBefore, nanoseconds: end &- start, allocations: allocations)
+    }
+
+    func finish() throws {
+        let loop = workload.loop
+        if !ran { loop.shutdown(); loop.run() }  // set up but never run: stop it cleanly
+        workload.close()
+        if let failure { throw failure }
+        try workload.check()
+    }
+}

@@ -1,0 +1,327 @@
+import CPlexus
+import Glibc
+import Plexus
+import Synchronization
+import SystemPackage
+
+// The async adapter's bodies: the same work as the callback bodies, written as a user
+// writes async code on a loop (`try await loop.read(fd, into: buffer)`), each inside
+// tasks whose executor is the loop, so every await resumes on the loop thread with no
+// hop. The window runs inside those tasks (AsyncWindow.swift).
+//
+//   nop-1       one task: `try await loop.nop()` in a loop (one await per NOP: the
+//               runtime's floor per await, FIELD-NOTES "Executors and the async floor").
+//   nop-32      32 long-lived tasks (a discarding task group on the loop), each awaiting
+//               one NOP at a time. All 32 run in one turn of the loop, so their NOPs go to
+//               the kernel in one submission, as the callback body's batch does. Chosen
+//               over a task group per batch of 32 (32 child tasks per batch: ~4-5 mallocs
+//               per NOP, FIELD-NOTES) and over one task awaiting 32 NOPs (the adapter has
+//               no batch await). Latency: worker 0's await, which spans one turn = one batch.
+//   pingpong    a reader task and a writer task: the reader lets the writer go, then
+//               awaits its read; the writer awaits its write and parks until let go again.
+//               The read reaches the empty pipe first, as in the callback body; both go to
+//               the kernel in the same turn (see AsyncPingPong).
+//   wakeup      a task on a loop thread awaits an `UnsafeContinuation`; the benchmark
+//               thread resumes it (the loop's cross-thread task enqueue: remote queue and
+//               eventfd), the task writes the reply eventfd and parks again.
+//   echo-N      per connection a client task (send, then recv until 64 bytes, check) and a
+//               server task (recv, send back); the clients are the workers.
+//   file-qdN    N tasks, each awaiting one 4 KiB pread at a time from the shared offset
+//               sequence (qd32: 32 reads in flight, submitted in one turn).
+//   timers      no async row: the callback churn measures the loop's timer heap, while
+//               `loop.sleep(for:)` is a kernel timeout operation (IORING_OP_TIMEOUT) and
+//               cancelling it means cancelling a Task per timer: another benchmark.
+// Checked: the same as the callback bodies (every result, every byte, exactly once).
+
+func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBenchmarkBody? {
+    guard let choice = c.backend.choice else { return nil }
+    switch c.benchmark {
+    case .nop1: return .window(AsyncWindow(try AsyncNop(choice: choice, tasks: 1)))
+    case .nop32: return .window(AsyncWindow(try AsyncNop(choice: choice, tasks: 32)))
+    case .pingPong:
+        let pipe = try makePipe(nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
+        do { return .window(AsyncWindow(try AsyncPingPong(pipe, choice: choice))) } catch {
+            Glibc.close(pipe.read)
+            Glibc.close(pipe.write)
+            throw error
+        }
+    case .wakeup:
+        let pin = CPUPin()
+        do { return .steps(try AsyncWakeup(choice: choice, pin: pin)) } catch { pin.restore(); throw error }
+    case .echo1, .echo50:
+        let pairs = try makeTCPPairs(c.benchmark == .echo1 ? 1 : 50, nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
+        do { return .window(AsyncWindow(try AsyncEcho(pairs, sampler: sampler, choice: choice))) } catch {
+            for pair in pairs { Glibc.close(pair.client); Glibc.close(pair.server) }
+            throw error
+        }
+    case .file1, .file32:
+        let fd = try makeBenchmarkFile()
+        do { return .window(AsyncWindow(try AsyncFileRead(fd: fd, depth: c.benchmark == .file1 ? 1 : 32, choice: choice))) } catch {
+            Glibc.close(fd)
+            throw error
+        }
+    case .timers, .messageQueue, .messageQueuePingPong:
+        return nil
+    }
+}
+
+// MARK: nop
+
+final class AsyncNop: AsyncWorkload, @unchecked Sendable {
+    let loop: EventLoop
+    let workers: Int
+    var completed = 0
+    var bad = 0
+
+    init(choice: BackendChoice, tasks: Int) throws {
+        loop = try EventLoop(backend: choice)
+        workers = tasks
+    }
+
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+        let result = try await loop.nop()
+        if result != 0 { bad += 1 }
+        completed += 1
+        return 1
+    }
+
+    func check() throws {
+        if bad > 0 { throw BenchmarkError.wrong("\(bad) of \(completed) NOPs returned non-zero") }
+    }
+
+    func close() {}
+}
+
+// MARK: pingpong
+
+/// Two tasks on the loop, as a peer waiting for a message writes it: the reader (worker 0)
+/// lets the writer go, then awaits its read; the writer task, let go, awaits its 1-byte
+/// write and parks until the reader lets it go again. The reader's read is submitted
+/// before the writer runs, so it meets the empty pipe first and both reach the kernel in
+/// the same turn, as in the callback body. Three resumptions per round trip (the reader
+/// after its read; the writer after its write and after being let go), no allocation.
+/// (`async let` for the write is one resumption fewer but creates a child task per
+/// round trip: 4 mallocs and slower here.)
+final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
+    let loop: EventLoop
+    var workers: Int { 1 }
+    var helpers: Int { 1 }
+    var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    /// The writer, parked until the reader lets it go with the byte to write (nil: stop).
+    var writer: UnsafeContinuation<UInt8?, Never>?
+    /// The reader let go of a writer that had not parked yet.
+    var pendingByte: UInt8??
+    var writeResult = 1
+
+    init(_ pipe: (read: Int32, write: Int32), choice: BackendChoice) throws {
+        loop = try EventLoop(backend: choice)
+        super.init(pipe: pipe)
+    }
+
+    private func letWriterGo(_ byte: UInt8?) {
+        if let writer = writer.take() { writer.resume(returning: byte) } else { pendingByte = .some(byte) }
+    }
+
+    /// The writer task.
+    func help(_ helper: Int) async throws {
+        while true {
+            let next: UInt8?
+            if let pending = pendingByte.take() {
+                next = pending
+            } else {
+                next = await withUnsafeContinuation { writer = $0 }
+            }
+            guard let byte = next else { return }
+            var out = writeBuffer.take()!
+            out.appendUnsafe { $0[0] = byte; return 1 }
+            let done = try await loop.write(FileDescriptor(rawValue: writeFD), out)
+            writeResult = done.count
+            writeBuffer = done.takeBuffer()
+        }
+    }
+
+    /// The reader: one round trip.
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+        guard writeResult == 1 else { throw BenchmarkError.wrong("write returned \(writeResult)") }
+        letWriterGo(sequence)
+        let got = try await loop.read(FileDescriptor(rawValue: readFD), into: readBuffer.take()!)
+        let count = got.count
+        var buffer = got.takeBuffer()
+        let byte = buffer.withUnsafeBytes { $0.first ?? 0 }
+        buffer.clear()
+        readBuffer = consume buffer
+        try check(read: count, byte: byte)
+        return 1
+    }
+
+    func workersDone() { letWriterGo(nil) }
+
+    func check() throws {
+        if writeResult != 1 { throw BenchmarkError.wrong("write returned \(writeResult)") }
+    }
+
+    func close() { closeFDs() }
+}
+
+// MARK: wakeup
+
+/// async: a task on the loop thread parks in a continuation that the benchmark thread
+/// resumes; the task answers on the reply eventfd and parks again.
+final class AsyncWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
+    let loop: EventLoop
+    /// The parked task's continuation: stored by the loop thread before it writes the
+    /// reply, taken by the benchmark thread after it read the reply.
+    let parked = Mutex<UnsafeContinuation<Bool, Never>?>(nil)
+    /// Written only on the loop thread; read after shutdownAndWait.
+    var served = 0
+
+    init(choice: BackendChoice, pin: CPUPin) throws {
+        loop = try EventLoop.startThread(name: "bench-wakeup", backend: choice)
+        try super.init(pin: pin)
+        Task(executorPreference: loop) { [self] in
+            while await withUnsafeContinuation({ (c: UnsafeContinuation<Bool, Never>) in
+                parked.withLock { $0 = c }
+                signalEventFD(replyFD)  // parked: the first reply says "ready", later ones answer
+            }) {
+                served += 1
+            }
+        }
+        try awaitReply()  // the task has parked
+        roundTrips = 0
+    }
+
+    func step() throws -> Int {
+        guard let continuation = parked.withLock({ $0.take() }) else { throw BenchmarkError.wrong("the task has not parked") }
+        continuation.resume(returning: true)
+        try awaitReply()
+        return 1
+    }
+
+    func finish() throws {
+        parked.withLock { $0.take() }?.resume(returning: false)
+        loop.shutdownAndWait()
+        Glibc.close(replyFD)
+        pin.restore()
+        if served != roundTrips { throw BenchmarkError.wrong("the task served \(served) of \(roundTrips) requests") }
+    }
+}
+
+// MARK: echo
+
+final class AsyncEchoConnection {
+    let client: FileDescriptor
+    let server: FileDescriptor
+    var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var sequence: UInt64 = 0
+    var served = 0
+
+    init(pair: (client: Int32, server: Int32)) {
+        client = FileDescriptor(rawValue: pair.client)
+        server = FileDescriptor(rawValue: pair.server)
+    }
+}
+
+final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
+    let loop: EventLoop
+    let stats: EchoStats
+    let connections: [AsyncEchoConnection]
+    var workers: Int { connections.count }
+    var helpers: Int { connections.count }
+    var recordsOwnLatency: Bool { true }
+
+    init(_ pairs: [(client: Int32, server: Int32)], sampler: LatencySampler, choice: BackendChoice) throws {
+        loop = try EventLoop(backend: choice)
+        stats = EchoStats(sampler: sampler)
+        connections = pairs.map { AsyncEchoConnection(pair: $0) }
+    }
+
+    /// The client of connection `i`: one request, send then receive the whole echo.
+    nonisolated(nonsending) func work(_ i: Int) async throws -> Int {
+        let c = connections[i]
+        c.sequence &+= 1
+        let sequence = c.sequence
+        var message = c.clientSend.take()!
+        message.appendUnsafe { fillEchoMessage($0.baseAddress!, connection: i, sequence: sequence); return echoMessageSize }
+        let sentAt = monotonicNanoseconds()
+        let sent = try await loop.send(c.client, message)
+        guard sent.count == echoMessageSize else { throw BenchmarkError.wrong("client send returned \(sent.count)") }
+        c.clientSend = sent.takeBuffer()
+        var reply = c.clientRecv.take()!
+        while reply.count < echoMessageSize {
+            let got = try await loop.recv(c.client, into: reply)
+            guard got.count > 0 else { throw BenchmarkError.wrong("client recv returned \(got.count)") }
+            reply = got.takeBuffer()
+        }
+        try reply.withUnsafeBytes { try checkEchoMessage($0.baseAddress!, count: $0.count, connection: i, sequence: sequence) }
+        stats.completed(sentAt: sentAt, now: monotonicNanoseconds())
+        reply.clear()
+        c.clientRecv = consume reply
+        return 1
+    }
+
+    /// The server of connection `i`: echoes until the client's end is shut down.
+    func help(_ i: Int) async throws {
+        let c = connections[i]
+        var buffer = c.serverBuffer.take()!
+        while true {
+            let got = try await loop.recv(c.server, into: buffer)
+            if got.count == 0 { break }  // shut down: the window is over
+            buffer = try await loop.writeAll(c.server, got.takeBuffer())
+            buffer.clear()
+            c.served += 1
+        }
+    }
+
+    func workersDone() {
+        stats.stopping = true
+        for c in connections { Glibc.shutdown(c.client.rawValue, Int32(SHUT_RDWR)) }
+    }
+
+    func check() throws {
+        for (i, c) in connections.enumerated() where c.served != Int(c.sequence) {
+            throw BenchmarkError.wrong("connection \(i): the server echoed \(c.served) of \(c.sequence) requests")
+        }
+    }
+
+    func close() {
+        for c in connections {
+            Glibc.close(c.client.rawValue)
+            Glibc.close(c.server.rawValue)
+        }
+    }
+}
+
+// MARK: file reads
+
+final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
+    let loop: EventLoop
+    var workers: Int { depth }
+    final class Slot { var buffer: IOBuffer? = IOBuffer(capacity: fileBlockSize) }
+    let slots: [Slot]
+
+    init(fd: Int32, depth: Int, choice: BackendChoice) throws {
+        loop = try EventLoop(backend: choice)
+        slots = (0..<depth).map { _ in Slot() }
+        super.init(file: fd, depth: depth)
+    }
+
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+        let slot = slots[worker]
+        let offset = nextOffset()
+        let got = try await loop.read(FileDescriptor(rawValue: fd), into: slot.buffer.take()!, offset: offset)
+        let count = got.count
+        var buffer = got.takeBuffer()
+        try buffer.withUnsafeBytes { try checkFileBlock($0.baseAddress!, count: count, offset: offset) }
+        buffer.clear()
+        slot.buffer = consume buffer
+        reads += 1
+        return 1
+    }
+
+    func check() throws {}
+
+    func close() { Glibc.close(fd) }
+}
