@@ -50,6 +50,10 @@ struct AsyncOutcome: ~Copyable {
 
 /// The async/await adapter: every operation as an `async throws` function.
 ///
+/// The functions are `nonisolated(nonsending)`: they start on the caller's executor
+/// instead of switching to the generic one first, which saved 3 of the 9 executor
+/// switches per awaited NOP (about 7% of its time; plexus-bench nop-1 async).
+///
 /// The awaiting code runs on the loop thread: directly when the task's executor is
 /// the loop (`Task(executorPreference: loop)`: no thread hop, no allocation), else by
 /// switching to it for the duration of the call. Cancelling the task cancels the
@@ -58,7 +62,7 @@ struct AsyncOutcome: ~Copyable {
 /// that finished before the cancel took effect returns its result.
 extension EventLoop {
     /// Submits `operation` and suspends until its final completion.
-    func perform(_ operation: consuming Operation) async -> AsyncOutcome {
+    nonisolated(nonsending) func perform(_ operation: consuming Operation) async -> AsyncOutcome {
         if !inLoop {
             // A loop shutting down takes no new work: end the call here, buffer included.
             if isShuttingDown {
@@ -129,22 +133,22 @@ extension EventLoop {
     }
 
     /// IORING_OP_NOP.
-    public func nop() async throws -> Int {
+    nonisolated(nonsending) public func nop() async throws -> Int {
         try await perform(.nop).check()
     }
 
     /// read(2)/pread(2) into `buffer`'s spare capacity.
-    public func read(_ fd: FileDescriptor, into buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
+    nonisolated(nonsending) public func read(_ fd: FileDescriptor, into buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
         try await transfer(perform(.read(fd, buffer, offset: offset)))
     }
 
     /// write(2)/pwrite(2) of `buffer`'s readable bytes (consumed as written).
-    public func write(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
+    nonisolated(nonsending) public func write(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> Transfer {
         try await transfer(perform(.write(fd, buffer, offset: offset)))
     }
 
     /// Writes every readable byte of `buffer`, resubmitting after short writes.
-    public func writeAll(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> IOBuffer {
+    nonisolated(nonsending) public func writeAll(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> IOBuffer {
         var buffer = buffer
         var position = offset
         while !buffer.isEmpty {
@@ -156,86 +160,86 @@ extension EventLoop {
     }
 
     /// readv(2)/preadv(2).
-    public func readv(_ fd: FileDescriptor, into vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
+    nonisolated(nonsending) public func readv(_ fd: FileDescriptor, into vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
         var outcome = await perform(.readv(fd, vector, offset: offset))
         let n = try outcome.check()
         return VectorTransfer(count: n, vector: outcome.operation.take()!.takeVector()!)
     }
 
     /// writev(2)/pwritev(2).
-    public func writev(_ fd: FileDescriptor, _ vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
+    nonisolated(nonsending) public func writev(_ fd: FileDescriptor, _ vector: consuming IOVector, offset: Int64? = nil) async throws -> VectorTransfer {
         var outcome = await perform(.writev(fd, vector, offset: offset))
         let n = try outcome.check()
         return VectorTransfer(count: n, vector: outcome.operation.take()!.takeVector()!)
     }
 
     /// send(2) with MSG_NOSIGNAL.
-    public func send(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
+    nonisolated(nonsending) public func send(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
         try await transfer(perform(.send(fd, buffer, flags: flags)))
     }
 
     /// recv(2).
-    public func recv(_ fd: FileDescriptor, into buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
+    nonisolated(nonsending) public func recv(_ fd: FileDescriptor, into buffer: consuming IOBuffer, flags: Int32 = 0) async throws -> Transfer {
         try await transfer(perform(.recv(fd, buffer, flags: flags)))
     }
 
     /// sendmsg(2).
-    public func sendMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
+    nonisolated(nonsending) public func sendMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
         var outcome = await perform(.sendMessage(fd, message, flags: flags))
         let n = try outcome.check()
         return MessageTransfer(count: n, message: outcome.operation.take()!.takeMessage()!)
     }
 
     /// recvmsg(2); the message comes back with the sender's address.
-    public func receiveMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
+    nonisolated(nonsending) public func receiveMessage(_ fd: FileDescriptor, _ message: consuming Message, flags: Int32 = 0) async throws -> MessageTransfer {
         var outcome = await perform(.receiveMessage(fd, message, flags: flags))
         let n = try outcome.check()
         return MessageTransfer(count: n, message: outcome.operation.take()!.takeMessage()!)
     }
 
     /// accept4(2): the next connection (CLOEXEC, non-blocking).
-    public func accept(_ fd: FileDescriptor) async throws -> FileDescriptor {
+    nonisolated(nonsending) public func accept(_ fd: FileDescriptor) async throws -> FileDescriptor {
         FileDescriptor(rawValue: Int32(try await perform(.accept(fd)).check()))
     }
 
     /// connect(2).
-    public func connect(_ fd: FileDescriptor, to address: SocketAddress) async throws {
+    nonisolated(nonsending) public func connect(_ fd: FileDescriptor, to address: SocketAddress) async throws {
         _ = try await perform(.connect(fd, address)).check()
     }
 
     /// Waits until `fd` is ready for `events`; returns the ready events.
-    public func poll(_ fd: FileDescriptor, _ events: PollEvents) async throws -> PollEvents {
+    nonisolated(nonsending) public func poll(_ fd: FileDescriptor, _ events: PollEvents) async throws -> PollEvents {
         PollEvents(rawValue: UInt32(try await perform(.poll(fd, events)).check()))
     }
 
     /// Cancels the fd's pending operations, then close(2).
-    public func close(_ fd: FileDescriptor) async throws {
+    nonisolated(nonsending) public func close(_ fd: FileDescriptor) async throws {
         _ = try await perform(.close(fd)).check()
     }
 
     /// openat(2) with O_CLOEXEC.
-    public func open(_ path: FilePath, flags: Int32, mode: mode_t = 0o644, directory: FileDescriptor? = nil) async throws -> FileDescriptor {
+    nonisolated(nonsending) public func open(_ path: FilePath, flags: Int32, mode: mode_t = 0o644, directory: FileDescriptor? = nil) async throws -> FileDescriptor {
         FileDescriptor(rawValue: Int32(try await perform(.open(path, flags: flags, mode: mode, directory: directory)).check()))
     }
 
     /// fsync(2) or fdatasync(2).
-    public func fsync(_ fd: FileDescriptor, dataOnly: Bool = false) async throws {
+    nonisolated(nonsending) public func fsync(_ fd: FileDescriptor, dataOnly: Bool = false) async throws {
         _ = try await perform(.fsync(fd, dataOnly: dataOnly)).check()
     }
 
     /// shutdown(2).
-    public func shutdown(_ fd: FileDescriptor, how: Int32) async throws {
+    nonisolated(nonsending) public func shutdown(_ fd: FileDescriptor, how: Int32) async throws {
         _ = try await perform(.shutdown(fd, how: how)).check()
     }
 
     /// Suspends for `duration` (a timeout operation); throws `CancellationError` if the
     /// task is cancelled first.
-    public func sleep(for duration: Duration) async throws {
+    nonisolated(nonsending) public func sleep(for duration: Duration) async throws {
         _ = try await perform(.timeout(duration)).check()
     }
 
     /// Suspends until `deadline` (CLOCK_MONOTONIC).
-    public func sleep(until deadline: Deadline) async throws {
+    nonisolated(nonsending) public func sleep(until deadline: Deadline) async throws {
         _ = try await perform(.deadline(deadline)).check()
     }
 

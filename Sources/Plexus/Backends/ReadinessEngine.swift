@@ -418,17 +418,16 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         info.pointee.place = .none
         info.pointee.retried = false
         let kind = record.pointee.kind
-        var operation = record.pointee.operation.take()!
-        let view = operation.kernelView(scratch: table.scratch(index))
+        let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
         info.pointee.view = view
         if let invalid = view.invalid {
-            record.pointee.operation = consume operation
             complete(index, invalid)
             return
         }
         // The kinds whose payload the view does not carry.
         switch kind {
         case .open:
+            var operation = record.pointee.operation.take()!
             var result: Int32 = -EINVAL
             switch consume operation {
             case .open(let path, let flags, let mode, let directory):
@@ -442,6 +441,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             complete(index, result)
             return
         case .timeout:
+            var operation = record.pointee.operation.take()!
             var deadline: UInt64 = 0
             switch consume operation {
             case .timeout(let duration):
@@ -461,6 +461,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             info.pointee.place = .timer
             return
         case .cancel:
+            var operation = record.pointee.operation.take()!
             var target = Token.internalOperation
             switch consume operation {
             case .cancel(let t):
@@ -473,7 +474,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             complete(index, cancel(target))
             return
         default:
-            record.pointee.operation = consume operation
+            break
         }
 
         let fd = view.fd
