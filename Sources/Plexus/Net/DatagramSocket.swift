@@ -1,3 +1,4 @@
+import CPlexus
 import Glibc
 import SystemPackage
 
