@@ -34,12 +34,19 @@ enum Session {
 }
 
 /// One connection served with callbacks: recv, answer everything complete in ONE send,
-/// recv again. Each callback captures only the session (no allocation per request).
+/// and post the next recv together with that send (both go to the kernel in the same
+/// turn; on io_uring in the same submission), so the next request finds a read waiting.
+/// Each callback captures only the session (no allocation per request).
 final class CallbackSession {
     let connection: StreamConnection
+    /// The input buffer when no recv holds it.
     private var input: IOBuffer?
+    /// The output buffer when no send holds it.
     private var output: IOBuffer?
+    /// A recv completed while the send was still out: process once the output is back.
+    private var inputWaiting = false
     private var closeAfterWrite = false
+    private var finished = false
 
     init(_ connection: StreamConnection) {
         self.connection = connection
@@ -59,6 +66,11 @@ final class CallbackSession {
                 finish()
                 return
             }
+            if output == nil {  // the previous answers are still being sent
+                input = consume buffer
+                inputWaiting = true
+                return
+            }
             process(buffer)
         }
     }
@@ -72,9 +84,15 @@ final class CallbackSession {
             if processed.close { finish() } else { receive(input) }
             return
         }
-        self.input = consume input
         closeAfterWrite = processed.close
         send(output)
+        if processed.outputFull || processed.close {
+            // More complete commands wait in the input (or the connection ends): no read yet.
+            self.input = consume input
+            inputWaiting = !processed.close
+        } else {
+            receive(input)
+        }
     }
 
     private func send(_ buffer: consuming IOBuffer) {
@@ -88,11 +106,18 @@ final class CallbackSession {
                 return
             }
             output = consume buffer
-            if closeAfterWrite { finish() } else { process(input.take()!) }
+            if closeAfterWrite {
+                finish()
+            } else if inputWaiting {
+                inputWaiting = false
+                process(input.take()!)
+            }
         }
     }
 
     private func finish() {
+        guard !finished else { return }
+        finished = true
         connection.close()
     }
 }

@@ -37,6 +37,11 @@ extension PlexusTests {
             try client.send(burst)
             #expect(try client.receive(700) == String(repeating: "+PONG\r\n", count: 100))
 
+            // 5000 in one write: more than one read's worth, and more answers than one output
+            // buffer holds (answered in several writes, in order).
+            try client.send(String(repeating: "*1\r\n$4\r\nPING\r\n", count: 2500) + String(repeating: "PING\r\n", count: 2500))
+            #expect(try client.receive(5000 * 7) == String(repeating: "+PONG\r\n", count: 5000))
+
             // A command split over several writes is answered once it is complete.
             for piece in ["*1\r", "\n$4\r\nPI", "NG", "\r", "\n"] {
                 try client.send(piece)
