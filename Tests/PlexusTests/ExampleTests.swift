@@ -215,6 +215,7 @@ private struct PingServer {
 }
 
 /// A plain blocking TCP client with a receive timeout: the test's side of the conversation.
+/// Calls interrupted by a signal (EINTR) are retried.
 private struct BlockingClient {
     let fd: Int32
 
@@ -235,6 +236,7 @@ private struct BlockingClient {
         var bytes = Array(text.utf8)[...]
         while !bytes.isEmpty {
             let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && plexus_errno() == EINTR { continue }
             guard n > 0 else { throw HarnessError.system("send", plexus_errno()) }
             bytes = bytes.dropFirst(n)
         }
@@ -246,6 +248,7 @@ private struct BlockingClient {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while data.count < count {
             let n = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, min($0.count, count - data.count), 0) }
+            if n < 0 && plexus_errno() == EINTR { continue }
             guard n > 0 else { throw HarnessError.system("recv (\(data.count) of \(count) bytes)", n == 0 ? ECONNRESET : plexus_errno()) }
             data += chunk[0..<n]
         }
@@ -259,6 +262,7 @@ private struct BlockingClient {
         while true {
             let n = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, $0.count, 0) }
             if n == 0 { break }
+            if n < 0 && plexus_errno() == EINTR { continue }
             guard n > 0 else { throw HarnessError.system("recv", plexus_errno()) }
             data += chunk[0..<n]
         }
