@@ -8,6 +8,8 @@ let package = Package(
         .executable(name: "plexus-demo", targets: ["plexus-demo"]),
         .executable(name: "plexus-nouring", targets: ["plexus-nouring"]),
         .executable(name: "plexus-bench", targets: ["plexus-bench"]),
+        .executable(name: "plexus-ping", targets: ["plexus-ping"]),
+        .executable(name: "plexus-grep", targets: ["plexus-grep"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -56,6 +58,18 @@ let package = Package(
                 "PlexusBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // A RESP server answering PING, measured against redis-server with redis-benchmark.
+        .executableTarget(
+            name: "plexus-ping",
+            dependencies: ["Plexus", "CPlexus"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // grep through the loop and a MessageQueue.
+        .executableTarget(
+            name: "plexus-grep",
+            dependencies: ["Plexus", "CPlexus"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .testTarget(

@@ -1,0 +1,273 @@
+import CPlexus
+import Foundation
+import Glibc
+@testable import Plexus
+import SystemPackage
+import Testing
+
+extension PlexusTests {
+    /// The example executables, run as a user would: plexus-ping against raw RESP and the
+    /// real redis-cli, plexus-grep on files. Built next to the tests (`swift build --build-tests`).
+    @Suite struct ExampleTests {
+        static let adapters = ["callback", "async"]
+
+        /// Where `redis-cli` is on PATH, if it is installed.
+        static let redisCli: String? = {
+            let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+            return path.split(separator: ":").map { "\($0)/redis-cli" }.first { access($0, X_OK) == 0 }
+        }()
+
+        // MARK: plexus-ping
+
+        @Test(arguments: Backends.kinds, adapters)
+        func `plexus-ping answers inline, multibulk, pipelined and partial commands`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            let server = try PingServer(kind: kind, adapter: adapter)
+            defer { server.stop() }
+            let client = try BlockingClient(port: server.port)
+            defer { client.close() }
+
+            try client.send("PING\r\n")
+            #expect(try client.receive(7) == "+PONG\r\n")
+            try client.send("*1\r\n$4\r\nPING\r\n")
+            #expect(try client.receive(7) == "+PONG\r\n")
+
+            // 100 pipelined commands in one write, inline and multibulk mixed: 100 answers.
+            let burst = (0..<100).map { $0 % 2 == 0 ? "PING\r\n" : "*1\r\n$4\r\nping\r\n" }.joined()
+            try client.send(burst)
+            #expect(try client.receive(700) == String(repeating: "+PONG\r\n", count: 100))
+
+            // 5000 in one write: more than one read's worth, and more answers than one output
+            // buffer holds (answered in several writes, in order).
+            try client.send(String(repeating: "*1\r\n$4\r\nPING\r\n", count: 2500) + String(repeating: "PING\r\n", count: 2500))
+            #expect(try client.receive(5000 * 7) == String(repeating: "+PONG\r\n", count: 5000))
+
+            // A command split over several writes is answered once it is complete.
+            for piece in ["*1\r", "\n$4\r\nPI", "NG", "\r", "\n"] {
+                try client.send(piece)
+                usleep(20_000)
+            }
+            #expect(try client.receive(7) == "+PONG\r\n")
+            for piece in ["PI", "NG\r\nPI", "NG\r\n"] {
+                try client.send(piece)
+                usleep(10_000)
+            }
+            #expect(try client.receive(14) == "+PONG\r\n+PONG\r\n")
+
+            // PING with a message, ECHO, an unknown command.
+            try client.send("*2\r\n$4\r\nPING\r\n$5\r\nhello\r\nECHO hi\r\nFLUSHALL\r\n")
+            let expected = "$5\r\nhello\r\n$2\r\nhi\r\n-ERR unknown command 'FLUSHALL'\r\n"
+            #expect(try client.receive(expected.utf8.count) == expected)
+
+            // A message bigger than the session's buffers, sent in pieces.
+            let big = String(repeating: "z", count: 100_000)
+            try client.send("*2\r\n$4\r\nPING\r\n$100000\r\n" + big + "\r\n")
+            let answer = "$100000\r\n" + big + "\r\n"
+            #expect(try client.receive(answer.utf8.count) == answer)
+
+            // QUIT answers, then closes.
+            try client.send("QUIT\r\n")
+            #expect(try client.receive(5) == "+OK\r\n")
+            #expect(try client.receiveToEnd() == "")
+
+            // A protocol error is answered, then the connection closed (as redis does).
+            let other = try BlockingClient(port: server.port)
+            defer { other.close() }
+            try other.send("*1\r\n%4\r\nPING\r\n")
+            #expect(try other.receiveToEnd().hasPrefix("-ERR Protocol error"))
+        }
+
+        @Test(.enabled(if: redisCli != nil, "redis-cli is not installed (apt-get install redis-tools)"),
+              arguments: Backends.kinds, adapters)
+        func `plexus-ping answers a real redis-cli PING`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            let server = try PingServer(kind: kind, adapter: adapter)
+            defer { server.stop() }
+            let ping = try runChild([Self.redisCli!, "-p", String(server.port), "PING"], within: .seconds(20))
+            #expect(ping.exitCode == 0, "\(ping)")
+            #expect(ping.stdout == "PONG\n", "\(ping)")
+            let echo = try runChild([Self.redisCli!, "-p", String(server.port), "PING", "plexus"], within: .seconds(20))
+            #expect(echo.stdout == "plexus\n", "\(echo)")
+        }
+
+        // MARK: plexus-grep
+
+        @Test(arguments: Backends.kinds)
+        func `plexus-grep prints the matching lines of files`(kind: BackendKind) throws {
+            _ = try Backends.start(kind)
+            let grep = try builtExecutable("plexus-grep")
+            let first = "/tmp/plexus-grep-\(getpid())-a.txt"
+            let second = "/tmp/plexus-grep-\(getpid())-b.txt"
+            defer { unlink(first); unlink(second) }
+            // Enough lines to span several 64 KiB reads, and a last line without a newline.
+            var text = (1...20_000).map { $0 % 1000 == 0 ? "line \($0) has the needle" : "line \($0) has nothing" }
+                .joined(separator: "\n")
+            text += "\nlast needle"
+            try text.write(toFile: first, atomically: false, encoding: .utf8)
+            try "Needle in caps\nno match\n".write(toFile: second, atomically: false, encoding: .utf8)
+
+            let one = try runChild([grep, "-n", "needle", first], setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(one.exitCode == 0, "\(one)")
+            let expected = (1...20).map { "\($0 * 1000):line \($0 * 1000) has the needle\n" }.joined() + "20001:last needle\n"
+            #expect(one.stdout == expected)
+
+            let two = try runChild([grep, "-i", "NEEDLE", second, first], setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(two.exitCode == 0, "\(two)")
+            let lines = two.stdout.split(separator: "\n")
+            #expect(lines.count == 22)
+            #expect(lines.first == "\(second):Needle in caps")
+            #expect(lines.last == "\(first):last needle")
+
+            let none = try runChild([grep, "absent", second], setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(none.exitCode == 1, "\(none)")
+            #expect(none.stdout == "")
+
+            let missing = try runChild([grep, "x", first + "-missing"], setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(missing.exitCode == 2, "\(missing)")
+            #expect(missing.stderr.contains("No such file"))
+
+            // stdin is /dev/null here: nothing matches.
+            let empty = try runChild([grep, "x"], setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(empty.exitCode == 1, "\(empty)")
+        }
+    }
+}
+
+/// plexus-ping running in the background on a free port; `stop()` ends it with SIGTERM.
+private struct PingServer {
+    let pid: pid_t
+    let port: UInt16
+    let directory: String
+
+    init(kind: BackendKind, adapter: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let executable = try builtExecutable("plexus-ping", sourceLocation: sourceLocation)
+        port = try Self.freePort()
+        var template = Array("/tmp/plexus-ping-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw HarnessError.system("mkdtemp", plexus_errno()) }
+        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+
+        var environment = ProcessInfo.processInfo.environment
+        environment["PLEXUS_BACKEND"] = kind.rawValue
+        let arguments = [executable, "--port", String(port), "--loops", "2", "--adapter", adapter]
+        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { argv.forEach { free($0) }; envp.forEach { free($0) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, directory + "/stdout", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, directory + "/stderr", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        guard spawned == 0 else { throw HarnessError.system("posix_spawn \(executable)", spawned) }
+        self.pid = pid
+
+        // Up when a connect succeeds (at most 10 s).
+        for _ in 0..<1000 {
+            if let client = try? BlockingClient(port: port) {
+                client.close()
+                return
+            }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                Issue.record("plexus-ping exited early: \(readWholeFile(directory + "/stderr"))", sourceLocation: sourceLocation)
+                throw HarnessError.timedOut("plexus-ping to start")
+            }
+            usleep(10_000)
+        }
+        stop()
+        throw HarnessError.timedOut("plexus-ping to listen on \(port)")
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 10 s); a clean stop exits 0.
+    func stop(sourceLocation: SourceLocation = #_sourceLocation) {
+        kill(pid, SIGTERM)
+        var status: Int32 = 0
+        var exited = false
+        for _ in 0..<1000 {
+            if waitpid(pid, &status, WNOHANG) == pid { exited = true; break }
+            usleep(10_000)
+        }
+        if !exited {
+            kill(pid, SIGKILL)
+            _ = waitpid(pid, &status, 0)
+            Issue.record("plexus-ping did not stop on SIGTERM", sourceLocation: sourceLocation)
+        } else {
+            #expect(status & 0x7f == 0 && (status >> 8) & 0xff == 0,
+                    "plexus-ping exit status \(status): \(readWholeFile(directory + "/stderr"))", sourceLocation: sourceLocation)
+        }
+        unlink(directory + "/stdout")
+        unlink(directory + "/stderr")
+        rmdir(directory)
+    }
+
+    /// A port nothing listens on now (bound to port 0, then released).
+    static func freePort() throws -> UInt16 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw HarnessError.system("socket", plexus_errno()) }
+        defer { Glibc.close(fd) }
+        var address = SocketAddress.loopback(port: 0)
+        guard address.withSockaddr({ Glibc.bind(fd, $0, $1) }) == 0 else { throw HarnessError.system("bind", plexus_errno()) }
+        address = try Socket.address(FileDescriptor(rawValue: fd), peer: false)
+        return address.port!
+    }
+}
+
+/// A plain blocking TCP client with a receive timeout: the test's side of the conversation.
+/// Calls interrupted by a signal (EINTR) are retried.
+private struct BlockingClient {
+    let fd: Int32
+
+    init(port: UInt16) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw HarnessError.system("socket", plexus_errno()) }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let address = SocketAddress.loopback(port: port)
+        guard address.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 else {
+            let e = plexus_errno()
+            Glibc.close(fd)
+            throw HarnessError.system("connect", e)
+        }
+    }
+
+    func send(_ text: String) throws {
+        var bytes = Array(text.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && plexus_errno() == EINTR { continue }
+            guard n > 0 else { throw HarnessError.system("send", plexus_errno()) }
+            bytes = bytes.dropFirst(n)
+        }
+    }
+
+    /// Exactly `count` bytes (fails after the receive timeout).
+    func receive(_ count: Int) throws -> String {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while data.count < count {
+            let n = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, min($0.count, count - data.count), 0) }
+            if n < 0 && plexus_errno() == EINTR { continue }
+            guard n > 0 else { throw HarnessError.system("recv (\(data.count) of \(count) bytes)", n == 0 ? ECONNRESET : plexus_errno()) }
+            data += chunk[0..<n]
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Everything until the server closes.
+    func receiveToEnd() throws -> String {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { break }
+            if n < 0 && plexus_errno() == EINTR { continue }
+            guard n > 0 else { throw HarnessError.system("recv", plexus_errno()) }
+            data += chunk[0..<n]
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func close() { Glibc.close(fd) }
+}
