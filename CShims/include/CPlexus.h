@@ -45,8 +45,8 @@ enum {
     PLEXUS_IOSQE_CQE_SKIP_SUCCESS = IOSQE_CQE_SKIP_SUCCESS,
 };
 
-// GNU-only poll bit, hidden by the header order above.
-enum { PLEXUS_POLLRDHUP = 0x2000 };
+// GNU-only bits, hidden by the header order above.
+enum { PLEXUS_POLLRDHUP = 0x2000, PLEXUS_RWF_NOWAIT = 0x00000008 };
 
 // Newer than liburing 2.3's headers; the kernel probe decides whether they are used.
 #define PLEXUS_IORING_TIMEOUT_MULTISHOT (1U << 6)
