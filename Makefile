@@ -4,7 +4,8 @@
 #                benchmark on every backend and adapter, beside the raw baselines
 #   make test    run the whole suite with PLEXUS_BACKEND unset, then with io_uring, epoll and poll
 #
-# Both install Debian's liburing-dev first when it is missing (with sudo when not root).
+# Both install Debian's liburing-dev first when it is missing (with sudo when not root);
+# make test also installs redis-tools (redis-cli talks to plexus-ping in the tests).
 
 SHELL := /bin/bash
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
@@ -13,10 +14,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_FLAGS ?= --no-parallel
 BACKENDS := io_uring epoll poll
 
-.PHONY: bench test deps build-tests
+.PHONY: bench test deps test-deps build-tests
 
 deps:
 	@dpkg -s liburing-dev >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y liburing-dev; }
+
+# The tests also talk to plexus-ping with the real redis-cli.
+test-deps: deps
+	@dpkg -s redis-tools >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-tools; }
 
 bench: deps
 	$(SWIFT) build -c release --product plexus-bench
@@ -24,7 +29,7 @@ bench: deps
 
 # Builds the tests and every executable (plexus-demo and plexus-nouring, which the
 # fallback tests run from the directory of the test bundle).
-build-tests: deps
+build-tests: test-deps
 	$(SWIFT) build --build-tests
 
 # Every run happens even when one fails, so one `make test` shows all four; it fails at
