@@ -104,7 +104,7 @@ enum Faults {
     static func residentKiB() -> Int {
         let text = readWholeFile("/proc/self/statm").split(separator: " ")
         guard text.count > 1, let pages = Int(text[1]) else { return 0 }
-        return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+        return pages * Int(getpagesize()) / 1024
     }
 
     /// The thread a started loop runs on.
