@@ -42,7 +42,8 @@ now() { date +%s; }
 
 for config in "${configs[@]}"; do
     case "$config" in
-        release) flags=(-c release); scratch=.build-release ;;
+        # @testable import needs -enable-testing, which release builds leave out by default.
+        release) flags=(-c release -Xswiftc -enable-testing); scratch=.build-release ;;
         asan)    flags=(--sanitize=address); scratch=.build-asan ;;
         tsan)    flags=(--sanitize=thread); scratch=.build-tsan ;;
         *) echo "ci-sanitizers: unknown configuration '$config' (release, asan, tsan)" >&2; exit 2 ;;
