@@ -18,6 +18,9 @@
 # double frees.
 #
 # TSan suppressions: scripts/tsan.supp, each entry commented with why it is not a bug.
+# PLEXUS_SANITIZER=release|asan|tsan tells the tests which run this is (under TSan the
+# first symbolized report, even a suppressed one, starts llvm-symbolizer, whose two pipes
+# the fd-leak check must not blame on the test that happened to be running).
 #
 # Usage: scripts/ci-sanitizers.sh [release] [asan] [tsan]   (default: all three)
 # Environment: BACKENDS="io_uring epoll poll", SWIFT=path/to/swift, TEST_FLAGS=--no-parallel
@@ -61,6 +64,7 @@ for config in "${configs[@]}"; do
         t1=$(now)
         env PLEXUS_BACKEND="$backend" \
             ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0" \
+            PLEXUS_SANITIZER="$config" \
             TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/scripts/tsan.supp" \
             "$SWIFT" test --skip-build "${flags[@]}" --scratch-path "$scratch" $TEST_FLAGS >"$log" 2>&1
         rc=$?
