@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "CPlexus.h"
 #include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -42,6 +44,24 @@ void *plexus_current_loop(void) { return plexus_loop_of_this_thread; }
 void plexus_set_current_loop(void *loop) { plexus_loop_of_this_thread = loop; }
 
 int plexus_errno(void) { return errno; }
+
+void plexus_block_sigpipe(void) {
+    static __thread int blocked;
+    if (blocked) return;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    blocked = 1;
+}
+
+void plexus_discard_sigpipe(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&set, NULL, &zero) > 0) {}
+}
 
 int plexus_probe_opcode(struct io_uring *ring, int opcode) {
     struct io_uring_probe *probe = io_uring_get_probe_ring(ring);

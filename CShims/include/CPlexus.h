@@ -86,6 +86,15 @@ void plexus_set_current_loop(void *loop);
 /// Returns errno of the calling thread (Swift 6 mode makes the global awkward to read).
 int plexus_errno(void);
 
+/// Blocks SIGPIPE on the calling thread, once per thread: a write to a pipe or socket
+/// whose reader is gone then fails with EPIPE and kills nothing, whatever the process's
+/// disposition. Called by every backend on the thread that submits and waits.
+void plexus_block_sigpipe(void);
+
+/// Discards a SIGPIPE left pending on the calling thread by an EPIPE, so it is never
+/// delivered should the thread unblock it later.
+void plexus_discard_sigpipe(void);
+
 /// True when the kernel supports `opcode` on this ring (IORING_REGISTER_PROBE).
 int plexus_probe_opcode(struct io_uring *ring, int opcode);
 

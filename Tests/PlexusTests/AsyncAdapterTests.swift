@@ -109,7 +109,9 @@ extension PlexusTests {
             try await loop.sleep(for: .milliseconds(20))
             reader.cancel()
             await #expect(throws: CancellationError.self) { try await reader.value }
-            #expect(loop.pendingOperations == 1, "only the loop's own wake-up read is left")
+            // pendingOperations is the backend's counter: read it on the loop thread.
+            let pending = await Task(executorPreference: loop) { loop.pendingOperations }.value
+            #expect(pending == 1, "only the loop's own wake-up read is left")
         }
     }
 

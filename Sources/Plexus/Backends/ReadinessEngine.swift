@@ -37,7 +37,7 @@ protocol ReadinessPoller {
     /// The parked operations of `fd` now want `interest` (POLLIN/POLLOUT/... bits; 0 when
     /// none are parked). `rearm` asks for a fresh report of the fd's current readiness
     /// (edge-triggered pollers would otherwise miss a state that has not changed).
-    /// Returns 0, or -ENOENT when the fd's registration was lost (the fd was closed
+    /// Returns 0, -EBADF when the fd was closed outside Plexus, or -ENOENT when the fd's registration was lost (the fd was closed
     /// outside Plexus and its number reused) and it must be registered again.
     func update(_ fd: Int32, interest: UInt32, rearm: Bool, states: RawArray<FDState>) -> Int32
 
@@ -277,6 +277,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     func submit() -> Int {
+        plexus_block_sigpipe()  // write(2) to a pipe without a reader raises it on this thread
         var started = 0
         var i = 0
         while i < prepared.count {
@@ -292,7 +293,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int {
-        _ = submit()
+        _ = submit()  // blocks SIGPIPE on this thread
         var limit: UInt64? = nil
         if let timeout {
             let (sum, overflow) = Deadline.now.nanoseconds.addingReportingOverflow(timeout.nanosecondsClamped)
@@ -371,6 +372,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
 
     @inline(__always)
     private func complete(_ index: Int, _ result: Int32) {
+        if result == -EPIPE { plexus_discard_sigpipe() }
         completions.append(QueuedCompletion(index: UInt32(index), generation: table.record(index).pointee.generation,
                                             result: result, flags: 0))
         infos.pointer(index).pointee.place = .done
@@ -631,6 +633,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let fd = v.fd
         let socket = mode == .socket || mode == .blockingSocket
         let dontWait = Int32(MSG_DONTWAIT)
+        // pread(2) and pwrite(2) refuse a socket with ESPIPE, as io_uring does here; recv and
+        // send would silently ignore the offset.
+        if socket, v.offset >= 0, kind == .read || kind == .write || kind == .readv || kind == .writev {
+            return -ESPIPE
+        }
         let result: Int
         switch kind {
         case .read:
@@ -780,6 +787,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @inline(__always)
     private func refreshInterest(_ fd: Int32, rearm: Bool) {
         let r = poller.update(fd, interest: interest(fd), rearm: rearm, states: fds)
+        if r == -EBADF {
+            // Closed outside Plexus: no readiness will ever be reported for what is parked on it.
+            forget(fd)
+            return
+        }
         if r == -ENOENT {
             // The fd was closed outside Plexus and its number reused: register the new one.
             let state = fds.pointer(Int(fd))

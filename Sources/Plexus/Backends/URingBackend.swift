@@ -40,6 +40,8 @@ public final class URingBackend: IOBackend {
         var bufferRings: [UInt16: (ring: UnsafeMutablePointer<io_uring_buf_ring>, group: BufferGroup)] = [:]
         var nextGroup: UInt16 = 0
         var starved: [UInt16: [Token]] = [:]
+        /// Buffers of each group handed to callers and not yet recycled.
+        var outstanding: [UInt16: Int] = [:]
         /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
         /// single issuer, whichever thread created the backend.
         var enabled = false
@@ -147,6 +149,7 @@ public final class URingBackend: IOBackend {
 
     @discardableResult
     public func submit() throws(PlexusError) -> Int {
+        plexus_block_sigpipe()  // an IORING_OP_WRITE to a pipe without a reader raises it on this thread
         try enableIfNeeded()
         drainBacklog()
         let n = io_uring_submit(ring)
@@ -158,6 +161,7 @@ public final class URingBackend: IOBackend {
 
     @discardableResult
     public func wait(timeout: Duration?, _ body: (consuming Completion) -> Void) throws(PlexusError) -> Int {
+        plexus_block_sigpipe()
         try enableIfNeeded()
         drainBacklog()
         var delivered = deliverImmediate(body)
@@ -237,6 +241,7 @@ public final class URingBackend: IOBackend {
     private func sqe() -> UnsafeMutablePointer<io_uring_sqe>? {
         if let sqe = io_uring_get_sqe(ring) { return sqe }
         state.pointee.statistics.submissionQueueFull &+= 1
+        plexus_block_sigpipe()
         if state.pointee.enabled { _ = io_uring_submit(ring) }
         return io_uring_get_sqe(ring)
     }
@@ -476,9 +481,16 @@ public final class URingBackend: IOBackend {
         let more = cqeFlags & IORING_CQE_F_MORE != 0
         let bufferID: UInt16? = cqeFlags & IORING_CQE_F_BUFFER != 0 ? UInt16(truncatingIfNeeded: cqeFlags >> 16) : nil
         if res == -ENOBUFS && !more {
-            let group = record.pointee.operation.bufferGroup!.id
-            state.pointee.starved[group, default: []].append(token)
-            record.pointee.state = .awaitingBuffers
+            let group = record.pointee.operation.bufferGroup!
+            if state.pointee.outstanding[group.id, default: 0] < group.count {
+                // Buffers came back between the kernel running dry and this CQE: go on now,
+                // or no later recycle would ever wake it.
+                state.pointee.statistics.multishotRearms &+= 1
+                prep(token.index)
+            } else {
+                state.pointee.starved[group.id, default: []].append(token)
+                record.pointee.state = .awaitingBuffers
+            }
             return 0
         }
         if res > 0 {
@@ -489,6 +501,9 @@ public final class URingBackend: IOBackend {
             var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
             flags.insert(.more)
             state.pointee.statistics.completed &+= 1
+            if bufferID != nil, let group = record.pointee.operation.bufferGroup {
+                state.pointee.outstanding[group.id, default: 0] += 1
+            }
             body(Completion(token: token, result: res, flags: flags, kind: .receiveMultishot, operation: nil,
                             bufferID: bufferID))
             return 1
@@ -549,6 +564,7 @@ public final class URingBackend: IOBackend {
         _ = plexus_free_buf_ring(ring, entry.ring, UInt32(group.count), Int32(group.id))
         state.pointee.bufferRings[group.id] = nil
         state.pointee.starved[group.id] = nil
+        state.pointee.outstanding[group.id] = nil
     }
 
     public func recycle(_ group: BufferGroup, id: UInt16) {
@@ -558,6 +574,7 @@ public final class URingBackend: IOBackend {
         io_uring_buf_ring_add(entry.ring, group.address(of: id), UInt32(group.size), id,
                               io_uring_buf_ring_mask(UInt32(group.count)), 0)
         io_uring_buf_ring_advance(entry.ring, 1)
+        state.pointee.outstanding[group.id, default: 1] -= 1
         // Receives that ran dry resume now that there is a buffer.
         if let waiting = state.pointee.starved.removeValue(forKey: group.id) {
             for token in waiting {
@@ -577,6 +594,7 @@ public final class URingBackend: IOBackend {
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
         record.pointee.operation!.apply(result: result, scratch: scratch)
+        if result == -EPIPE { plexus_discard_sigpipe() }
         release(index)
         let operation = table.remove(index)
         state.pointee.statistics.completed &+= 1

@@ -10,8 +10,8 @@ import SystemPackage
 /// and `shutdown` completes every pending operation and timer exactly once before the
 /// loop thread returns from `run`.
 ///
-/// Thread-safety: `execute`, `shutdown` and the read-only properties may be called from
-/// any thread; everything else belongs to the loop thread and checks it.
+/// Thread-safety: `execute`, `shutdown`, `shutdownAndWait`, `inLoop`, `isShuttingDown`,
+/// `backendKind` and `selection` may be called from any thread; everything else belongs to the loop thread and checks it.
 public final class EventLoop: @unchecked Sendable {
     /// The backend, used only on the loop thread.
     let backend: any IOBackend
@@ -33,9 +33,13 @@ public final class EventLoop: @unchecked Sendable {
     private let sleepState = Atomic<Int>(0)
     private let stopRequested = Atomic<Bool>(false)
     private let wakeFD: Int32
-    private var loopThread: pthread_t?
+    /// The loop thread's pthread_t (an integer on Linux), 0 when none. Atomic because
+    /// `inLoop` reads it from any thread (executor enqueues, cancellation handlers).
+    private let loopThreadID = Atomic<UInt>(0)
     private var running = false
     private var stopped = false
+    /// Set when `run()` has returned: nobody will wait on the backend again.
+    private var finished = false
     private var wakeToken: Token?
     private var shutdownObservers: [any LoopShutdownObserver] = []
 
@@ -73,8 +77,8 @@ public final class EventLoop: @unchecked Sendable {
 
     /// True on the loop thread while it runs.
     public var inLoop: Bool {
-        guard let loopThread else { return false }
-        return pthread_equal(loopThread, pthread_self()) != 0
+        let id = loopThreadID.load(ordering: .relaxed)
+        return id != 0 && pthread_equal(pthread_t(id), pthread_self()) != 0
     }
 
     @inline(__always)
@@ -87,7 +91,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs the loop on the calling thread until `shutdown` has completed everything.
     public func run() {
         precondition(!running && !stopped, "run() called twice")
-        loopThread = pthread_self()
+        loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
         running = true
         plexus_set_current_loop(Unmanaged.passUnretained(self).toOpaque())
         defer { plexus_set_current_loop(nil) }
@@ -107,15 +111,19 @@ public final class EventLoop: @unchecked Sendable {
             sleepState.store(0, ordering: .sequentiallyConsistent)
         }
         drainForShutdown()
+        finished = true
         running = false
         stopped = true
-        loopThread = nil
+        loopThreadID.store(0, ordering: .relaxed)
     }
 
     /// Runs one turn: remote jobs, due timers, and the backend's ready completions,
     /// waiting at most `timeout`. For tests and for embedding in another loop.
     public func runOnce(timeout: Duration? = .zero) {
-        if loopThread == nil { loopThread = pthread_self(); armWake() }
+        if loopThreadID.load(ordering: .relaxed) == 0 {
+            loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
+            armWake()
+        }
         runRemoteJobs()
         fireDueTimers()
         var limit = nextTimeout()
@@ -194,12 +202,26 @@ public final class EventLoop: @unchecked Sendable {
     @inline(__always)
     func submit(_ operation: consuming Operation, _ handler: Handler) -> Token {
         assertInLoop()
+        if _slowPath(finished) { return refuse(operation, handler) }
         let token = backend.prepare(operation)
         let slot = handlers.slot(token.index)
         slot.pointee.handler = handler
         slot.pointee.token = token
         slot.pointee.cancelRequested = false
         return token
+    }
+
+    /// The token of operations refused by a finished loop; never a backend's (its index is
+    /// past any slab), and `cancel` ignores it.
+    static let refusedToken = Token(rawValue: UInt64.max - 1)
+
+    /// `run()` has returned, so nothing would ever complete `operation`: it is not started,
+    /// and its handler runs now, on the caller's thread, once, with -ECANCELED and its buffers.
+    private func refuse(_ operation: consuming Operation, _ handler: Handler) -> Token {
+        let kind = operation.kind
+        deliver(handler, Completion(token: Self.refusedToken, result: -ECANCELED, flags: [], kind: kind,
+                                    operation: operation))
+        return Self.refusedToken
     }
 
     /// Asks the backend to cancel `token`'s operation. Its callback still runs exactly
@@ -213,6 +235,7 @@ public final class EventLoop: @unchecked Sendable {
     /// yields after the cancel (a stream pausing for backpressure wants every connection).
     func cancel(_ token: Token, discardingDescriptors: Bool) {
         assertInLoop()
+        if finished || token == Self.refusedToken { return }
         let slot = handlers.slot(token.index)
         if case .none = slot.pointee.handler { return }
         guard slot.pointee.token == token, !slot.pointee.cancelRequested else { return }
@@ -223,9 +246,10 @@ public final class EventLoop: @unchecked Sendable {
     /// True once `shutdown` was called.
     public var isShuttingDown: Bool { stopRequested.load(ordering: .acquiring) }
 
-    /// Pending operations (the loop's own eventfd read included).
+    /// Pending operations (the loop's own eventfd read included). Loop thread only (or
+    /// after `run` returned): it reads the backend's unsynchronized counter.
     public var pendingOperations: Int { backend.pendingCount }
-    /// Pending timers.
+    /// Pending timers. Loop thread only, like `pendingOperations`.
     public var pendingTimers: Int { timers.count }
 
     // MARK: Timers
@@ -349,6 +373,14 @@ public final class EventLoop: @unchecked Sendable {
         }
         let handler = slot.pointee.handler
         if final { slot.pointee.handler = .none }
+        deliver(handler, Completion(token: token, result: result, flags: completion.flags, kind: kind,
+                                    operation: completion.operation.take(), bufferID: completion.bufferID))
+    }
+
+    /// Calls `handler` with `completion` in the shape the handler was registered with.
+    private func deliver(_ handler: Handler, _ completion: consuming Completion) {
+        let token = completion.token, result = completion.result, kind = completion.kind
+        let final = completion.isFinal
         let value: Result<Int, PlexusError> = result >= 0 ? .success(Int(result)) : .failure(PlexusError(kind, result: result))
         do {
             switch handler {
