@@ -168,7 +168,8 @@ extension PlexusTests {
         _ = Glibc.write(p[1], &byte, 1)
         let n = try await loop.withTimeout(.seconds(5)) { try await loop.read(readEnd, into: IOBuffer(capacity: 8)).count }
         #expect(n == 1)
-        #expect(loop.pendingTimers == 0, "the deadline's timer is gone with its operation")
+        let timersLeft = await Task(executorPreference: loop) { loop.pendingTimers }.value  // loop-thread state
+        #expect(timersLeft == 0, "the deadline's timer is gone with its operation")
     }
 
     @Test(arguments: Backends.kinds)
@@ -202,7 +203,8 @@ extension PlexusTests {
         }.value
         if let first { Glibc.close(first) }
         try await loop.sleep(for: .milliseconds(5))
-        #expect(loop.pendingOperations == 1, "only the loop's wake-up read is left")
+        let left = await Task(executorPreference: loop) { loop.pendingOperations }.value  // loop-thread state
+        #expect(left == 1, "only the loop's wake-up read is left")
     }
 
     @Test(arguments: Backends.kinds)
@@ -229,7 +231,8 @@ extension PlexusTests {
         #expect(got.count == total)
         #expect(got == sent)
         try await loop.sleep(for: .milliseconds(2))
-        #expect(loop.pendingOperations == 1, "only the loop's wake-up read is left")
+        let left = await Task(executorPreference: loop) { loop.pendingOperations }.value  // loop-thread state
+        #expect(left == 1, "only the loop's wake-up read is left")
     }
 
     /// Cancel racing completion: whichever wins, the call ends exactly once, and a
@@ -265,7 +268,8 @@ extension PlexusTests {
                 }
             }
             #expect(completed + cancelled == 2000)
-            #expect(loop.pendingOperations == 1)
+            let left = await Task(executorPreference: loop) { loop.pendingOperations }.value
+            #expect(left == 1)
         }
     }
 }
