@@ -69,7 +69,7 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
 
     // MARK: State guarded by `lock`
 
-    private let lock = QueueLock()
+    private let lock = Lock()
     private var ring: Ring<Message>
     private var senders = Ring<Sender>(capacity: 4)
     private var nextSenderID: UInt64 = 0

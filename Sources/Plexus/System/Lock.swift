@@ -18,6 +18,10 @@ final class Lock: @unchecked Sendable {
         mutex.deallocate()
     }
 
+    /// For paths that decide under the lock and act (wake, resume) after releasing it.
+    @inline(__always) func lock() { pthread_mutex_lock(mutex) }
+    @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+
     @inline(__always)
     func withLock<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)
