@@ -108,3 +108,30 @@ int plexus_enable_rings(struct io_uring *ring) {
 unsigned plexus_cq_overflow(const struct io_uring *ring) {
     return ring->cq.koverflow ? *ring->cq.koverflow : 0;
 }
+
+// --- Swift task cancellation records ---------------------------------------------------
+// libswift_Concurrency's exported pair that the standard library's
+// withTaskCancellationHandler is built on (swift/Runtime/Concurrency.h): the handler is a
+// swiftcall function taking its context in the Swift context register.
+typedef void (*plexus_swift_cancel_handler)(void *context __attribute__((swift_context))) __attribute__((swiftcall));
+extern const void *swift_task_addCancellationHandler(plexus_swift_cancel_handler handler, void *context) __attribute__((swiftcall));
+extern void swift_task_removeCancellationHandler(const void *record) __attribute__((swiftcall));
+
+static plexus_cancel_hook plexus_task_cancel_hook;
+
+static __attribute__((swiftcall)) void plexus_cancel_trampoline(void *context __attribute__((swift_context))) {
+    plexus_cancel_hook hook = __atomic_load_n(&plexus_task_cancel_hook, __ATOMIC_ACQUIRE);
+    if (hook) hook(context);
+}
+
+void plexus_set_task_cancel_hook(plexus_cancel_hook hook) {
+    __atomic_store_n(&plexus_task_cancel_hook, hook, __ATOMIC_RELEASE);
+}
+
+const void *plexus_task_add_cancellation_handler(void *context) {
+    return swift_task_addCancellationHandler(plexus_cancel_trampoline, context);
+}
+
+void plexus_task_remove_cancellation_handler(const void *record) {
+    swift_task_removeCancellationHandler(record);
+}

@@ -111,4 +111,16 @@ int plexus_enable_rings(struct io_uring *ring);
 /// Number of CQEs the kernel dropped because the CQ ring was full (kernel counter).
 unsigned plexus_cq_overflow(const struct io_uring *ring);
 
+/// Called with the context given to plexus_task_add_cancellation_handler when that
+/// task is cancelled, on the cancelling thread.
+typedef void (*plexus_cancel_hook)(void *context);
+/// Sets the one hook every cancellation record calls (the same function each time).
+void plexus_set_task_cancel_hook(plexus_cancel_hook hook);
+/// swift_task_addCancellationHandler for the current task: until the record is removed,
+/// cancelling the task calls the hook with `context` (at once if already cancelled).
+/// The same runtime call withTaskCancellationHandler makes, without its closure nesting.
+const void *plexus_task_add_cancellation_handler(void *context);
+/// swift_task_removeCancellationHandler: after it returns the hook no longer runs.
+void plexus_task_remove_cancellation_handler(const void *record);
+
 #endif

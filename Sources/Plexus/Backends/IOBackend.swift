@@ -20,6 +20,15 @@ public protocol IOBackend: AnyObject {
     /// Queues `operation` and returns its token. Nothing happens until `submit` or `wait`.
     func prepare(_ operation: consuming Operation) -> Token
 
+    /// Prepares `operation` like `prepare`, except that when the backend would start it
+    /// with a syscall that may finish at once (a page-cached file read through
+    /// preadv2(RWF_NOWAIT) on io_uring; a read, write, send, receive or accept on epoll
+    /// and poll, which try the syscall first), it starts it now, after everything
+    /// prepared before it, and a final result is returned here instead of through
+    /// `wait`. The async adapter's fast path: an awaited operation whose result is there
+    /// at once need not suspend.
+    func attempt(_ operation: consuming Operation) -> Attempt
+
     /// Starts every prepared operation (io_uring_submit; the syscalls themselves on epoll
     /// and poll). Returns how many were started.
     @discardableResult
@@ -49,6 +58,14 @@ public protocol IOBackend: AnyObject {
 
     /// Counters for tests and benchmarks.
     var statistics: BackendStatistics { get }
+}
+
+/// What `IOBackend.attempt` did with an operation.
+public enum Attempt: ~Copyable {
+    /// It finished at once: its final completion (buffers included).
+    case completed(Completion)
+    /// It was prepared, as `prepare` does: it completes through `wait`.
+    case prepared(Token)
 }
 
 /// The three backends.

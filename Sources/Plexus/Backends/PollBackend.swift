@@ -26,6 +26,10 @@ public final class PollBackend: IOBackend {
         engine.prepare(operation)
     }
 
+    public func attempt(_ operation: consuming Operation) -> Attempt {
+        engine.attempt(operation)
+    }
+
     @discardableResult
     public func submit() throws(PlexusError) -> Int {
         engine.submit()

@@ -276,6 +276,27 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         return token
     }
 
+    /// Starts `operation` at once when it is one that tries its syscall first, after
+    /// what was prepared before it (so writes to one fd keep their order).
+    func attempt(_ operation: consuming Operation) -> Plexus.Attempt {
+        switch operation.kind {
+        case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage, .accept: break
+        default: return .prepared(prepare(operation))
+        }
+        if !prepared.isEmpty { _ = submit() } else { plexus_block_sigpipe() }
+        let token = prepare(operation)
+        let index = Int(token.index)
+        prepared.removeLast()
+        start(index)
+        guard infos[index].place == .done, completions.count > deliverHead,
+              completions[completions.count - 1].index == UInt32(index) else { return .prepared(token) }
+        let c = completions[completions.count - 1]
+        completions.removeLast()
+        if completions.count == deliverHead { completions.removeAll(); deliverHead = 0 }
+        statistics.completed += 1
+        return .completed(takeFinal(index, c))
+    }
+
     func submit() -> Int {
         plexus_block_sigpipe()  // write(2) to a pipe without a reader raises it on this thread
         var started = 0
@@ -399,16 +420,24 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 body(Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
                                 kind: kind, operation: nil, bufferID: c.bufferID == .max ? nil : c.bufferID))
             } else {
-                infos.pointer(index).pointee.place = .none
-                var operation = table.remove(index)!
-                operation.apply(result: c.result, scratch: table.scratch(index))
-                body(Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
-                                kind: kind, operation: consume operation))
+                body(takeFinal(index, c))
             }
         }
         completions.removeAll()
         deliverHead = 0
         return delivered
+    }
+
+    /// The final completion of record `index`, which leaves the table.
+    @inline(__always)
+    private func takeFinal(_ index: Int, _ c: QueuedCompletion) -> Completion {
+        let token = Token(index: c.index, generation: c.generation)
+        let kind = table.record(index).pointee.kind
+        infos.pointer(index).pointee.place = .none
+        var operation = table.remove(index)!
+        operation.apply(result: c.result, scratch: table.scratch(index))
+        return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
+                          kind: kind, operation: consume operation)
     }
 
     // MARK: Starting operations

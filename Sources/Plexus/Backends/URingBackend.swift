@@ -147,6 +147,16 @@ public final class URingBackend: IOBackend {
         return token
     }
 
+    /// A result known at prepare (a cached read, a refused fd) comes back here at once.
+    public func attempt(_ operation: consuming Operation) -> Attempt {
+        let token = prepare(operation)
+        guard let last = state.pointee.immediate.last, last.index == Int(token.index) else { return .prepared(token) }
+        state.pointee.immediate.removeLast()
+        var completion: Completion? = nil
+        _ = finish(last.index, result: last.result, flags: []) { (c: consuming Completion) in completion = .some(c) }
+        return .completed(completion.take()!)
+    }
+
     @discardableResult
     public func submit() throws(PlexusError) -> Int {
         plexus_block_sigpipe()  // an IORING_OP_WRITE to a pipe without a reader raises it on this thread

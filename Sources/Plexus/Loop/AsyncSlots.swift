@@ -1,3 +1,4 @@
+import CPlexus
 /// Where an awaiting task waits for its operation: the continuation to resume, and,
 /// once the operation completed, its result and the operation with its buffers.
 ///
@@ -14,54 +15,79 @@ struct AsyncSlot: ~Copyable {
     /// The task's deadline passed and cancelled the operation.
     var timedOut = false
     var nextFree = -1
+    /// What a cancellation handler on another thread reads: the operation to cancel and
+    /// its loop. Written on the loop thread before the record is added.
+    var token = Token.internalOperation
+    unowned(unsafe) var loop: EventLoop? = nil
 }
 
 final class AsyncSlots {
-    private var slots: UnsafeMutablePointer<AsyncSlot>
-    private var capacity: Int
+    /// Slots live in chunks that never move: a cancellation record holds a slot's address
+    /// (its token and loop) while the task is parked, and the table may grow meanwhile.
+    private static let chunkShift = 6
+    private static let chunkSize = 1 << chunkShift
+    private var chunks: UnsafeMutablePointer<UnsafeMutablePointer<AsyncSlot>>
+    private var chunkCount = 0
+    private var chunkCapacity = 4
     private var freeHead = -1
     private var used = 0
 
-    init(capacity: Int = 64) {
-        self.capacity = capacity
-        slots = .allocate(capacity: capacity)
-        for i in 0..<capacity { (slots + i).initialize(to: AsyncSlot()) }
+    init() {
+        chunks = .allocate(capacity: chunkCapacity)
+        addChunk()
+        // The cancellation records' one hook (the same function each time, so a racing
+        // store from another loop's init is harmless).
+        plexus_set_task_cancel_hook { context in
+            let waiter = context!.assumingMemoryBound(to: AsyncSlot.self)
+            waiter.pointee.loop?.cancelAwaited(waiter.pointee.token)
+        }
     }
 
     deinit {
-        slots.deinitialize(count: capacity)
-        slots.deallocate()
+        for c in 0..<chunkCount {
+            chunks[c].deinitialize(count: Self.chunkSize)
+            chunks[c].deallocate()
+        }
+        chunks.deallocate()
     }
 
     func allocate() -> Int {
         if freeHead >= 0 {
             let i = freeHead
-            freeHead = slots[i].nextFree
+            freeHead = slot(i).pointee.nextFree
             return i
         }
-        if used == capacity { grow() }
+        if used == chunkCount << Self.chunkShift { addChunk() }
         used += 1
         return used - 1
     }
 
     func free(_ i: Int) {
-        slots[i].continuation = nil
-        slots[i].operation = nil
-        slots[i].done = false
-        slots[i].timedOut = false
-        slots[i].nextFree = freeHead
+        let s = slot(i)
+        s.pointee.continuation = nil
+        s.pointee.operation = nil
+        s.pointee.done = false
+        s.pointee.timedOut = false
+        s.pointee.nextFree = freeHead
         freeHead = i
     }
 
     @inline(__always)
-    func slot(_ i: Int) -> UnsafeMutablePointer<AsyncSlot> { slots + i }
+    func slot(_ i: Int) -> UnsafeMutablePointer<AsyncSlot> {
+        chunks[i >> Self.chunkShift] + (i & (Self.chunkSize - 1))
+    }
 
-    private func grow() {
-        let bigger = UnsafeMutablePointer<AsyncSlot>.allocate(capacity: capacity * 2)
-        bigger.moveInitialize(from: slots, count: capacity)
-        for i in capacity..<capacity * 2 { (bigger + i).initialize(to: AsyncSlot()) }
-        slots.deallocate()
-        slots = bigger
-        capacity *= 2
+    private func addChunk() {
+        if chunkCount == chunkCapacity {
+            let bigger = UnsafeMutablePointer<UnsafeMutablePointer<AsyncSlot>>.allocate(capacity: chunkCapacity * 2)
+            bigger.moveInitialize(from: chunks, count: chunkCount)
+            chunks.deallocate()
+            chunks = bigger
+            chunkCapacity *= 2
+        }
+        let chunk = UnsafeMutablePointer<AsyncSlot>.allocate(capacity: Self.chunkSize)
+        for i in 0..<Self.chunkSize { (chunk + i).initialize(to: AsyncSlot()) }
+        chunks[chunkCount] = chunk
+        chunkCount += 1
     }
 }

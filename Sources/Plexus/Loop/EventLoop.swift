@@ -97,6 +97,7 @@ public final class EventLoop: @unchecked Sendable {
         defer { plexus_set_current_loop(nil) }
         armWake()
         while true {
+            inlineBudget = Self.inlineCompletionsPerTurn
             runRemoteJobs()
             fireDueTimers()
             if stopRequested.load(ordering: .acquiring) { break }
@@ -124,6 +125,7 @@ public final class EventLoop: @unchecked Sendable {
             loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
             armWake()
         }
+        inlineBudget = Self.inlineCompletionsPerTurn
         runRemoteJobs()
         fireDueTimers()
         var limit = nextTimeout()
@@ -210,6 +212,31 @@ public final class EventLoop: @unchecked Sendable {
         slot.pointee.cancelRequested = false
         return token
     }
+
+    /// `submit`, or the operation's final completion when the backend finished it at
+    /// once (`IOBackend.attempt`); the handler is registered only in the first case.
+    @inline(__always)
+    func attempt(_ operation: consuming Operation, _ handler: Handler) -> Attempt {
+        assertInLoop()
+        if _slowPath(finished) { return .prepared(refuse(operation, handler)) }
+        switch backend.attempt(operation) {
+        case .completed(let completion):
+            return .completed(completion)
+        case .prepared(let token):
+            let slot = handlers.slot(token.index)
+            slot.pointee.handler = handler
+            slot.pointee.token = token
+            slot.pointee.cancelRequested = false
+            return .prepared(token)
+        }
+    }
+
+    /// Awaited operations that may finish without suspending, per turn of the loop: a
+    /// task whose every operation finishes at once still lets the loop turn (timers,
+    /// other tasks, the kernel's completions) after this many.
+    static let inlineCompletionsPerTurn = 128
+    /// What is left of `inlineCompletionsPerTurn` in this turn.
+    var inlineBudget = EventLoop.inlineCompletionsPerTurn
 
     /// The token of operations refused by a finished loop; never a backend's (its index is
     /// past any slab), and `cancel` ignores it.
