@@ -235,6 +235,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     var deliverHead = 0
     /// Records parked on some fd (0: there is nothing to poll for).
     var parkedCount = 0
+    /// Turns in a row that delivered ready results without polling the parked fds.
+    var skippedPolls = 0
+    static var pollsSkippable: Int { 7 }
     var timers = Heap<TimerEntry>()
     var timerSequence: UInt64 = 0
     /// Heap entries whose timer was cancelled (lazy deletion).
@@ -323,9 +326,14 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         while true {
             var interrupted = false
             let haveCompletions = completions.count > deliverHead
-            if haveCompletions && parkedCount == 0 {
-                // Nothing can become ready; skip the zero-timeout poll.
+            if haveCompletions && (parkedCount == 0 || skippedPolls < Self.pollsSkippable) {
+                // Nothing can become ready, or results are already here (operations that
+                // finished at once): skip the zero-timeout poll, as the io_uring backend
+                // skips io_uring_enter, but poll at least every 8th turn so parked
+                // operations are never starved.
+                if parkedCount > 0 { skippedPolls += 1 }
             } else {
+                skippedPolls = 0
                 var waitFor: UInt64? = nil
                 if haveCompletions {
                     waitFor = 0

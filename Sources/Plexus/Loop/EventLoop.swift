@@ -398,8 +398,9 @@ public final class EventLoop: @unchecked Sendable {
             result = -ECANCELED
             if !final { return }
         }
-        let handler = slot.pointee.handler
-        if final { slot.pointee.handler = .none }
+        // A final completion moves the handler out (no retain/release of its closure).
+        var handler = Handler.none
+        if final { swap(&handler, &slot.pointee.handler) } else { handler = slot.pointee.handler }
         deliver(handler, Completion(token: token, result: result, flags: completion.flags, kind: kind,
                                     operation: completion.operation.take(), bufferID: completion.bufferID))
     }
