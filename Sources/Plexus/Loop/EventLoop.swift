@@ -21,7 +21,7 @@ public final class EventLoop: @unchecked Sendable {
     public var errorHandler: @Sendable (CallbackError) -> Void
 
     let handlers = HandlerTable()
-    var timers = TimerQueue()
+    let timers = TimerQueue()
     let remote = RemoteQueue()
     /// Swift tasks enqueued on the loop by the loop thread itself (resumed continuations).
     var localJobs: [LoopJob] = []
@@ -256,20 +256,21 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Calls `callback` with `.fired` after `delay`, or with `.cancelled`.
     @discardableResult
-    public func schedule(after delay: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
-        schedule(at: Deadline.now + delay, callback)
+    public func schedule(after delay: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        assertInLoop()
+        return timers.schedule(at: Deadline.now.nanoseconds &+ delay.nanosecondsClamped, interval: 0, callback)
     }
 
     /// Calls `callback` with `.fired` at `deadline` (CLOCK_MONOTONIC), or with `.cancelled`.
     @discardableResult
-    public func schedule(at deadline: Deadline, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+    public func schedule(at deadline: Deadline, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
         return timers.schedule(at: deadline.nanoseconds, interval: 0, callback)
     }
 
     /// Calls `callback` with `.fired` every `interval` (first after one interval) until cancelled.
     @discardableResult
-    public func scheduleRepeating(every interval: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+    public func scheduleRepeating(every interval: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
         let ns = max(interval.nanosecondsClamped, 1)
         return timers.schedule(at: Deadline.now.nanoseconds &+ ns, interval: ns, callback)
@@ -305,7 +306,7 @@ public final class EventLoop: @unchecked Sendable {
     private func fireDueTimers() {
         guard timers.count > 0 else { return }
         let now = Deadline.now.nanoseconds
-        while let (callback, _) = timers.popDue(now: now) {
+        while let callback = timers.popDue(now: now) {
             invoke(kind: .timeout, token: nil) { try callback(.fired) }
         }
     }
