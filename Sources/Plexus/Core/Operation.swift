@@ -189,13 +189,13 @@ public struct Deadline: Comparable, Hashable, Sendable {
 extension Duration {
     /// Whole nanoseconds, negative durations as 0 and huge ones as UInt64.max.
     var nanosecondsClamped: UInt64 {
-        let (seconds, attoseconds) = components
-        // A negative duration has a negative part: -0.5 s is (0, -5e17), -1.5 s is (-1, -5e17).
-        if seconds < 0 || attoseconds < 0 { return 0 }
-        let (ns, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
-        if overflow { return .max }
-        let (sum, overflow2) = ns.addingReportingOverflow(UInt64(attoseconds / 1_000_000_000))
-        return overflow2 ? .max : sum
+        // From the Int128 attoseconds with one 128-by-64-bit division: `components` cost
+        // ~5 ns more per timer in the timer churn benchmark (a software 128-bit divide).
+        let attoseconds = self.attoseconds
+        if attoseconds <= 0 { return 0 }
+        let high = UInt64(truncatingIfNeeded: attoseconds >> 64), low = UInt64(truncatingIfNeeded: attoseconds)
+        if high >= 1_000_000_000 { return .max }  // the quotient would not fit
+        return UInt64(1_000_000_000).dividingFullWidth((high, low)).quotient
     }
 }
 

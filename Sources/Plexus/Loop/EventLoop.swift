@@ -21,7 +21,7 @@ public final class EventLoop: @unchecked Sendable {
     public var errorHandler: @Sendable (CallbackError) -> Void
 
     let handlers = HandlerTable()
-    var timers = TimerQueue()
+    let timers = TimerQueue()
     let remote = RemoteQueue()
     /// Swift tasks enqueued on the loop by the loop thread itself (resumed continuations).
     var localJobs: [LoopJob] = []
@@ -110,6 +110,7 @@ public final class EventLoop: @unchecked Sendable {
             }
             wait(timeout: timeout)
             sleepState.store(0, ordering: .sequentiallyConsistent)
+            settleTimers()
         }
         drainForShutdown()
         finished = true
@@ -132,6 +133,7 @@ public final class EventLoop: @unchecked Sendable {
         if let t = timeout, limit == nil || t < limit! { limit = t }
         wait(timeout: limit)
         fireDueTimers()
+        settleTimers()
     }
 
     /// Starts a thread named `name` that runs the loop; returns once it runs.
@@ -282,21 +284,27 @@ public final class EventLoop: @unchecked Sendable {
     // MARK: Timers
 
     /// Calls `callback` with `.fired` after `delay`, or with `.cancelled`.
+    ///
+    /// The delay counts from the loop's next clock reading, taken when the callbacks
+    /// running now return (or, outside the loop's callbacks, at the start of the next
+    /// turn), not from a reading per call: the timer never fires early, and fires later
+    /// by what the caller still does before returning to the loop.
     @discardableResult
-    public func schedule(after delay: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
-        schedule(at: Deadline.now + delay, callback)
+    public func schedule(after delay: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        assertInLoop()
+        return timers.schedule(after: delay.nanosecondsClamped, callback)
     }
 
     /// Calls `callback` with `.fired` at `deadline` (CLOCK_MONOTONIC), or with `.cancelled`.
     @discardableResult
-    public func schedule(at deadline: Deadline, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+    public func schedule(at deadline: Deadline, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
         return timers.schedule(at: deadline.nanoseconds, interval: 0, callback)
     }
 
     /// Calls `callback` with `.fired` every `interval` (first after one interval) until cancelled.
     @discardableResult
-    public func scheduleRepeating(every interval: Duration, _ callback: @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+    public func scheduleRepeating(every interval: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
         let ns = max(interval.nanosecondsClamped, 1)
         return timers.schedule(at: Deadline.now.nanoseconds &+ ns, interval: ns, callback)
@@ -316,8 +324,10 @@ public final class EventLoop: @unchecked Sendable {
 
     private func nextTimeout() -> Duration? {
         if remote.hasJobs || !localJobs.isEmpty { return .zero }
-        guard let next = timers.nextDeadline() else { return nil }
+        guard timers.count > 0 else { return nil }
         let now = Deadline.now.nanoseconds
+        timers.settle(now: now)
+        guard let next = timers.nextDeadline() else { return nil }
         return next <= now ? .zero : .nanoseconds(Int64(clamping: next - now))
     }
 
@@ -332,9 +342,16 @@ public final class EventLoop: @unchecked Sendable {
     private func fireDueTimers() {
         guard timers.count > 0 else { return }
         let now = Deadline.now.nanoseconds
-        while let (callback, _) = timers.popDue(now: now) {
+        timers.settle(now: now)
+        while let callback = timers.popDue(now: now) {
             invoke(kind: .timeout, token: nil) { try callback(.fired) }
         }
+    }
+
+    /// Gives the timers scheduled after a delay since the last clock reading their
+    /// deadlines, from a reading taken now (after they were scheduled).
+    private func settleTimers() {
+        if timers.isUnsettled { timers.settle(now: Deadline.now.nanoseconds) }
     }
 
     private func runRemoteJobs() {
