@@ -232,19 +232,19 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     let completions = RawArray<QueuedCompletion>(capacity: 256)
     /// Next completion to deliver (kept in the engine so a nested `wait` from a
     /// completion handler never delivers one twice).
-    var deliverHead = 0
+    @exclusivity(unchecked) var deliverHead = 0
     /// Records parked on some fd (0: there is nothing to poll for).
-    var parkedCount = 0
+    @exclusivity(unchecked) var parkedCount = 0
     /// Turns in a row that delivered ready results without polling the parked fds.
-    var skippedPolls = 0
+    @exclusivity(unchecked) var skippedPolls = 0
     static var pollsSkippable: Int { 7 }
-    var timers = Heap<TimerEntry>()
-    var timerSequence: UInt64 = 0
+    @exclusivity(unchecked) var timers = Heap<TimerEntry>()
+    @exclusivity(unchecked) var timerSequence: UInt64 = 0
     /// Heap entries whose timer was cancelled (lazy deletion).
-    var deadTimers = 0
-    var statistics = BackendStatistics()
-    var pools: [UInt16: ProvidedPool] = [:]
-    var nextGroup: UInt16 = 0
+    @exclusivity(unchecked) var deadTimers = 0
+    @exclusivity(unchecked) var statistics = BackendStatistics()
+    @exclusivity(unchecked) var pools: [UInt16: ProvidedPool] = [:]
+    @exclusivity(unchecked) var nextGroup: UInt16 = 0
 
     static var readEvents: UInt32 { UInt32(POLLIN | POLLPRI | POLLERR | POLLHUP) | UInt32(PLEXUS_POLLRDHUP) }
     static var writeEvents: UInt32 { UInt32(POLLOUT | POLLERR | POLLHUP) }

@@ -26,11 +26,11 @@ final class AsyncSlots {
     /// (its token and loop) while the task is parked, and the table may grow meanwhile.
     private static let chunkShift = 6
     private static let chunkSize = 1 << chunkShift
-    private var chunks: UnsafeMutablePointer<UnsafeMutablePointer<AsyncSlot>>
-    private var chunkCount = 0
-    private var chunkCapacity = 4
-    private var freeHead = -1
-    private var used = 0
+    @exclusivity(unchecked) private var chunks: UnsafeMutablePointer<UnsafeMutablePointer<AsyncSlot>>
+    @exclusivity(unchecked) private var chunkCount = 0
+    @exclusivity(unchecked) private var chunkCapacity = 4
+    @exclusivity(unchecked) private var freeHead = -1
+    @exclusivity(unchecked) private var used = 0
 
     init() {
         chunks = .allocate(capacity: chunkCapacity)

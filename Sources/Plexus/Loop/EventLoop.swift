@@ -24,8 +24,8 @@ public final class EventLoop: @unchecked Sendable {
     let timers = TimerQueue()
     let remote = RemoteQueue()
     /// Swift tasks enqueued on the loop by the loop thread itself (resumed continuations).
-    var localJobs: [LoopJob] = []
-    private var runningJobs: [LoopJob] = []
+    @exclusivity(unchecked) var localJobs: [LoopJob] = []
+    @exclusivity(unchecked) private var runningJobs: [LoopJob] = []
     /// The face actors see (see EventLoop+Executor.swift); it holds the loop unowned.
     private(set) lazy var serialExecutor = LoopSerialExecutor(loop: self)
     let asyncSlots = AsyncSlots()
@@ -36,12 +36,12 @@ public final class EventLoop: @unchecked Sendable {
     /// The loop thread's pthread_t (an integer on Linux), 0 when none. Atomic because
     /// `inLoop` reads it from any thread (executor enqueues, cancellation handlers).
     private let loopThreadID = Atomic<UInt>(0)
-    private var running = false
-    private var stopped = false
+    @exclusivity(unchecked) private var running = false
+    @exclusivity(unchecked) private var stopped = false
     /// Set when `run()` has returned: nobody will wait on the backend again.
-    private var finished = false
-    private var wakeToken: Token?
-    private var shutdownObservers: [any LoopShutdownObserver] = []
+    @exclusivity(unchecked) private var finished = false
+    @exclusivity(unchecked) private var wakeToken: Token?
+    @exclusivity(unchecked) private var shutdownObservers: [any LoopShutdownObserver] = []
 
     /// How another loop's thread wakes this loop when it sleeps: IORING_OP_MSG_RING when
     /// both loops run io_uring, else an eventfd write. MSG_RING is the default because it
@@ -238,7 +238,7 @@ public final class EventLoop: @unchecked Sendable {
     /// other tasks, the kernel's completions) after this many.
     static let inlineCompletionsPerTurn = 128
     /// What is left of `inlineCompletionsPerTurn` in this turn.
-    var inlineBudget = EventLoop.inlineCompletionsPerTurn
+    @exclusivity(unchecked) var inlineBudget = EventLoop.inlineCompletionsPerTurn
 
     /// The token of operations refused by a finished loop; never a backend's (its index is
     /// past any slab), and `cancel` ignores it.

@@ -32,8 +32,8 @@ struct HandlerSlot {
 }
 
 final class HandlerTable {
-    private(set) var slots: UnsafeMutablePointer<HandlerSlot>
-    private(set) var capacity: Int
+    @exclusivity(unchecked) private(set) var slots: UnsafeMutablePointer<HandlerSlot>
+    @exclusivity(unchecked) private(set) var capacity: Int
 
     init(capacity: Int = 256) {
         self.capacity = capacity
