@@ -170,5 +170,42 @@ extension PlexusTests {
         let at = try #require(firedAt, "the timer never fired while the task read \(reads) times")
         #expect(at <= EventLoop.inlineCompletionsPerTurn + 1)
     }
+
+    /// After a short read of a stream the readiness backends wait for the next report
+    /// instead of trying first; data written later must still arrive, and a datagram
+    /// socket (where a short read says nothing about the queue) must still get its queued
+    /// datagram.
+    @Test(arguments: Backends.kinds)
+    func readsAfterAShortReadStillSeeLaterDataAndQueuedDatagrams(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            for round in 0..<3 {
+                let text = "round \(round)"
+                #expect(Glibc.write(b.rawValue, text, text.utf8.count) == text.utf8.count)
+                let first = h.prepare(.recv(a, IOBuffer(capacity: 64)))
+                try h.submit()
+                let got = try h.waitFor(first)
+                #expect(got.bytes == Array(text.utf8), "a short read of \(text.utf8.count) of 64 bytes")
+                // The stream is drained now; this read waits for the data written after it.
+                let second = h.prepare(.recv(a, IOBuffer(capacity: 64)))
+                try h.submit()
+                #expect(Glibc.write(b.rawValue, "more", 4) == 4)
+                let later = try h.waitFor(second)
+                #expect(later.bytes == Array("more".utf8))
+            }
+            let (d1, d2) = try h.socketPair(type: Int32(SOCK_DGRAM.rawValue))
+            // Parked first, so the one readiness report is spent on it.
+            let one = h.prepare(.recv(d1, IOBuffer(capacity: 64)))
+            try h.submit()
+            try h.idle(for: .milliseconds(20))
+            #expect(Glibc.write(d2.rawValue, "one", 3) == 3)
+            #expect(Glibc.write(d2.rawValue, "two", 3) == 3)
+            #expect(try h.waitFor(one).bytes == Array("one".utf8))
+            // Queued before the first read: no new report will come for it.
+            let two = h.prepare(.recv(d1, IOBuffer(capacity: 64)))
+            try h.submit()
+            #expect(try h.waitFor(two, within: .seconds(2)).bytes == Array("two".utf8))
+        }
+    }
 }
 }

@@ -162,6 +162,13 @@ struct FDState {
     var pollTail = OperationTable.none
     /// The poll backend's slot in its pollfd array, -1 when it has none.
     var slot: Int32 = -1
+    /// A byte stream (pipe, FIFO, stream socket): a read that returns fewer bytes than
+    /// asked for has emptied its buffer. Not so for datagrams.
+    var isStream = false
+    /// A read of this stream came back short and no read-readiness report came since:
+    /// its buffer is empty, so the next read waits for the report instead of trying a
+    /// syscall that would say EAGAIN (Tokio's rule over edge-triggered epoll).
+    var readDrained = false
 
     var isIdle: Bool {
         readHead == OperationTable.none && writeHead == OperationTable.none && pollHead == OperationTable.none
@@ -550,6 +557,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
         let waitFirst = mode == .blocking && kind != .connect && kind != .accept && kind != .acceptMultishot
             || mode == .blockingSocket && (kind == .accept || kind == .acceptMultishot)
+            || state.pointee.readDrained && (kind == .read || kind == .recv)
         let queueHead = place == .read ? state.pointee.readHead : state.pointee.writeHead
         if waitFirst || queueHead != OperationTable.none {
             // Wait for readiness first, or keep FIFO order behind the parked ones.
@@ -600,6 +608,13 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let result = perform(index, kind, mode)
         if result == -EAGAIN { return .blocked }
         if kind == .accept && result >= 0 { forget(result) }
+        if (kind == .read || kind == .recv) && result > 0 {
+            let view = infos[index].view
+            if Int(result) < view.length {
+                let state = fds.pointer(Int(view.fd))
+                if state.pointee.isStream { state.pointee.readDrained = true }
+            }
+        }
         complete(index, result)
         return .finished
     }
@@ -786,6 +801,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let nonBlocking = flags & O_NONBLOCK != 0
         let mode: FDState.Mode = type == Int32(Glibc.S_IFSOCK) ? (nonBlocking ? .socket : .blockingSocket)
             : (nonBlocking ? .nonBlocking : .blocking)
+        state.pointee.isStream = type == Int32(Glibc.S_IFIFO)
+            || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
         let registered = poller.register(fd)
         if registered == -EPERM {
             state.pointee.mode = .direct
@@ -925,6 +942,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     private func handle(_ fd: Int32, _ events: UInt32) {
         guard fd >= 0, Int(fd) < fds.count else { return }
         let state = fds.pointer(Int(fd))
+        if events & Self.readEvents != 0 { state.pointee.readDrained = false }
         if state.pointee.isIdle { return }
         if events & UInt32(POLLNVAL) != 0 {
             // Closed behind Plexus's back (poll only reports this).

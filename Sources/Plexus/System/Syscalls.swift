@@ -180,6 +180,14 @@ enum Sys {
         return r < 0 ? r : Int32(bitPattern: st.st_mode & S_IFMT)
     }
 
+    /// getsockopt(2) SO_TYPE: SOCK_STREAM, SOCK_DGRAM..., or -errno.
+    static func socketType(_ fd: Int32) -> Int32 {
+        var type: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        let r = check(getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length))
+        return r < 0 ? r : type
+    }
+
     /// fcntl(2) with F_GETFL: the file status flags, or -errno.
     static func statusFlags(_ fd: Int32) -> Int32 {
         check(Glibc.fcntl(fd, F_GETFL))
