@@ -81,7 +81,24 @@ extension EventLoop {
         }
         let index = asyncSlots.allocate()
         let token: Token
-        if inlineBudget > 0 && !Task.isCancelled {
+        // A deadline from withDeadline: the backend's own (a linked IORING_OP_LINK_TIMEOUT
+        // on io_uring, the timer heap on epoll and poll), or a loop timer for the kinds
+        // that take none.
+        var deadlineTimer: TimerHandle?
+        var nativeDeadline: Deadline?
+        if let deadline = EventLoop.currentDeadline {
+            if operation.kind.takesDeadline {
+                token = submit(operation, .resume(index), deadline: deadline)
+                nativeDeadline = deadline
+            } else {
+                token = submit(operation, .resume(index))
+                deadlineTimer = schedule(at: deadline) { [self] event in
+                    guard event == .fired, !asyncSlots.slot(index).pointee.done else { return }
+                    asyncSlots.slot(index).pointee.timedOut = true
+                    cancel(token)
+                }
+            }
+        } else if inlineBudget > 0 && !Task.isCancelled {
             // The fast path: a result that is there at once returns without suspending.
             switch attempt(operation, .resume(index)) {
             case .completed(var completion):
@@ -95,21 +112,15 @@ extension EventLoop {
         } else {
             token = submit(operation, .resume(index))
         }
-        // A deadline from withDeadline: a loop timer cancels the operation when it passes.
-        var deadlineTimer: TimerHandle?
-        if let deadline = EventLoop.currentDeadline {
-            deadlineTimer = schedule(at: deadline) { [self] event in
-                guard event == .fired, !asyncSlots.slot(index).pointee.done else { return }
-                asyncSlots.slot(index).pointee.timedOut = true
-                cancel(token)
-            }
-        }
         await suspend(until: index, token: token)
         if let deadlineTimer { timers.discard(deadlineTimer) }
         let waiter = asyncSlots.slot(index)
-        let outcome = AsyncOutcome(result: waiter.pointee.result, kind: waiter.pointee.kind,
+        let result = waiter.pointee.result
+        // The backend cancelled it at the deadline (-ECANCELED once the deadline passed).
+        let cancelledAtDeadline = result == -ECANCELED && nativeDeadline.map { Deadline.now >= $0 } == true
+        let outcome = AsyncOutcome(result: result, kind: waiter.pointee.kind,
                                    operation: waiter.pointee.operation.take(), cancelled: Task.isCancelled,
-                                   timedOut: waiter.pointee.timedOut)
+                                   timedOut: waiter.pointee.timedOut || cancelledAtDeadline)
         asyncSlots.free(index)
         return outcome
     }

@@ -26,6 +26,10 @@ public final class EpollBackend: IOBackend {
         engine.prepare(operation)
     }
 
+    public func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {
+        engine.prepare(operation, deadline: deadline)
+    }
+
     public func attempt(_ operation: consuming Operation) -> Attempt {
         engine.attempt(operation)
     }

@@ -20,6 +20,13 @@ public protocol IOBackend: AnyObject {
     /// Queues `operation` and returns its token. Nothing happens until `submit` or `wait`.
     func prepare(_ operation: consuming Operation) -> Token
 
+    /// Prepares `operation` with a deadline: still pending at `deadline`, it is cancelled
+    /// and completes with -ECANCELED. io_uring links an IORING_OP_LINK_TIMEOUT (absolute,
+    /// CLOCK_MONOTONIC) to it, so the kernel cancels it; epoll and poll put the deadline
+    /// in their timer heap. A kind that takes no deadline (`OperationKind.takesDeadline`)
+    /// is prepared without one.
+    func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token
+
     /// Prepares `operation` like `prepare`, except that when the backend would start it
     /// with a syscall that may finish at once (a page-cached file read through
     /// preadv2(RWF_NOWAIT) on io_uring; a read, write, send, receive or accept on epoll

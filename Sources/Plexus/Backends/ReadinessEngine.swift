@@ -195,6 +195,8 @@ struct RecordInfo {
     var place: RecordPlace = .none
     /// connect: the first connect(2) has been made, so EISCONN now means success.
     var retried = false
+    /// A deadline entry for this record is in the timer heap.
+    var hasDeadline = false
 }
 
 /// A completion waiting to be delivered, kept as plain values until `wait` hands it out.
@@ -221,6 +223,8 @@ struct TimerEntry: Comparable {
     var sequence: UInt64
     var index: UInt32
     var generation: UInt32
+    /// A deadline of an I/O record (cancel it), not a timeout record (complete it).
+    var cancels = false
 
     static func < (a: TimerEntry, b: TimerEntry) -> Bool {
         a.deadline != b.deadline ? a.deadline < b.deadline : a.sequence < b.sequence
@@ -283,6 +287,17 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         infos.pointer(token.index).pointee.place = .prepared
         prepared.append(UInt32(token.index))
         statistics.prepared += 1
+        return token
+    }
+
+    /// `prepare`, and a timer-heap entry that cancels the record at `deadline`.
+    func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {
+        guard operation.kind.takesDeadline else { return prepare(operation) }
+        let token = prepare(operation)
+        timerSequence &+= 1
+        timers.insert(TimerEntry(deadline: deadline.nanoseconds, sequence: timerSequence, index: UInt32(token.index),
+                                 generation: token.generation, cancels: true))
+        infos.pointer(Int(token.index)).pointee.hasDeadline = true
         return token
     }
 
@@ -449,6 +464,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let token = Token(index: c.index, generation: c.generation)
         let kind = table.record(index).pointee.kind
         infos.pointer(index).pointee.place = .none
+        if infos[index].hasDeadline {
+            // Its deadline entry is dead now; dropTimer counts it (and may compact).
+            infos.pointer(index).pointee.hasDeadline = false
+            dropTimer(index)
+        }
         var operation = table.remove(index)!
         operation.apply(result: c.result, scratch: table.scratch(index))
         return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
@@ -1022,7 +1042,18 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         while let first = timers.min, first.deadline <= now {
             _ = timers.popMin()
             let index = Int(first.index)
-            if let record = table.live(Token(index: first.index, generation: first.generation)),
+            let token = Token(index: first.index, generation: first.generation)
+            if first.cancels {
+                if table.live(token) != nil, infos[index].hasDeadline {
+                    // Still pending at its deadline.
+                    infos.pointer(index).pointee.hasDeadline = false
+                    _ = cancel(token)
+                } else {
+                    deadTimers -= 1
+                }
+                continue
+            }
+            if let record = table.live(token),
                infos[index].place == .timer, record.pointee.kind == .timeout {
                 complete(index, 0)
             } else {
@@ -1037,7 +1068,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let table = table, infos = infos
             timers.removeAll { entry in
                 table.live(Token(index: entry.index, generation: entry.generation)) == nil
-                    || infos[Int(entry.index)].place != .timer
+                    || (entry.cancels ? !infos[Int(entry.index)].hasDeadline : infos[Int(entry.index)].place != .timer)
             }
             deadTimers = 0
         }

@@ -147,6 +147,31 @@ public final class URingBackend: IOBackend {
         return token
     }
 
+    /// The operation's SQE with IOSQE_IO_LINK, then an IORING_OP_LINK_TIMEOUT at
+    /// `deadline` (IORING_TIMEOUT_ABS): the kernel cancels the operation when it passes.
+    /// The timeout's own CQE is internal.
+    public func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {
+        guard operation.kind.takesDeadline else { return prepare(operation) }
+        if io_uring_sq_space_left(ring) < 2, (try? enableIfNeeded()) != nil {
+            // The operation and its timeout go into the SQ together.
+            plexus_block_sigpipe()
+            _ = io_uring_submit(ring)
+        }
+        let tailBefore = ring.pointee.sq.sqe_tail
+        let token = prepare(operation)
+        let tail = ring.pointee.sq.sqe_tail
+        // Finished at once (a cached read, refused input) or waiting for SQ space: no link.
+        guard tail == tailBefore &+ 1, let timeoutSQE = io_uring_get_sqe(ring) else { return token }
+        let operationSQE = ring.pointee.sq.sqes + Int((tail &- 1) & ring.pointee.sq.ring_mask)
+        operationSQE.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
+        let scratch = table.scratch(Int(token.index))
+        scratch.pointee.timeout = __kernel_timespec(tv_sec: Int64(deadline.nanoseconds / 1_000_000_000),
+                                                    tv_nsec: Int64(deadline.nanoseconds % 1_000_000_000))
+        io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
+        io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
+        return token
+    }
+
     /// A result known at prepare (a cached read, a refused fd) comes back here at once.
     public func attempt(_ operation: consuming Operation) -> Attempt {
         let token = prepare(operation)

@@ -10,6 +10,15 @@ public enum OperationKind: String, Sendable, CaseIterable {
     case pollMultishot = "poll(multishot)"
     case timeout, cancel, close, open, fsync, shutdown
 
+    /// True for the kinds a deadline applies to (`IOBackend.prepare(_:deadline:)`): every
+    /// one-shot operation except timeouts, cancels and closes.
+    public var takesDeadline: Bool {
+        switch self {
+        case .receiveMultishot, .acceptMultishot, .pollMultishot, .timeout, .cancel, .close: false
+        default: true
+        }
+    }
+
     /// True for the kinds that complete more than once.
     public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot || self == .receiveMultishot }
 }

@@ -215,6 +215,19 @@ public final class EventLoop: @unchecked Sendable {
         return token
     }
 
+    /// `submit` with a deadline the backend enforces (`IOBackend.prepare(_:deadline:)`).
+    @inline(__always)
+    func submit(_ operation: consuming Operation, _ handler: Handler, deadline: Deadline) -> Token {
+        assertInLoop()
+        if _slowPath(finished) { return refuse(operation, handler) }
+        let token = backend.prepare(operation, deadline: deadline)
+        let slot = handlers.slot(token.index)
+        slot.pointee.handler = handler
+        slot.pointee.token = token
+        slot.pointee.cancelRequested = false
+        return token
+    }
+
     /// `submit`, or the operation's final completion when the backend finished it at
     /// once (`IOBackend.attempt`); the handler is registered only in the first case.
     @inline(__always)
