@@ -21,9 +21,20 @@ import Plexus
 // (each `swift_task_switch` looks up the task's executor preference under the task's
 // status lock; a plain nonisolated async function costs one more per await).
 
+/// What an async window runs on: a task executor whose thread is the benchmark thread
+/// while `run` runs, until `shutdown`. An `EventLoop`, or the floor's bare executor
+/// (`FloorExecutor`).
+protocol WindowExecutor: TaskExecutor {
+    func run()
+    func shutdown()
+}
+
+extension EventLoop: WindowExecutor {}
+
 /// An async benchmark body, driven by `AsyncWindow`. Everything runs on the loop thread.
 protocol AsyncWorkload: AnyObject, Sendable {
-    var loop: EventLoop { get }
+    associatedtype Executor: WindowExecutor
+    var loop: Executor { get }
     /// Tasks calling `work`, each with its own index.
     var workers: Int { get }
     /// Tasks calling `help` once (servers), beside the workers.

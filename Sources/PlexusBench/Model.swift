@@ -211,8 +211,7 @@ enum AnyBenchmarkBody {
 
 /// Builds the body for a case; nil when the case does not exist.
 func makeBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBenchmarkBody? {
-    if c.backend.isRaw && c.adapter != .raw { return nil }
-    guard c.benchmark.adapters.contains(c.adapter) || c.backend.isRaw else { return nil }
+    guard BenchmarkRunner.hasBody(c) else { return nil }
     if c.benchmark.isMessageQueue { return try makeMessageQueueBody(c).map { .window($0) } }
     if c.adapter == .async { return try makeAsyncBody(c, sampler: sampler) }
     return try makeSteppedBody(c, sampler: sampler).map { .steps($0) }

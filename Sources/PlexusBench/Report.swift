@@ -18,7 +18,10 @@ public struct Plan: Sendable {
         for benchmark in benchmarks {
             for plexus in BackendName.plexus {
                 let baseline = plexus.baseline
-                if backends.contains(baseline) { result.append(BenchmarkCase(benchmark, baseline, .raw)) }
+                if backends.contains(baseline) {
+                    result.append(BenchmarkCase(benchmark, baseline, .raw))
+                    if adapters.contains(.async) { result.append(BenchmarkCase(benchmark, baseline, .async)) }
+                }
                 guard backends.contains(plexus) else { continue }
                 for adapter in adapters {
                     let c = BenchmarkCase(benchmark, plexus, adapter)
@@ -46,8 +49,20 @@ public struct Report: Sendable {
     /// ops/s of the case over ops/s of its raw baseline, when both ran.
     public func ratio(_ r: CaseResult) -> Double? {
         let c = r.benchmarkCase
-        guard !c.backend.isRaw, let base = result(c.benchmark, c.backend.baseline, .raw), base.median.opsPerSecond > 0 else { return nil }
+        // The floor row (raw-io_uring async) over the C loop; baselines themselves are the base.
+        let baseline: BackendName = c.backend.isRaw ? c.backend : c.backend.baseline
+        guard !(c.backend.isRaw && c.adapter == .raw), let base = result(c.benchmark, baseline, .raw),
+              base.median.opsPerSecond > 0 else { return nil }
         return r.median.opsPerSecond / base.median.opsPerSecond
+    }
+
+    /// ops/s of an async NOP over the concurrency runtime's floor (raw-io_uring async)
+    /// measured in the same run: DESIGN.md's target for the async NOP.
+    public func floorRatio(_ r: CaseResult) -> Double? {
+        let c = r.benchmarkCase
+        guard c.adapter == .async, !c.backend.isRaw, let floor = result(c.benchmark, .rawIoUring, .async),
+              floor.median.opsPerSecond > 0 else { return nil }
+        return r.median.opsPerSecond / floor.median.opsPerSecond
     }
 
     /// ops/s of an async case over ops/s of the callback case on the same backend.
@@ -69,7 +84,7 @@ public struct Report: Sendable {
                     formatRate(m.opsPerSecond), formatNanoseconds(m.nsPerOp),
                     m.p50.map(formatNanoseconds) ?? "-", m.p99.map(formatNanoseconds) ?? "-",
                     m.allocsPerOp.map { fixed($0, 2) } ?? "n/a",
-                    c.backend.isRaw ? "base" : ratio(r).map { fixed($0, 2) + "x" } ?? "-",
+                    c.backend.isRaw && c.adapter == .raw ? "base" : ratio(r).map { fixed($0, 2) + "x" } ?? "-",
                     asyncRatio(r).map { fixed($0, 2) + "x" } ?? (c.adapter == .callback ? "base" : ""),
                 ])
             }
@@ -93,6 +108,11 @@ public struct Report: Sendable {
         out += benchmarks.filter(\.isImplemented).map { "\($0) \($0.latencyUnit)" }.joined(separator: "; ")
         out += ".\nvs raw: ops/s over the raw baseline of the same mechanism. vs cb: async ops/s over callback ops/s on the same backend. allocs/op: malloc-family calls per op in the timed window, all threads"
         out += allocationsCounted ? ".\n" : " (not counted in this process: sanitizer build).\n"
+        let floors = results.compactMap { r in floorRatio(r).map { "\(r.benchmarkCase.backend) \(fixed($0, 2))x" } }
+        if !floors.isEmpty {
+            out += "raw-io_uring async (nop-1): the Swift concurrency floor, one awaited NOP through a bare "
+                + "TaskExecutor over a raw ring; Plexus's async nop-1 over it: " + floors.joined(separator: ", ") + ".\n"
+        }
         for note in notes { out += note + "\n" }
         return out
     }

@@ -78,7 +78,11 @@ public final class BenchmarkRunner {
     /// True when a body exists for the case.
     public static func hasBody(_ c: BenchmarkCase) -> Bool {
         guard c.benchmark.isImplemented else { return false }
-        if c.backend.isRaw { return c.adapter == .raw && c.benchmark.hasBaseline }
+        if c.backend.isRaw {
+            // raw-io_uring async: the concurrency runtime's floor for an awaited NOP.
+            if c.adapter == .async { return c.backend == .rawIoUring && c.benchmark == .nop1 }
+            return c.adapter == .raw && c.benchmark.hasBaseline
+        }
         return c.benchmark.adapters.contains(c.adapter)
     }
 

@@ -24,7 +24,7 @@ struct PlexusBenchCommand: ParsableCommand {
         (baselines). Adapters: raw (the IOBackend protocol itself; also the adapter name \
         of the baselines), callback (EventLoop callbacks), async (async/await, timed \
         inside a task whose executor is the loop; the "vs cb" column is its rate over the \
-        callback rate). timers has no raw or async row; mq-* have no raw rows.
+        callback rate). timers has no raw or async row; mq-* have no raw rows. With         async selected, nop-1 also has a raw-io_uring async row: the Swift concurrency         runtime's floor (one awaited NOP through a bare TaskExecutor over a raw ring), the         async NOP's target; the line under the table gives each async nop-1 over it.
 
         Build with `swift build -c release`: debug builds measure the compiler, not Plexus.
         """
@@ -39,7 +39,7 @@ struct PlexusBenchCommand: ParsableCommand {
         """, valueName: "list"))
     var backends: String = "all"
 
-    @Option(name: .long, help: ArgumentHelp("Comma-separated adapters for the Plexus backends (raw, callback, async), or 'all'. Baselines always run as 'raw'.", valueName: "list"))
+    @Option(name: .long, help: ArgumentHelp("Comma-separated adapters for the Plexus backends (raw, callback, async), or 'all'. Baselines run as 'raw' (and raw-io_uring nop-1 as 'async': the floor).", valueName: "list"))
     var adapters: String = "all"
 
     @Option(name: .long, help: ArgumentHelp("Length of each timed run, e.g. 200ms, 0.5s, 1s.", valueName: "time"))

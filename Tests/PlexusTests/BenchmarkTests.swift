@@ -45,6 +45,9 @@ extension PlexusTests {
 
         @Test func everyImplementedBenchmarkHasACaseOnEachBackend() {
             let cases = Self.cases
+            if Self.backends.contains(.rawIoUring) {
+                #expect(cases.contains(BenchmarkCase(.nop1, .rawIoUring, .async)), "nop-1 has no floor row")
+            }
             for backend in Self.backends {
                 for benchmark in Benchmark.allCases where benchmark.isImplemented {
                     if backend.isRaw && !benchmark.hasBaseline { continue }

@@ -34,6 +34,7 @@ import SystemPackage
 // Checked: the same as the callback bodies (every result, every byte, exactly once).
 
 func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBenchmarkBody? {
+    if c.backend == .rawIoUring && c.benchmark == .nop1 { return .window(AsyncWindow(try FloorNop())) }
     guard let choice = c.backend.choice else { return nil }
     switch c.benchmark {
     case .nop1: return .window(AsyncWindow(try AsyncNop(choice: choice, tasks: 1)))
@@ -80,6 +81,94 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
 
     nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
         let result = try await loop.nop()
+        if result != 0 { bad += 1 }
+        completed += 1
+        return 1
+    }
+
+    func check() throws {
+        if bad > 0 { throw BenchmarkError.wrong("\(bad) of \(completed) NOPs returned non-zero") }
+    }
+
+    func close() {}
+}
+
+// MARK: the floor
+
+/// The Swift concurrency runtime's floor for one awaited NOP (DESIGN.md, performance
+/// contract: the async NOP's target): the least an async API over io_uring can do, with
+/// no Plexus in it. A bare `TaskExecutor` runs the task's jobs on the benchmark thread and
+/// drives a raw ring; `nop()` writes a NOP SQE and parks the task in an
+/// `UnsafeContinuation` that the reap resumes. No cancellation, no slots, no handler
+/// table: the runtime's own cost (a continuation, a suspension, the executor switches of
+/// one async call) and the ring's.
+final class FloorExecutor: WindowExecutor, @unchecked Sendable {
+    let ring: RawRing
+    /// Jobs to run; used only on the benchmark thread (the task is created there too).
+    private var jobs: [UnownedJob] = []
+    private var running: [UnownedJob] = []
+    private var waiting: [UnsafeContinuation<Int32, Never>?] = []
+    private var free: [Int] = []
+    private var pending = 0
+    private var stopped = false
+
+    init() throws {
+        ring = try RawRing()
+        jobs.reserveCapacity(64)
+        running.reserveCapacity(64)
+        waiting.reserveCapacity(64)
+        free.reserveCapacity(64)
+    }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        jobs.append(UnownedJob(job))
+    }
+
+    func run() {
+        while true {
+            while !jobs.isEmpty {
+                swap(&jobs, &running)
+                for job in running { job.runSynchronously(on: asUnownedTaskExecutor()) }
+                running.removeAll(keepingCapacity: true)
+            }
+            if stopped || pending == 0 { return }
+            try? ring.submitAndWait(1)
+            _ = ring.reap { data, result in
+                let slot = Int(data)
+                pending -= 1
+                free.append(slot)
+                waiting[slot].take()!.resume(returning: result)
+            }
+        }
+    }
+
+    func shutdown() { stopped = true }
+
+    /// An awaited IORING_OP_NOP.
+    nonisolated(nonsending) func nop() async -> Int32 {
+        await withUnsafeContinuation { continuation in
+            let slot: Int
+            if let reused = free.popLast() { slot = reused } else { slot = waiting.count; waiting.append(nil) }
+            waiting[slot] = continuation
+            pending += 1
+            let sqe = ring.sqe()
+            io_uring_prep_nop(sqe)
+            io_uring_sqe_set_data64(sqe, UInt64(slot))
+        }
+    }
+}
+
+/// nop-1 on the floor executor: one task awaiting one NOP at a time.
+final class FloorNop: AsyncWorkload, @unchecked Sendable {
+    let loop: FloorExecutor
+    var workers: Int { 1 }
+    var completed = 0
+    var bad = 0
+
+    init() throws { loop = try FloorExecutor() }
+
+    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+        let result = await loop.nop()
         if result != 0 { bad += 1 }
         completed += 1
         return 1
