@@ -25,6 +25,9 @@ struct OperationRecord: ~Copyable {
         case awaitingReadiness
         /// A multishot receive whose buffer group ran dry: parked until a recycle.
         case awaitingBuffers
+        /// io_uring only: a read of an empty pipe, parked until the pipe's multishot poll
+        /// reports data; nothing of it is in the kernel.
+        case awaitingPipe
     }
 }
 

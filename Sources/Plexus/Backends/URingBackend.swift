@@ -45,7 +45,35 @@ public final class URingBackend: IOBackend {
         /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
         /// single issuer, whichever thread created the backend.
         var enabled = false
+        /// Pipes by fd number, for reads of empty pipes (see `parkOnPipe`).
+        var pipes: [PipeWatch] = []
+        var pipeArmings: UInt32 = 0
+        /// `prepare(_:deadline:)` is preparing: the operation needs its own SQE to link to.
+        var noParking = false
     }
+
+    /// How reads of one pipe go. An IORING_OP_READ of an empty pipe is the kernel's slow
+    /// path: it fails inside, arms a poll, and reruns the read from task work (pingpong
+    /// raw-io_uring 1.39 us per round trip). So once a read of a pipe came back short (the
+    /// pipe is empty now), the next reads of it park here instead, and one multishot
+    /// POLL_ADD, armed once and kept, reports when data comes; they then run at once as
+    /// preadv2(RWF_NOWAIT). Measured in the raw baseline's shape: 1.02 us per round trip.
+    private struct PipeWatch {
+        /// 0 not looked at, 1 a pipe (FIFO), 2 not a pipe.
+        var kind: UInt8 = 0
+        /// The last read came back short and no poll report came since.
+        var drained = false
+        /// A multishot poll is armed under `tag` (user_data: pipePollIndex | tag << 32).
+        var armed = false
+        var tag: UInt32 = 0
+        /// Parked reads, oldest first.
+        var parked: [Int] = []
+    }
+
+    /// The token index of pipe polls' user_data (never a record's: slabs are far smaller).
+    private static let pipePollIndex = UInt32.max - 2
+    /// fd numbers the pipe path serves (tag = arming << 20 | fd).
+    private static let pipeFDLimit = 1 << 20
 
     /// Opcodes every operation needs; a kernel without one of them is not used.
     static let requiredOpcodes: [(io_uring_op, String)] = [
@@ -158,7 +186,9 @@ public final class URingBackend: IOBackend {
             _ = io_uring_submit(ring)
         }
         let tailBefore = ring.pointee.sq.sqe_tail
+        state.pointee.noParking = true
         let token = prepare(operation)
+        state.pointee.noParking = false
         let tail = ring.pointee.sq.sqe_tail
         // Finished at once (a cached read, refused input) or waiting for SQ space: no link.
         guard tail == tailBefore &+ 1, let timeoutSQE = io_uring_get_sqe(ring) else { return token }
@@ -230,6 +260,10 @@ public final class URingBackend: IOBackend {
         if !state.pointee.enabled { try? enableIfNeeded() }
         drainBacklog()
         endStarved { _ in true }
+        for fd in 0..<state.pointee.pipes.count where state.pointee.pipes[fd].kind == 1 {
+            endPipeReads(on: Int32(fd), result: -ECANCELED) { _ in true }
+            forgetPipe(Int32(fd))  // the cancel below ends its poll
+        }
         if let sqe = sqe() {
             io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL))
             io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
@@ -310,6 +344,11 @@ public final class URingBackend: IOBackend {
                 state.pointee.immediate.append((index, 0))
                 return
             }
+            if targetRecord.pointee.state == .awaitingPipe {
+                endPipeReads(on: targetRecord.pointee.fd, result: -ECANCELED) { $0 == target.index }
+                state.pointee.immediate.append((index, 0))
+                return
+            }
         }
         if kind == .receiveMultishot && !capabilities.contains(.multishotReceive) {
             state.pointee.immediate.append((index, -EOPNOTSUPP))
@@ -323,6 +362,7 @@ public final class URingBackend: IOBackend {
             state.pointee.immediate.append((index, n))
             return
         }
+        if kind == .read, view.offset < 0, parkOnPipe(index, view.fd) { return }
         guard let sqe = sqe() else {
             state.pointee.backlog.append(index)
             return
@@ -384,6 +424,8 @@ public final class URingBackend: IOBackend {
         case .close:
             forgetPositional(view.fd)
             endStarved { table.record($0).pointee.fd == view.fd }
+            endPipeReads(on: view.fd, result: -ECANCELED) { _ in true }
+            forgetPipe(view.fd)  // its poll ends with the cancel below
             // Cancel what is pending on the fd first; the hard link runs the close either way.
             if capabilities.contains(.cancelByFileDescriptor) {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
@@ -456,6 +498,9 @@ public final class URingBackend: IOBackend {
     private func complete(_ userData: UInt64, _ res: Int32, _ cqeFlags: UInt32,
                           _ body: (consuming Completion) -> Void) -> Int {
         if userData == Token.internalOperation.rawValue || userData == Token.ringWake.rawValue { return 0 }
+        if UInt32(truncatingIfNeeded: userData) == Self.pipePollIndex {
+            return pipeReport(UInt32(truncatingIfNeeded: userData >> 32), res, cqeFlags, body)
+        }
         let token = Token(rawValue: userData)
         guard let record = table.live(token) else {
             assertionFailure("CQE for a token that is not live: \(token)")
@@ -628,6 +673,7 @@ public final class URingBackend: IOBackend {
         let token = Token(index: UInt32(index), generation: record.pointee.generation)
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
+        if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
         record.pointee.operation!.apply(result: result, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
         release(index)
@@ -686,6 +732,131 @@ public final class URingBackend: IOBackend {
         if n >= 0 { return Int32(n) }
         if plexus_errno() == EOPNOTSUPP { state.pointee.positional[i] = 3 }
         return nil
+    }
+
+    // MARK: Pipes
+
+    /// After a read of `record`'s fd returned `result` > 0 bytes: a short read of a pipe
+    /// (file-position read, not positional) leaves it empty.
+    private func notePipeRead(_ record: UnsafeMutablePointer<OperationRecord>,
+                              _ scratch: UnsafeMutablePointer<plexus_op_scratch>, _ result: Int32) {
+        let fd = record.pointee.fd
+        // (A parked read's pipeReport has judged it already.)
+        guard record.pointee.state != .awaitingPipe, fd >= 0, Int(fd) < Self.pipeFDLimit,
+              capabilities.isSuperset(of: [.multishotPoll, .cancelByFileDescriptor]) else { return }
+        let i = Int(fd)
+        if i >= state.pointee.pipes.count {
+            state.pointee.pipes.append(contentsOf: repeatElement(PipeWatch(), count: i + 1 - state.pointee.pipes.count))
+        }
+        if state.pointee.pipes[i].kind == 0 { state.pointee.pipes[i].kind = Sys.fileType(fd) == Int32(Glibc.S_IFIFO) ? 1 : 2 }
+        guard state.pointee.pipes[i].kind == 1 else { return }
+        let view = record.pointee.operation!.kernelView(scratch: scratch)
+        if view.offset < 0 && Int(result) < view.length { state.pointee.pipes[i].drained = true }
+    }
+
+    /// Parks a read of an empty pipe (or one behind parked reads) until the pipe's poll
+    /// reports data, arming the poll if it is not. False: the read goes to the ring.
+    private func parkOnPipe(_ index: Int, _ fd: Int32) -> Bool {
+        let i = Int(fd)
+        guard !state.pointee.noParking, fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
+              state.pointee.pipes[i].drained || !state.pointee.pipes[i].parked.isEmpty else { return false }
+        if !state.pointee.pipes[i].armed {
+            guard let sqe = sqe() else { return false }
+            armPipePoll(sqe, fd)
+        }
+        table.record(index).pointee.state = .awaitingPipe
+        state.pointee.pipes[i].parked.append(index)
+        state.pointee.statistics.wouldBlock &+= 1
+        return true
+    }
+
+    private func armPipePoll(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ fd: Int32) {
+        state.pointee.pipeArmings &+= 1
+        let tag = (state.pointee.pipeArmings << 20) | UInt32(fd)
+        io_uring_prep_poll_multishot(sqe, fd, UInt32(POLLIN))
+        io_uring_sqe_set_data64(sqe, Token(index: Self.pipePollIndex, generation: tag).rawValue)
+        state.pointee.pipes[Int(fd)].armed = true
+        state.pointee.pipes[Int(fd)].tag = tag
+    }
+
+    /// A pipe poll's CQE: data (or the writer's end) is there, so the parked reads run now,
+    /// oldest first, until one finds the pipe empty again.
+    private func pipeReport(_ tag: UInt32, _ res: Int32, _ cqeFlags: UInt32,
+                            _ body: (consuming Completion) -> Void) -> Int {
+        let fd = Int32(tag & UInt32(Self.pipeFDLimit - 1))
+        let i = Int(fd)
+        guard i < state.pointee.pipes.count, state.pointee.pipes[i].armed, state.pointee.pipes[i].tag == tag else {
+            return 0  // a poll this backend already gave up (closed, cancelled)
+        }
+        if cqeFlags & IORING_CQE_F_MORE == 0 { state.pointee.pipes[i].armed = false }
+        if res < 0 {
+            // The poll itself failed: the parked reads go to the ring, which reports why.
+            state.pointee.pipes[i].drained = false
+            requeuePipeReads(fd)
+            return 0
+        }
+        state.pointee.pipes[i].drained = false
+        var delivered = 0
+        while let index = state.pointee.pipes[i].parked.first {
+            let record = table.record(index)
+            let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
+            var iov = iovec(iov_base: view.base, iov_len: view.length)
+            let n = plexus_preadv2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
+            let result = n >= 0 ? Int32(n) : -plexus_errno()
+            if result == -EAGAIN {
+                state.pointee.pipes[i].drained = true
+                break
+            }
+            if result == -EOPNOTSUPP || result == -EINVAL {
+                // RWF_NOWAIT refused here: this pipe's reads stay on the ring.
+                state.pointee.pipes[i].kind = 2
+                requeuePipeReads(fd)
+                return delivered
+            }
+            state.pointee.pipes[i].parked.removeFirst()
+            let short = result > 0 && Int(result) < view.length
+            if short { state.pointee.pipes[i].drained = true }
+            delivered += finish(index, result: result, flags: [], body)
+            if result <= 0 || short { break }
+        }
+        if !state.pointee.pipes[i].parked.isEmpty && !state.pointee.pipes[i].armed, let sqe = sqe() {
+            armPipePoll(sqe, fd)
+        }
+        return delivered
+    }
+
+    /// Sends the parked reads of `fd` to the ring as ordinary reads.
+    private func requeuePipeReads(_ fd: Int32) {
+        let parked = state.pointee.pipes[Int(fd)].parked
+        state.pointee.pipes[Int(fd)].parked.removeAll()
+        state.pointee.noParking = true
+        for index in parked {
+            table.record(index).pointee.state = .inFlight
+            prep(index)
+        }
+        state.pointee.noParking = false
+    }
+
+    /// Ends the parked reads of `fd` that `matching` picks with `result`.
+    private func endPipeReads(on fd: Int32, result: Int32, _ matching: (Int) -> Bool) {
+        let i = Int(fd)
+        guard fd >= 0, i < state.pointee.pipes.count, !state.pointee.pipes[i].parked.isEmpty else { return }
+        var kept: [Int] = []
+        for index in state.pointee.pipes[i].parked {
+            if matching(index) {
+                table.record(index).pointee.state = .inFlight
+                state.pointee.immediate.append((index, result))
+            } else {
+                kept.append(index)
+            }
+        }
+        state.pointee.pipes[i].parked = kept
+    }
+
+    /// Forgets what was known of fd number `fd` (closed; the number may come back as
+    /// anything). An armed poll's late CQE no longer matches and is dropped.
+    private func forgetPipe(_ fd: Int32) {
+        if fd >= 0, Int(fd) < state.pointee.pipes.count { state.pointee.pipes[Int(fd)] = PipeWatch() }
     }
 
     private func forgetPositional(_ fd: Int32) {

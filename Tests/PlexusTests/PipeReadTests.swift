@@ -1,0 +1,125 @@
+import CPlexus
+import Glibc
+@testable import Plexus
+import SystemPackage
+import Testing
+
+/// Reads of pipes that find them empty. io_uring parks such a read (after a short read
+/// said the pipe is empty) on one multishot poll per pipe and runs it as preadv2 when
+/// data comes; epoll and poll wait for readiness. Every backend must give the same
+/// results: data in order, cancels, closes, shutdown and end of file exactly once.
+extension PlexusTests {
+@Suite struct PipeReadTests {
+    static func write(_ fd: FileDescriptor, _ text: String) {
+        #expect(Glibc.write(fd.rawValue, text, text.utf8.count) == text.utf8.count)
+    }
+
+    /// Reads what is there (a short read: the pipe is empty after it).
+    static func drain(_ h: Harness, _ r: FileDescriptor, _ w: FileDescriptor, expecting text: String) throws {
+        write(w, text)
+        let done = try h.perform(.read(r, IOBuffer(capacity: 64)))
+        #expect(done.bytes == Array(text.utf8))
+    }
+
+    /// A pipe emptied by a short read, and a read of it that waits.
+    static func waitingRead(_ h: Harness, _ kind: BackendKind) throws -> (FileDescriptor, FileDescriptor, Token) {
+        let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+        try drain(h, r, w, expecting: "a")
+        let waiting = h.prepare(.read(r, IOBuffer(capacity: 8)))
+        try h.submit()
+        try h.idle(for: .milliseconds(1))
+        #expect(h.isPending(waiting))
+        return (r, w, waiting)
+    }
+
+    @Test(arguments: Backends.kinds)
+    func readsOfAnEmptyPipeGetLaterDataInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+            let blockedBefore = h.backend.statistics.wouldBlock
+            for round in 0..<20 {
+                try Self.drain(h, r, w, expecting: "short \(round)")
+                let first = h.prepare(.read(r, IOBuffer(capacity: 1)))
+                let second = h.prepare(.read(r, IOBuffer(capacity: 64)))
+                try h.submit()
+                try h.idle(for: .milliseconds(1))
+                #expect(h.isPending(first) && h.isPending(second))
+                Self.write(w, "xy")
+                let got = try h.waitFor([first, second])
+                #expect(got[0].bytes == Array("x".utf8), "oldest read first")
+                #expect(got[1].bytes == Array("y".utf8))
+            }
+            if kind == .ioUring, h.backend.capabilities.isSuperset(of: [.multishotPoll, .cancelByFileDescriptor]) {
+                #expect(h.backend.statistics.wouldBlock - blockedBefore >= 20, "the reads did not wait on the pipe's poll")
+            }
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func aCancelledWaitingReadEndsOnceAndTheNextReadWorks(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            h.prepare(.cancel(waiting))
+            try h.submit()
+            #expect(try h.waitFor(waiting).result == -ECANCELED)
+            Self.write(w, "b")
+            #expect(try h.perform(.read(r, IOBuffer(capacity: 8))).bytes == Array("b".utf8))
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func closingThePipeEndsItsWaitingReads(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, _, waiting) = try Self.waitingRead(h, kind)
+            h.disown(r)
+            let close = h.prepare(.close(r))
+            try h.submit()
+            let got = try h.waitFor([waiting, close])
+            #expect(got[0].result == -ECANCELED)
+            #expect(got[1].result == 0)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func theWriterClosingEndsAWaitingReadWithEndOfFile(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (_, w, waiting) = try Self.waitingRead(h, kind)
+            h.closeNow(w)
+            #expect(try h.waitFor(waiting).result == 0)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func cancelAllEndsWaitingReads(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            h.cancelAll()
+            #expect(try h.waitFor(waiting).result == -ECANCELED)
+            #expect(h.backend.pendingCount == 0)
+            // The backend goes on: a new read of the same pipe.
+            Self.write(w, "b")
+            #expect(try h.perform(.read(r, IOBuffer(capacity: 8))).bytes == Array("b".utf8))
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func aDeadlineStillEndsAReadOfAnEmptyPipe(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+            try Self.drain(h, r, w, expecting: "a")
+            let start = Deadline.now
+            let token = h.backend.prepare(.read(r, IOBuffer(capacity: 8)), deadline: start + .milliseconds(20))
+            var result: Int32?
+            let limit = ContinuousClock.now + .seconds(5)
+            while result == nil && ContinuousClock.now < limit {
+                try h.backend.wait(timeout: .milliseconds(50)) { c in
+                    #expect(c.token == token)
+                    result = c.result
+                }
+            }
+            #expect(result == -ECANCELED)
+            #expect(Deadline.now >= start + .milliseconds(20))
+        }
+    }
+}
+}
