@@ -121,5 +121,25 @@ extension PlexusTests {
             #expect(Deadline.now >= start + .milliseconds(20))
         }
     }
+
+    /// A completion queue that overflows while a read waits on a pipe's poll: the read
+    /// still gets its data exactly once (whether the kernel keeps the poll's CQE in its
+    /// overflow list or ends the poll, which sends the read back to an ordinary READ).
+    @Test(arguments: Backends.kinds)
+    func aWaitingReadSurvivesACompletionQueueOverflow(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            // Many completions nobody reaps yet, then data: the CQ (8 entries) overflows.
+            var nops: [Token] = []
+            for _ in 0..<24 { nops.append(h.prepare(.nop)) }
+            try h.submit()
+            Self.write(w, "late")
+            let got = try h.waitFor(waiting)
+            #expect(got.bytes == Array("late".utf8))
+            try h.waitFor(nops)
+            Self.write(w, "next")
+            #expect(try h.perform(.read(r, IOBuffer(capacity: 8))).bytes == Array("next".utf8))
+        }
+    }
 }
 }

@@ -819,8 +819,11 @@ public final class URingBackend: IOBackend {
             delivered += finish(index, result: result, flags: [], body)
             if result <= 0 || short { break }
         }
-        if !state.pointee.pipes[i].parked.isEmpty && !state.pointee.pipes[i].armed, let sqe = sqe() {
-            armPipePoll(sqe, fd)
+        if !state.pointee.pipes[i].parked.isEmpty && !state.pointee.pipes[i].armed {
+            // The kernel ended the poll (CQ overflow; or this fd number is no pipe any
+            // more, whose poll reports once): what still waits goes to the ring, so an
+            // fd that is never pollable cannot keep re-arming; a later short read arms anew.
+            requeuePipeReads(fd)
         }
         return delivered
     }
