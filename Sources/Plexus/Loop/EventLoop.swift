@@ -202,29 +202,15 @@ public final class EventLoop: @unchecked Sendable {
 
     // MARK: Submitting
 
-    /// Prepares `operation` with `handler`; the heart of every adapter.
+    /// Prepares `operation` with `handler`; the heart of every adapter. With a deadline,
+    /// the backend enforces it (`IOBackend.prepare(_:deadline:)`).
     @inline(__always)
-    func submit(_ operation: consuming Operation, _ handler: Handler) -> Token {
+    func submit(_ operation: consuming Operation, _ handler: Handler, deadline: Deadline? = nil) -> Token {
         assertInLoop()
         if _slowPath(finished) { return refuse(operation, handler) }
-        let token = backend.prepare(operation)
-        let slot = handlers.slot(token.index)
-        slot.pointee.handler = handler
-        slot.pointee.token = token
-        slot.pointee.cancelRequested = false
-        return token
-    }
-
-    /// `submit` with a deadline the backend enforces (`IOBackend.prepare(_:deadline:)`).
-    @inline(__always)
-    func submit(_ operation: consuming Operation, _ handler: Handler, deadline: Deadline) -> Token {
-        assertInLoop()
-        if _slowPath(finished) { return refuse(operation, handler) }
-        let token = backend.prepare(operation, deadline: deadline)
-        let slot = handlers.slot(token.index)
-        slot.pointee.handler = handler
-        slot.pointee.token = token
-        slot.pointee.cancelRequested = false
+        let token: Token
+        if let deadline { token = backend.prepare(operation, deadline: deadline) } else { token = backend.prepare(operation) }
+        register(handler, for: token)
         return token
     }
 
@@ -238,12 +224,18 @@ public final class EventLoop: @unchecked Sendable {
         case .completed(let completion):
             return .completed(completion)
         case .prepared(let token):
-            let slot = handlers.slot(token.index)
-            slot.pointee.handler = handler
-            slot.pointee.token = token
-            slot.pointee.cancelRequested = false
+            register(handler, for: token)
             return .prepared(token)
         }
+    }
+
+    /// Puts `handler` in the slot of `token`, a freshly prepared operation.
+    @inline(__always)
+    private func register(_ handler: Handler, for token: Token) {
+        let slot = handlers.slot(token.index)
+        slot.pointee.handler = handler
+        slot.pointee.token = token
+        slot.pointee.cancelRequested = false
     }
 
     /// Awaited operations that may finish without suspending, per turn of the loop: a
