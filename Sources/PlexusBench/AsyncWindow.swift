@@ -138,9 +138,7 @@ final class AsyncWindow<W: AsyncWorkload>: WindowBody, @unchecked Sendable {
             now = monotonicNanoseconds()
         } while (now < warmupStart &+ warmup || warmupCalls < 3) && phase != .stop
         let callNanoseconds = max(1, (now - warmupStart) / UInt64(warmupCalls))
-        var stride = 1
-        while stride < 1024 && UInt64(stride) * callNanoseconds < 5_000 { stride <<= 1 }
-        let mask = stride - 1
+        let mask = timingStride(callNanoseconds: callNanoseconds) - 1
         let timeCalls = !workload.recordsOwnLatency
 
         sampler.reset()

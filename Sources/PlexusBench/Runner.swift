@@ -133,11 +133,8 @@ public final class BenchmarkRunner {
             now = monotonicNanoseconds()
         } while now < warmupEnd || warmupSteps < 3
         let stepNanoseconds = max(1, (now - warmupStart) / UInt64(warmupSteps))
-        // Time one step in `stride` so the two clock reads (~50 ns) cost under ~1% of the
-        // window; the deadline is checked on the timed steps.
-        var stride = 1
-        while stride < 1024 && UInt64(stride) * stepNanoseconds < 5_000 { stride <<= 1 }
-        let mask = stride - 1
+        // The deadline is checked on the timed steps.
+        let mask = timingStride(callNanoseconds: stepNanoseconds) - 1
         let timeSteps = !body.recordsOwnLatency
 
         sampler.reset()
@@ -208,4 +205,12 @@ extension Duration {
         let (seconds, attoseconds) = components
         return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
     }
+}
+
+/// Time one call in this many (a power of two, at most 1024), so the two clock reads
+/// around it (~50 ns) cost under ~1% of the window.
+func timingStride(callNanoseconds: UInt64) -> Int {
+    var stride = 1
+    while stride < 1024 && UInt64(stride) * callNanoseconds < 5_000 { stride <<= 1 }
+    return stride
 }

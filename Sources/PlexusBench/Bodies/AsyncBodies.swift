@@ -68,11 +68,25 @@ func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBen
 
 // MARK: nop
 
+/// What the awaited NOPs of a body returned: each must be 0.
+struct NopTally {
+    var completed = 0
+    var bad = 0
+
+    mutating func count(_ result: Int) {
+        if result != 0 { bad += 1 }
+        completed += 1
+    }
+
+    func check() throws {
+        if bad > 0 { throw BenchmarkError.wrong("\(bad) of \(completed) NOPs returned non-zero") }
+    }
+}
+
 final class AsyncNop: AsyncWorkload, @unchecked Sendable {
     let loop: EventLoop
     let workers: Int
-    var completed = 0
-    var bad = 0
+    var tally = NopTally()
 
     init(choice: BackendChoice, tasks: Int) throws {
         loop = try EventLoop(backend: choice)
@@ -80,15 +94,11 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
     }
 
     nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
-        let result = try await loop.nop()
-        if result != 0 { bad += 1 }
-        completed += 1
+        tally.count(try await loop.nop())
         return 1
     }
 
-    func check() throws {
-        if bad > 0 { throw BenchmarkError.wrong("\(bad) of \(completed) NOPs returned non-zero") }
-    }
+    func check() throws { try tally.check() }
 
     func close() {}
 }
@@ -162,21 +172,16 @@ final class FloorExecutor: WindowExecutor, @unchecked Sendable {
 final class FloorNop: AsyncWorkload, @unchecked Sendable {
     let loop: FloorExecutor
     var workers: Int { 1 }
-    var completed = 0
-    var bad = 0
+    var tally = NopTally()
 
     init() throws { loop = try FloorExecutor() }
 
     nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
-        let result = await loop.nop()
-        if result != 0 { bad += 1 }
-        completed += 1
+        tally.count(Int(await loop.nop()))
         return 1
     }
 
-    func check() throws {
-        if bad > 0 { throw BenchmarkError.wrong("\(bad) of \(completed) NOPs returned non-zero") }
-    }
+    func check() throws { try tally.check() }
 
     func close() {}
 }
@@ -298,19 +303,8 @@ final class AsyncWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
 
 // MARK: echo
 
-final class AsyncEchoConnection {
-    let client: FileDescriptor
-    let server: FileDescriptor
-    var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var sequence: UInt64 = 0
+final class AsyncEchoConnection: EchoBuffers {
     var served = 0
-
-    init(pair: (client: Int32, server: Int32)) {
-        client = FileDescriptor(rawValue: pair.client)
-        server = FileDescriptor(rawValue: pair.server)
-    }
 }
 
 final class AsyncEcho: AsyncWorkload, @unchecked Sendable {

@@ -304,21 +304,26 @@ final class RawReadinessEcho: BenchmarkBody {
 
 // MARK: Plexus, backend layer
 
+/// One loopback connection's two ends and the buffers the backend and async echo bodies
+/// move through them (each body adds its own bookkeeping).
+class EchoBuffers {
+    let client: FileDescriptor
+    let server: FileDescriptor
+    var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    var sequence: UInt64 = 0
+
+    init(pair: (client: Int32, server: Int32)) {
+        client = FileDescriptor(rawValue: pair.client)
+        server = FileDescriptor(rawValue: pair.server)
+    }
+}
+
 final class BackendEcho: BenchmarkBody {
-    final class Connection {
-        let client: FileDescriptor
-        let server: FileDescriptor
-        var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-        var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-        var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-        var sequence: UInt64 = 0
+    final class Connection: EchoBuffers {
         var sentAt: UInt64 = 0
         var echoed = false
-
-        init(client: FileDescriptor, server: FileDescriptor) {
-            self.client = client
-            self.server = server
-        }
     }
 
     enum Role: UInt8 { case clientSend, clientRecv, serverRecv, serverSend }
@@ -335,7 +340,7 @@ final class BackendEcho: BenchmarkBody {
         self.backend = backend
         stats = EchoStats(sampler: sampler)
         count = pairs.count
-        connections = pairs.map { Connection(client: FileDescriptor(rawValue: $0.client), server: FileDescriptor(rawValue: $0.server)) }
+        connections = pairs.map { Connection(pair: $0) }
         for i in 0..<count {
             serverRecv(i, connections[i].serverBuffer.take()!)
             startRequest(i)
