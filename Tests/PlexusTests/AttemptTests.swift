@@ -9,60 +9,17 @@ import Testing
 /// it, with its per-turn budget.
 extension PlexusTests {
 @Suite struct AttemptTests {
-    /// Result and readable bytes of a completion (its buffer, if any).
-    struct Finished {
-        let token: Token
-        let result: Int32
-        let bytes: [UInt8]?
-    }
-
-    static func finished(_ completion: consuming Completion) -> Finished {
-        var completion = completion
-        let buffer = completion.takeBuffer()
-        return Finished(token: completion.token, result: completion.result, bytes: buffer?.bytes)
-    }
-
-    /// `attempt`'s outcome: finished at once, or the token it was prepared under.
-    static func attempt(_ backend: any IOBackend, _ operation: consuming Operation) -> Result<Finished, TokenBox> {
-        switch backend.attempt(operation) {
-        case .completed(let completion): return .success(finished(completion))
-        case .prepared(let token): return .failure(TokenBox(token: token))
-        }
-    }
-
-    struct TokenBox: Error { let token: Token }
-
-    /// Waits (bounded) until `token`'s final completion; fails on any other completion.
-    static func waitFor(_ token: Token, _ backend: any IOBackend) throws -> Finished? {
-        let start = ContinuousClock.now
-        var got: Finished?
-        while got == nil && ContinuousClock.now - start < .seconds(5) {
-            try backend.wait(timeout: .milliseconds(50)) { completion in
-                let f = finished(completion)
-                #expect(f.token == token, "a completion for \(f.token), expected \(token)")
-                if f.token == token { got = f }
-            }
-        }
-        return got
-    }
-
     @Test(arguments: Backends.kinds)
     func readyDataFinishesAtOnceOnReadinessBackendsAndThroughTheRingOnIoUring(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
             let (r, w) = try h.pipe()
             #expect(Glibc.write(w.rawValue, "ping", 4) == 4)
-            switch Self.attempt(h.backend, .read(r, IOBuffer(capacity: 16))) {
-            case .success(let done):
-                // epoll and poll try read(2) first.
-                #expect(kind != .ioUring, "io_uring sends pipe reads to the ring")
-                #expect(done.result == 4)
-                #expect(done.bytes == Array("ping".utf8))
-            case .failure(let prepared):
-                #expect(kind == .ioUring, "\(kind) tries the read at once")
-                let done = try #require(try Self.waitFor(prepared.token, h.backend))
-                #expect(done.result == 4)
-                #expect(done.bytes == Array("ping".utf8))
-            }
+            let (token, atOnce) = h.attempt(.read(r, IOBuffer(capacity: 16)))
+            // epoll and poll try read(2) first; io_uring sends pipe reads to the ring.
+            #expect(atOnce == (kind != .ioUring), "\(kind): finished at once: \(atOnce)")
+            let done = try h.waitFor(token)
+            #expect(done.result == 4)
+            #expect(done.bytes == Array("ping".utf8))
             #expect(h.backend.pendingCount == 0)
         }
     }
@@ -71,14 +28,13 @@ extension PlexusTests {
     func anEmptyPipeIsPreparedAndCompletesOnceThroughWait(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
             let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
-            guard case .failure(let prepared) = Self.attempt(h.backend, .read(r, IOBuffer(capacity: 16))) else {
-                Issue.record("a read of an empty pipe finished at once")
-                return
-            }
+            let (token, atOnce) = h.attempt(.read(r, IOBuffer(capacity: 16)))
+            #expect(!atOnce, "a read of an empty pipe finished at once")
             #expect(h.backend.pendingCount == 1)
-            _ = try h.backend.wait(timeout: .zero) { c in Issue.record("unexpected completion \(c.token) \(c.result)") }
+            try h.waitOnce(timeout: .zero)
+            #expect(h.isPending(token))
             #expect(Glibc.write(w.rawValue, "late", 4) == 4)
-            let done = try #require(try Self.waitFor(prepared.token, h.backend))
+            let done = try h.waitFor(token)
             #expect(done.result == 4)
             #expect(done.bytes == Array("late".utf8))
             #expect(h.backend.pendingCount == 0)
@@ -91,17 +47,11 @@ extension PlexusTests {
             let file = try h.temporaryFile(contents: Array("0123456789".utf8))
             var answers: [String] = []
             for _ in 0..<3 {
-                switch Self.attempt(h.backend, .read(file.fd, IOBuffer(capacity: 4), offset: 3)) {
-                case .success(let done):
-                    #expect(done.result == 4)
-                    #expect(done.bytes == Array("3456".utf8))
-                    answers.append("at once")
-                case .failure(let prepared):
-                    let done = try #require(try Self.waitFor(prepared.token, h.backend))
-                    #expect(done.result == 4)
-                    #expect(done.bytes == Array("3456".utf8))
-                    answers.append("through wait")
-                }
+                let (token, atOnce) = h.attempt(.read(file.fd, IOBuffer(capacity: 4), offset: 3))
+                let done = try h.waitFor(token)
+                #expect(done.result == 4)
+                #expect(done.bytes == Array("3456".utf8))
+                answers.append(atOnce ? "at once" : "through wait")
             }
             // Readiness backends read files directly. io_uring asks preadv2(RWF_NOWAIT)
             // once it knows the fd is seekable (the first read tells it), unless the file
@@ -119,19 +69,11 @@ extension PlexusTests {
     func anAttemptedWriteGoesAfterTheWritesPreparedBeforeIt(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
             let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
-            let first = h.backend.prepare(.write(w, IOBuffer("first,")))
-            var tokens = [first]
-            switch Self.attempt(h.backend, .write(w, IOBuffer("second"))) {
-            case .success(let done): #expect(done.result == 6)
-            case .failure(let prepared): tokens.append(prepared.token)
-            }
-            var results: [Token: Int32] = [:]
-            let start = ContinuousClock.now
-            while results.count < tokens.count && ContinuousClock.now - start < .seconds(5) {
-                try h.backend.wait(timeout: .milliseconds(50)) { c in results[c.token] = c.result }
-            }
-            #expect(Set(results.keys) == Set(tokens))
-            #expect(results.values.allSatisfy { $0 >= 0 })
+            let first = h.prepare(.write(w, IOBuffer("first,")))
+            let second = h.attempt(.write(w, IOBuffer("second"))).token
+            let got = try h.waitFor([first, second])
+            #expect(got[0].result == 6)
+            #expect(got[1].result == 6)
             var bytes = [UInt8](repeating: 0, count: 32)
             let n = Glibc.read(r.rawValue, &bytes, 32)
             #expect(Array(bytes.prefix(max(n, 0))) == Array("first,second".utf8))

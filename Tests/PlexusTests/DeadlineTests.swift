@@ -8,27 +8,13 @@ import Testing
 /// timer heap on epoll and poll.
 extension PlexusTests {
 @Suite struct DeadlineTests {
-    /// Waits (bounded) for the final completions of `tokens`; result by token.
-    static func results(_ backend: any IOBackend, _ tokens: [Token]) throws -> [Token: Int32] {
-        var got: [Token: Int32] = [:]
-        let start = ContinuousClock.now
-        while got.count < tokens.count && ContinuousClock.now - start < .seconds(5) {
-            try backend.wait(timeout: .milliseconds(50)) { c in
-                #expect(tokens.contains(c.token), "a completion for \(c.token)")
-                if c.isFinal { got[c.token] = c.result }
-            }
-        }
-        return got
-    }
-
     @Test(arguments: Backends.kinds)
     func aReadStillPendingAtItsDeadlineIsCancelled(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
             let (r, _) = try h.pipe(nonBlocking: kind != .ioUring)
             let start = Deadline.now
-            let token = h.backend.prepare(.read(r, IOBuffer(capacity: 8)), deadline: start + .milliseconds(30))
-            let got = try Self.results(h.backend, [token])
-            #expect(got[token] == -ECANCELED)
+            let token = h.prepare(.read(r, IOBuffer(capacity: 8)), deadline: start + .milliseconds(30))
+            #expect(try h.waitFor(token).result == -ECANCELED)
             #expect(Deadline.now >= start + .milliseconds(30), "cancelled before its deadline")
             #expect(h.backend.pendingCount == 0)
         }
@@ -41,14 +27,13 @@ extension PlexusTests {
             let deadline = Deadline.now + .milliseconds(40)
             var tokens: [Token] = []
             for _ in 0..<200 {
-                tokens.append(h.backend.prepare(.write(w, IOBuffer("x")), deadline: deadline))
-                tokens.append(h.backend.prepare(.nop, deadline: deadline))
+                tokens.append(h.prepare(.write(w, IOBuffer("x")), deadline: deadline))
+                tokens.append(h.prepare(.nop, deadline: deadline))
             }
-            let got = try Self.results(h.backend, tokens)
-            #expect(got.count == tokens.count)
-            #expect(got.values.allSatisfy { $0 >= 0 }, "\(got.values.filter { $0 < 0 }.count) failed")
-            // Past the deadlines: no late cancel, no stray completion.
-            try h.backend.wait(timeout: .milliseconds(80)) { c in Issue.record("stray completion \(c.token) \(c.result)") }
+            let got = try h.waitFor(tokens)
+            #expect(got.allSatisfy { $0.result >= 0 }, "\(got.filter { $0.result < 0 }.count) failed")
+            // Past the deadlines: no late cancel, no stray completion (the harness records any).
+            try h.idle(for: .milliseconds(80))
             #expect(h.backend.pendingCount == 0)
             var bytes = [UInt8](repeating: 0, count: 512)
             #expect(Glibc.read(r.rawValue, &bytes, 512) == 200)
@@ -58,9 +43,9 @@ extension PlexusTests {
     @Test(arguments: Backends.kinds)
     func kindsThatTakeNoDeadlineArePreparedAsUsual(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
-            let token = h.backend.prepare(.timeout(.milliseconds(5)), deadline: Deadline.now)
-            let got = try Self.results(h.backend, [token])
-            #expect(got[token] == 0, "a timeout is not cut short by a deadline")
+            let token = h.prepare(.timeout(.milliseconds(5)), deadline: Deadline.now)
+            let result = try h.waitFor(token).result
+            #expect(result == 0, "a timeout is not cut short by a deadline")
         }
     }
 

@@ -98,13 +98,45 @@ final class Harness {
         let kind = operation.kind
         let closedFD = kind == .close ? operation.fileDescriptor?.rawValue : nil
         let token = backend.prepare(operation)
+        track(token, kind, closedFD: closedFD, sourceLocation)
+        return token
+    }
+
+    /// Prepares `operation` with a deadline (`IOBackend.prepare(_:deadline:)`), tracked
+    /// like `prepare`.
+    @discardableResult
+    func prepare(_ operation: consuming Operation, deadline: Deadline,
+                 sourceLocation: SourceLocation = #_sourceLocation) -> Token {
+        let kind = operation.kind
+        let token = backend.prepare(operation, deadline: deadline)
+        track(token, kind, closedFD: nil, sourceLocation)
+        return token
+    }
+
+    /// `IOBackend.attempt`, tracked like `prepare`; `atOnce`: it finished at once, and its
+    /// final completion is already recorded (`waitFor` returns it).
+    func attempt(_ operation: consuming Operation,
+                 sourceLocation: SourceLocation = #_sourceLocation) -> (token: Token, atOnce: Bool) {
+        let kind = operation.kind
+        switch backend.attempt(operation) {
+        case .completed(let completion):
+            let token = completion.token
+            track(token, kind, closedFD: nil, sourceLocation)
+            receive(completion)
+            return (token, true)
+        case .prepared(let token):
+            track(token, kind, closedFD: nil, sourceLocation)
+            return (token, false)
+        }
+    }
+
+    private func track(_ token: Token, _ kind: OperationKind, closedFD: Int32?, _ sourceLocation: SourceLocation) {
         if open.contains(token) || finals[token] != nil {
             Issue.record("prepare returned token \(token) which is already in use or was used before", sourceLocation: sourceLocation)
         }
         open.insert(token)
         preparedKinds[token] = kind
         if let closedFD { closing[token] = closedFD }
-        return token
     }
 
     /// Submits what was prepared.
