@@ -142,26 +142,11 @@ private struct PingServer {
     init(kind: BackendKind, adapter: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
         let executable = try builtExecutable("plexus-ping", sourceLocation: sourceLocation)
         port = try Self.freePort()
-        var template = Array("/tmp/plexus-ping-XXXXXX".utf8CString)
-        guard mkdtemp(&template) != nil else { throw HarnessError.system("mkdtemp", plexus_errno()) }
-        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-
+        directory = try makeOutputDirectory("plexus-ping")
         var environment = ProcessInfo.processInfo.environment
         environment["PLEXUS_BACKEND"] = kind.rawValue
-        let arguments = [executable, "--port", String(port), "--loops", "2", "--adapter", adapter]
-        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { argv.forEach { free($0) }; envp.forEach { free($0) } }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, directory + "/stdout", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        posix_spawn_file_actions_addopen(&actions, 2, directory + "/stderr", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
-        guard spawned == 0 else { throw HarnessError.system("posix_spawn \(executable)", spawned) }
-        self.pid = pid
+        pid = try spawnChild([executable, "--port", String(port), "--loops", "2", "--adapter", adapter],
+                             environment: environment, outputIn: directory)
 
         // Up when a connect succeeds (at most 10 s).
         for _ in 0..<1000 {

@@ -18,26 +18,27 @@ enum Faults {
     /// `body`, and puts the previous disposition back.
     static func withSignalHandler<R>(_ signal: Int32, _ handler: @convention(c) (Int32) -> Void,
                                      _ body: () throws -> R) rethrows -> R {
-        var action = sigaction()
-        action.__sigaction_handler.sa_handler = handler
-        sigemptyset(&action.sa_mask)
-        action.sa_flags = 0
-        var old = sigaction()
-        precondition(sigaction(signal, &action, &old) == 0)
+        var old = installHandler(signal, handler)
         defer { _ = sigaction(signal, &old, nil) }
         return try body()
     }
 
     static func withSignalHandler<R>(_ signal: Int32, _ handler: @convention(c) (Int32) -> Void,
                                      _ body: () async throws -> R) async rethrows -> R {
+        var old = installHandler(signal, handler)
+        defer { _ = sigaction(signal, &old, nil) }
+        return try await body()
+    }
+
+    /// sigaction(2) with `handler` and flags 0 (no SA_RESTART); returns the previous one.
+    private static func installHandler(_ signal: Int32, _ handler: @convention(c) (Int32) -> Void) -> sigaction {
         var action = sigaction()
         action.__sigaction_handler.sa_handler = handler
         sigemptyset(&action.sa_mask)
         action.sa_flags = 0
         var old = sigaction()
         precondition(sigaction(signal, &action, &old) == 0)
-        defer { _ = sigaction(signal, &old, nil) }
-        return try await body()
+        return old
     }
 
     /// Unblocks `signal` on the calling thread and returns the old mask for `restoreMask`.

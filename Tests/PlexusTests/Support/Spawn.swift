@@ -41,31 +41,19 @@ func builtExecutable(_ name: String, sourceLocation: SourceLocation = #_sourceLo
 /// stdout and stderr captured through files, and a time bound after which it is killed.
 func runChild(_ arguments: [String], setting: [String: String] = [:], removing: [String] = [],
               within bound: Duration = .seconds(60), sourceLocation: SourceLocation = #_sourceLocation) throws -> ChildResult {
-    var template = Array("/tmp/plexus-child-XXXXXX".utf8CString)
-    guard mkdtemp(&template) != nil else { throw HarnessError.system("mkdtemp", plexus_errno()) }
-    let directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let directory = try makeOutputDirectory("plexus-child")
     let outPath = directory + "/stdout", errPath = directory + "/stderr"
     defer { unlink(outPath); unlink(errPath); rmdir(directory) }
 
     var environment = ProcessInfo.processInfo.environment
     for name in removing { environment[name] = nil }
     for (name, value) in setting { environment[name] = value }
-    let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-    let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer { argv.forEach { free($0) }; envp.forEach { free($0) } }
-
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-
-    var pid: pid_t = 0
-    let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, envp)
-    guard spawned == 0 else {
-        Issue.record("posix_spawn \(arguments[0]): \(String(cString: strerror(spawned)))", sourceLocation: sourceLocation)
-        throw HarnessError.system("posix_spawn", spawned)
+    let pid: pid_t
+    do {
+        pid = try spawnChild(arguments, environment: environment, outputIn: directory)
+    } catch {
+        Issue.record("\(error)", sourceLocation: sourceLocation)
+        throw error
     }
 
     var status: Int32 = 0
@@ -88,6 +76,33 @@ func runChild(_ arguments: [String], setting: [String: String] = [:], removing: 
         exitCode: signal == 0 ? (status >> 8) & 0xff : nil,
         signal: signal == 0 ? nil : signal,
         stdout: readWholeFile(outPath), stderr: readWholeFile(errPath))
+}
+
+/// A new directory under /tmp for a child's output files.
+func makeOutputDirectory(_ prefix: String) throws -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    guard mkdtemp(&template) != nil else { throw HarnessError.system("mkdtemp", plexus_errno()) }
+    return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// posix_spawn of `arguments` with `environment`: stdin /dev/null, stdout and stderr into
+/// `directory`/stdout and `directory`/stderr. Returns the child's pid.
+func spawnChild(_ arguments: [String], environment: [String: String], outputIn directory: String) throws -> pid_t {
+    let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+    let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer { argv.forEach { free($0) }; envp.forEach { free($0) } }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, directory + "/stdout", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, directory + "/stderr", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    var pid: pid_t = 0
+    let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, envp)
+    guard spawned == 0 else {
+        throw HarnessError.system("posix_spawn \(arguments[0]): \(String(cString: strerror(spawned)))", spawned)
+    }
+    return pid
 }
 
 func readWholeFile(_ path: String) -> String {
