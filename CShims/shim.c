@@ -116,6 +116,7 @@ unsigned plexus_cq_overflow(const struct io_uring *ring) {
 typedef void (*plexus_swift_cancel_handler)(void *context __attribute__((swift_context))) __attribute__((swiftcall));
 extern const void *swift_task_addCancellationHandler(plexus_swift_cancel_handler handler, void *context) __attribute__((swiftcall));
 extern void swift_task_removeCancellationHandler(const void *record) __attribute__((swiftcall));
+extern void *swift_task_getCurrent(void) __attribute__((swiftcall));
 
 static plexus_cancel_hook plexus_task_cancel_hook;
 
@@ -134,4 +135,8 @@ const void *plexus_task_add_cancellation_handler(void *context) {
 
 void plexus_task_remove_cancellation_handler(const void *record) {
     swift_task_removeCancellationHandler(record);
+}
+
+const void *plexus_current_task(void) {
+    return swift_task_getCurrent();
 }

@@ -122,5 +122,8 @@ void plexus_set_task_cancel_hook(plexus_cancel_hook hook);
 const void *plexus_task_add_cancellation_handler(void *context);
 /// swift_task_removeCancellationHandler: after it returns the hook no longer runs.
 void plexus_task_remove_cancellation_handler(const void *record);
+/// swift_task_getCurrent: the task running on this thread (NULL outside one). An
+/// identity only, for telling tasks apart; never dereferenced.
+const void *plexus_current_task(void);
 
 #endif

@@ -6,7 +6,7 @@ import Testing
 
 /// `IOBackend.attempt` (an operation that can finish at once does, and its completion is
 /// returned instead of going through `wait`) and the async adapter's fast path built on
-/// it, with its per-turn budget.
+/// it, with its per-task and per-turn budgets.
 extension PlexusTests {
 @Suite struct AttemptTests {
     @Test(arguments: Backends.kinds)
@@ -81,18 +81,26 @@ extension PlexusTests {
         }
     }
 
+    /// An unlinked temporary file holding "abcdefgh", in the page cache: every positional
+    /// read of it can finish at once.
+    static func cachedEightByteFile(_ name: String) throws -> Int32 {
+        let path = "/tmp/plexus-attempt-\(name)-\(getpid())"
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        try #require(fd >= 0)
+        unlink(path)
+        #expect(Glibc.write(fd, "abcdefgh", 8) == 8)
+        return fd
+    }
+
     /// A task whose every read finishes at once must still let the loop turn: a timer due
-    /// now fires while the task keeps reading, within one budget of inline completions.
+    /// now fires while the task keeps reading, within one task's run of inline completions.
     @Test(arguments: Backends.kinds)
     func aTaskWhoseReadsNeverWaitStillLetsTheLoopTurn(_ kind: BackendKind) async throws {
         let loop = try Backends.loopThread(kind)
         defer { loop.shutdownAndWait() }
-        let path = "/tmp/plexus-attempt-\(getpid())-\(kind)"
-        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        try #require(fd >= 0)
-        defer { Glibc.close(fd); unlink(path) }
-        #expect(Glibc.write(fd, "abcdefgh", 8) == 8)
-        let reads = 4 * EventLoop.inlineCompletionsPerTurn
+        let fd = try Self.cachedEightByteFile("one-\(kind)")
+        defer { Glibc.close(fd) }
+        let reads = 4 * EventLoop.inlineCompletionsPerTask
         let (firedAt, total) = try await Task(executorPreference: loop) { () async throws -> (Int?, Int) in
             var fired = false
             loop.schedule(after: .zero) { event in if event == .fired { fired = true } }
@@ -110,7 +118,56 @@ extension PlexusTests {
         }.value
         #expect(total == 8 * reads)
         let at = try #require(firedAt, "the timer never fired while the task read \(reads) times")
-        #expect(at <= EventLoop.inlineCompletionsPerTurn + 1)
+        #expect(at <= EventLoop.inlineCompletionsPerTask + 1)
+    }
+
+    /// Many tasks whose reads never wait: each gets its own run of inline completions (no
+    /// task is made to suspend on every read because another used the turn's budget), and
+    /// the turn still ends after the per-turn budget, all tasks together.
+    @Test(arguments: Backends.kinds)
+    func manyTasksWhoseReadsNeverWaitEachGetARunAndStillLetTheLoopTurn(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        let fd = try Self.cachedEightByteFile("many-\(kind)")
+        defer { Glibc.close(fd) }
+        let tasks = 32
+        let readsPerTask = 2 * EventLoop.inlineCompletionsPerTurn / tasks + EventLoop.inlineCompletionsPerTask
+        final class Tally: @unchecked Sendable {  // used on the loop thread only
+            var reads = 0
+            var firedAt: Int?
+            /// Reads each task finished in a row, without another task's read between them.
+            var longestRun = 0
+            var run = 0
+            var last = -1
+        }
+        let tally = Tally()
+        try await Task(executorPreference: loop) { () async throws in
+            loop.schedule(after: .zero) { event in if event == .fired { tally.firedAt = tally.reads } }
+            try await withThrowingDiscardingTaskGroup { group in
+                for t in 0..<tasks {
+                    group.addTask(executorPreference: loop) {
+                        var buffer = IOBuffer(capacity: 8)
+                        for _ in 0..<readsPerTask {
+                            let done = try await loop.read(FileDescriptor(rawValue: fd), into: buffer, offset: 0)
+                            #expect(done.count == 8)
+                            buffer = done.takeBuffer()
+                            buffer.clear()
+                            tally.reads += 1
+                            tally.run = tally.last == t ? tally.run + 1 : 1
+                            tally.last = t
+                            tally.longestRun = max(tally.longestRun, tally.run)
+                        }
+                    }
+                }
+            }
+        }.value
+        #expect(tally.reads == tasks * readsPerTask)
+        // Runs of inline reads happened, and none longer than a task's budget (plus the
+        // one read after the task suspended, which may follow without another task's).
+        #expect(tally.longestRun > 1)
+        #expect(tally.longestRun <= EventLoop.inlineCompletionsPerTask + 1)
+        let at = try #require(tally.firedAt, "the timer never fired during \(tally.reads) reads")
+        #expect(at <= EventLoop.inlineCompletionsPerTurn + tasks)
     }
 
     /// After a short read of a stream the readiness backends wait for the next report

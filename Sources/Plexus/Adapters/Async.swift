@@ -58,7 +58,8 @@ struct AsyncOutcome: ~Copyable {
 /// saved 2 more: 3 per awaited operation now.
 ///
 /// An operation whose result is there at once (`IOBackend.attempt`) returns without
-/// suspending, at most `inlineCompletionsPerTurn` times per loop turn. A deadline from
+/// suspending, at most `inlineCompletionsPerTask` times in a row per task and
+/// `inlineCompletionsPerTurn` times per loop turn. A deadline from
 /// `withDeadline` is the backend's own (`IOBackend.prepare(_:deadline:)`).
 ///
 /// The awaiting code runs on the loop thread: directly when the task's executor is
@@ -104,16 +105,18 @@ extension EventLoop {
                     cancel(token)
                 }
             }
-        } else if inlineBudget > 0 && !Task.isCancelled {
+        } else if inlineBudget > 0 && mayFinishInline() && !Task.isCancelled {
             // The fast path: a result that is there at once returns without suspending.
             switch attempt(operation, .resume(index)) {
             case .completed(var completion):
                 inlineBudget -= 1
+                inlineStreak += 1
                 asyncSlots.free(index)
                 return AsyncOutcome(result: completion.result, kind: completion.kind,
                                     operation: completion.operation.take(), cancelled: false)
             case .prepared(let prepared):
                 token = prepared
+                inlineStreak = 0  // it suspends: its run ends here
             }
         } else {
             token = submit(operation, .resume(index))
@@ -129,6 +132,21 @@ extension EventLoop {
                                    timedOut: waiter.pointee.timedOut || cancelledAtDeadline)
         asyncSlots.free(index)
         return outcome
+    }
+
+    /// False when the current task has finished `inlineCompletionsPerTask` operations
+    /// in a row without suspending: this one suspends (and the run starts again).
+    @inline(__always)
+    private func mayFinishInline() -> Bool {
+        let task = plexus_current_task()
+        if task != inlineTask {
+            inlineTask = task
+            inlineStreak = 0
+            return true
+        }
+        if inlineStreak < Self.inlineCompletionsPerTask { return true }
+        inlineStreak = 0
+        return false
     }
 
     /// Parks the task until the loop resumes slot `index`; cancelling the task meanwhile
