@@ -540,6 +540,62 @@ extension PlexusTests {
         }
     }
 
+    /// After a short read (or EAGAIN) epoll parks the next read without EPOLL_CTL_MOD and
+    /// verifies the registration only before it blocks, or after a few polls of a loop
+    /// that never blocks. An fd closed outside Plexus in between must still be noticed:
+    /// its number reused, the new fd's data arrives; not reused, the read ends with EBADF.
+    @Test(arguments: kinds)
+    func aReadParkedWithoutRearmStillNoticesAnFDClosedOutsidePlexus(_ kind: BackendKind) throws {
+        let b = try Self.make(kind)
+        /// A socketpair whose first end has just had a short read through the backend.
+        func drainedPair() throws -> (Int32, Int32) {
+            let (x, y) = Self.socketPair()
+            #expect(write(y, "ab", 2) == 2)
+            let first = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64)))
+            let got = try Self.collect(b, 1)
+            #expect(got.count == 1 && got[0].token == first && got[0].result == 2)
+            return (x, y)
+        }
+
+        // Reused, and the loop blocks: verified before blocking.
+        let (x, y) = try drainedPair()
+        close(x); close(y)
+        let (x2, y2) = Self.socketPair()
+        #expect(x2 == x)
+        let rd = b.prepare(.read(Self.fd(x2), IOBuffer(capacity: 64)))
+        #expect(try Self.waitOnce(b, .milliseconds(20)).isEmpty)
+        #expect(write(y2, "new", 3) == 3)
+        let got = try Self.collect(b, 1)
+        #expect(got.count == 1 && got[0].token == rd && got[0].bytes == Array("new".utf8))
+        close(x2); close(y2)
+
+        // Reused, and the loop never blocks (zero-timeout waits): verified within a few polls.
+        let (x3, y3) = try drainedPair()
+        close(x3); close(y3)
+        let (x4, y4) = Self.socketPair()
+        #expect(x4 == x3)
+        #expect(write(y4, "busy", 4) == 4)
+        let rd4 = b.prepare(.read(Self.fd(x4), IOBuffer(capacity: 64)))
+        var polls = 0
+        var got4: [Done] = []
+        while got4.isEmpty && polls < 50 {
+            got4 = try Self.waitOnce(b, .zero)
+            polls += 1
+        }
+        #expect(got4.count == 1 && got4.first?.token == rd4 && got4.first?.bytes == Array("busy".utf8))
+        #expect(polls <= 12, "\(polls) zero-timeout polls before the read of the new fd ended")
+        close(x4); close(y4)
+
+        // Closed and not reused: EBADF.
+        let (x5, y5) = try drainedPair()
+        close(x5)
+        let rd5 = b.prepare(.read(Self.fd(x5), IOBuffer(capacity: 64)))
+        let got5 = try Self.collect(b, 1)
+        #expect(got5.count == 1 && got5.first?.token == rd5 && got5.first?.result == -EBADF)
+        close(y5)
+        #expect(b.pendingCount == 0)
+    }
+
     @Test(arguments: kinds)
     func orderingAndEdgeCases(_ kind: BackendKind) throws {
         let b = try Self.make(kind)

@@ -66,6 +66,7 @@ public final class EpollBackend: IOBackend {
 struct EpollPoller: ReadinessPoller {
     static var backendKind: BackendKind { .epoll }
     static var waitCallName: String { "epoll_pwait2" }
+    static var rearmIsASyscall: Bool { true }
     static var mask: UInt32 { EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue }
 
     let epfd: Int32

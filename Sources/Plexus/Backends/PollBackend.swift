@@ -66,6 +66,7 @@ public final class PollBackend: IOBackend {
 struct PollPoller: ReadinessPoller {
     static var backendKind: BackendKind { .poll }
     static var waitCallName: String { "ppoll" }
+    static var rearmIsASyscall: Bool { false }
 
     struct Ready {
         var fd: Int32

@@ -25,6 +25,10 @@ protocol ReadinessPoller {
     static var backendKind: BackendKind { get }
     /// The wait call, for errors ("epoll_pwait2", "ppoll").
     static var waitCallName: String { get }
+    /// `update(rearm: true)` is a syscall (EPOLL_CTL_MOD), which the engine puts off for
+    /// reads that wait after a short read (see `ReadinessEngine.park`). poll(2) looks at
+    /// every fd on every call, so it has nothing to put off.
+    static var rearmIsASyscall: Bool { get }
 
     init(entries: UInt32) throws(PlexusError)
     /// Releases the poller's fd and memory.
@@ -169,6 +173,9 @@ struct FDState {
     /// its buffer is empty, so the next read waits for the report instead of trying a
     /// syscall that would say EAGAIN (Tokio's rule over edge-triggered epoll).
     var readDrained = false
+    /// A read parked on this fd without the poller's rearm, which also proves the fd is
+    /// still the one registered; it is in the engine's `unverified` list.
+    var unverified = false
 
     var isIdle: Bool {
         readHead == OperationTable.none && writeHead == OperationTable.none && pollHead == OperationTable.none
@@ -248,6 +255,12 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @exclusivity(unchecked) var parkedCount = 0
     /// Turns in a row that delivered ready results without polling the parked fds.
     @exclusivity(unchecked) var skippedPolls = 0
+    /// fds with a read parked without a rearm (`park`), verified before the engine blocks,
+    /// or after `unverifiedPollsAllowed` polls.
+    let unverified = RawArray<Int32>(capacity: 16)
+    /// Polls since the oldest entry of `unverified` went in.
+    @exclusivity(unchecked) var unverifiedPolls = 0
+    static var unverifiedPollsAllowed: Int { 8 }
     static var pollsSkippable: Int { 7 }
     @exclusivity(unchecked) var timers = Heap<TimerEntry>()
     @exclusivity(unchecked) var timerSequence: UInt64 = 0
@@ -274,6 +287,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         fds.destroy()
         prepared.destroy()
         completions.destroy()
+        unverified.destroy()
     }
 
     var pendingCount: Int { table.liveCount }
@@ -367,6 +381,20 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                         waitFor = min(waitFor ?? .max, left)
                     }
                 }
+                if !unverified.isEmpty {
+                    unverifiedPolls += 1
+                    if unverifiedPolls > Self.unverifiedPollsAllowed {
+                        // Reads unverified this long are verified now, busy loop or not.
+                        verifyParkedReads()
+                    } else if waitFor != 0 {
+                        // About to block: first collect what is ready without waiting,
+                        // which usually ends those reads; if nothing is, rearm the fds
+                        // whose reads still wait before blocking on them.
+                        try pollReady()
+                        if completions.count == deliverHead { verifyParkedReads() }
+                        continue
+                    }
+                }
                 let n: Int32
                 if let waitFor {
                     var ts = timespec(tv_sec: Int(min(waitFor / 1_000_000_000, UInt64(Int32.max))),
@@ -392,6 +420,33 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             if let limit, Deadline.now.nanoseconds >= limit { break }
         }
         return deliver(body)
+    }
+
+    /// A zero-timeout poll; handles what it reports.
+    private func pollReady() throws(PlexusError) {
+        var zero = timespec(tv_sec: 0, tv_nsec: 0)
+        let n = poller.wait(&zero)
+        if n < 0 && n != -EINTR { throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n)) }
+        for i in 0..<Int(max(n, 0)) {
+            let (fd, events) = poller.event(i)
+            handle(fd, events)
+        }
+    }
+
+    /// Rearms every fd in `unverified` whose read still waits: EPOLL_CTL_MOD says ENOENT
+    /// or EBADF when the fd was closed outside Plexus since, and `refreshInterest` then
+    /// registers the new one or ends the reads with EBADF, as a park's rearm would have.
+    private func verifyParkedReads() {
+        for i in 0..<unverified.count {
+            let fd = unverified[i]
+            guard Int(fd) < fds.count else { continue }
+            let state = fds.pointer(Int(fd))
+            guard state.pointee.unverified else { continue }  // forgotten or closed meanwhile
+            state.pointee.unverified = false
+            if state.pointee.readHead != OperationTable.none { refreshInterest(fd, rearm: true) }
+        }
+        unverified.removeAll()
+        unverifiedPolls = 0
     }
 
     /// Starts what is prepared (as io_uring submits its SQ ahead of the cancel-all, so a
@@ -581,13 +636,16 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let queueHead = place == .read ? state.pointee.readHead : state.pointee.writeHead
         if waitFirst || queueHead != OperationTable.none {
             // Wait for readiness first, or keep FIFO order behind the parked ones.
-            park(index, fd, place)
+            park(index, fd, place, emptied: state.pointee.readDrained && place == .read)
             return
         }
         switch attempt(index, kind, mode) {
         case .finished:
             break
-        case .blocked, .continuing:
+        case .blocked:
+            statistics.wouldBlock += 1
+            park(index, fd, place, emptied: place == .read)  // EAGAIN: nothing to read now
+        case .continuing:
             statistics.wouldBlock += 1
             park(index, fd, place)
         }
@@ -877,7 +935,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
 
     // MARK: Parking
 
-    private func park(_ index: Int, _ fd: Int32, _ place: RecordPlace) {
+    /// `emptied`: the fd's read side is known to have nothing to read, and no read report
+    /// came since (a short read of a stream, or EAGAIN just now).
+    private func park(_ index: Int, _ fd: Int32, _ place: RecordPlace, emptied: Bool = false) {
         let state = fds.pointer(Int(fd))
         let wasIdle = state.pointee.isIdle
         let record = table.record(index)
@@ -899,9 +959,26 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
         infos.pointer(index).pointee.place = place
         parkedCount += 1
+        let mode = state.pointee.mode
+        if Poller.rearmIsASyscall, wasIdle, emptied, mode == .nonBlocking || mode == .socket {
+            // A read of an fd with nothing to read, and no read report since: the next
+            // data's edge is still to come, so no rearm is needed to see it. The rearm
+            // would also prove the fd is still the one registered (not closed outside
+            // Plexus and its number reused); that proof is put off until the engine would
+            // block, when most such reads have their data already (a request/response
+            // peer), saving an EPOLL_CTL_MOD per read (plexus-bench pingpong and echo,
+            // epoll).
+            refreshInterest(fd, rearm: false)
+            if !state.pointee.unverified {
+                state.pointee.unverified = true
+                if unverified.isEmpty { unverifiedPolls = 0 }
+                unverified.append(fd)
+            }
+            return
+        }
         // A fresh report is needed when the fd was idle (its last edge may have gone
         // unused), for readiness operations, and whenever the fd is waited on first.
-        let rearm = wasIdle || place == .poll || state.pointee.mode == .blocking || state.pointee.mode == .blockingSocket
+        let rearm = wasIdle || place == .poll || mode == .blocking || mode == .blockingSocket
         refreshInterest(fd, rearm: rearm)
     }
 
