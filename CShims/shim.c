@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <limits.h>
 #include "CPlexus.h"
 #include <pthread.h>
 #include <signal.h>
@@ -18,8 +19,22 @@ int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeou
     return ppoll(fds, count, timeout, NULL);
 }
 
+// epoll_pwait2 (5.11) takes a timespec; older kernels say ENOSYS once and get
+// epoll_pwait, the timeout rounded up to whole milliseconds so no timer fires early.
+static int plexus_no_epoll_pwait2;
+
 int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout) {
-    return epoll_pwait2(epfd, events, max, timeout, NULL);
+    if (!__atomic_load_n(&plexus_no_epoll_pwait2, __ATOMIC_RELAXED)) {
+        int n = epoll_pwait2(epfd, events, max, timeout, NULL);
+        if (n >= 0 || errno != ENOSYS) return n;
+        __atomic_store_n(&plexus_no_epoll_pwait2, 1, __ATOMIC_RELAXED);
+    }
+    int ms = -1;
+    if (timeout) {
+        long long t = (long long)timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000;
+        ms = t > INT_MAX ? INT_MAX : (int)t;
+    }
+    return epoll_pwait(epfd, events, max, ms, NULL);
 }
 
 ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags) {

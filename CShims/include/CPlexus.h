@@ -69,6 +69,8 @@ typedef struct plexus_op_scratch {
 int plexus_pipe2(int fds[2], int flags);
 int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags);
 int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeout);
+/// epoll_pwait2(2) without a signal mask; on a kernel without it (before 5.11, ENOSYS)
+/// epoll_pwait(2) with the timeout rounded up to milliseconds.
 int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout);
 ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
 ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset, int flags);

@@ -42,6 +42,18 @@ extension PlexusTests {
             }
         }
 
+        /// Kernels before 5.11 have no epoll_pwait2: the epoll backend, the fallback on
+        /// exactly such kernels, must run there too (epoll_pwait, timeouts in whole ms).
+        @Test func `epoll runs where epoll_pwait2 is ENOSYS (kernels before 5.11)`() throws {
+            let nouring = try builtExecutable("plexus-nouring"), demo = try builtExecutable("plexus-demo")
+            for backend in ["epoll", "auto"] {
+                let child = try runChild([nouring, demo, "--round-trips", "300"],
+                                         setting: ["PLEXUS_BACKEND": backend, "PLEXUS_NOURING_NO_EPOLL_PWAIT2": "1"])
+                #expect(child.exitCode == 0, "\(child)")
+                #expect(child.stdout.contains("pipe ping-pong on epoll: 300 round trips"), "\(child)")
+            }
+        }
+
         // MARK: RLIMIT_MEMLOCK
 
         /// Plexus registers no buffers; what locked memory can still refuse is the ring
