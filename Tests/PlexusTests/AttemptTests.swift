@@ -65,6 +65,35 @@ extension PlexusTests {
         }
     }
 
+    /// What the readiness backends run on the loop thread anyway (nop, fsync, shutdown,
+    /// open, close) finishes at once through `attempt`; io_uring sends it to the ring.
+    /// Either way each completes once, with its result.
+    @Test(arguments: Backends.kinds)
+    func operationsRunOnTheLoopThreadFinishAtOnceOnReadinessBackends(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let file = try h.temporaryFile(contents: Array("data".utf8))
+            let (a, _) = try h.socketPair()
+            let (r, _) = try h.pipe()
+            // (Operation is noncopyable: made where it is attempted.)
+            let names = ["nop", "fsync", "shutdown", "open", "close"]
+            for name in names {
+                let operation: Operation = switch name {
+                case "nop": .nop
+                case "fsync": .fsync(file.fd, dataOnly: false)
+                case "shutdown": .shutdown(a, how: Int32(SHUT_WR))
+                case "open": .open(FilePath(file.path), flags: O_RDONLY)
+                default: .close(r)
+                }
+                let (token, atOnce) = h.attempt(operation)
+                #expect(atOnce == (kind != .ioUring), "\(kind) \(name): finished at once: \(atOnce)")
+                let done = try h.waitFor(token)
+                #expect(done.result >= 0, "\(name): \(done.result)")
+                if name == "open" { Glibc.close(done.result) } else { #expect(done.result == 0, "\(name)") }
+            }
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
     @Test(arguments: Backends.kinds)
     func anAttemptedWriteGoesAfterTheWritesPreparedBeforeIt(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in

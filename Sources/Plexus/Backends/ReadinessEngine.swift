@@ -315,11 +315,13 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         return token
     }
 
-    /// Starts `operation` at once when it is one that tries its syscall first, after
-    /// what was prepared before it (so writes to one fd keep their order).
+    /// Starts `operation` at once when it is one that tries its syscall first or runs on
+    /// the loop thread anyway (nop, fsync, shutdown, open, close), after what was prepared
+    /// before it (so writes to one fd keep their order).
     func attempt(_ operation: consuming Operation) -> Plexus.Attempt {
         switch operation.kind {
         case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage, .accept: break
+        case .nop, .fsync, .shutdown, .open, .close: break
         default: return .prepared(prepare(operation))
         }
         if !prepared.isEmpty { _ = submit() } else { plexus_block_sigpipe() }

@@ -11,9 +11,12 @@ import SystemPackage
 //
 //   nop-1       one task: `try await loop.nop()` in a loop (one await per NOP: the
 //               runtime's floor per await, FIELD-NOTES "Executors and the async floor").
+//               On epoll and poll a NOP finishes at once (`IOBackend.attempt`), so the
+//               task suspends only once per 64 NOPs (the per-task inline budget).
 //   nop-32      32 long-lived tasks (a discarding task group on the loop), each awaiting
 //               one NOP at a time. All 32 run in one turn of the loop, so their NOPs go to
-//               the kernel in one submission, as the callback body's batch does. Chosen
+//               the kernel in one submission, as the callback body's batch does (on epoll
+//               and poll each task's run of inline NOPs instead). Chosen
 //               over a task group per batch of 32 (32 child tasks per batch: ~4-5 mallocs
 //               per NOP, FIELD-NOTES) and over one task awaiting 32 NOPs (the adapter has
 //               no batch await). Latency: worker 0's await, which spans one turn = one batch.

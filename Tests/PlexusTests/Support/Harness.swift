@@ -118,14 +118,15 @@ final class Harness {
     func attempt(_ operation: consuming Operation,
                  sourceLocation: SourceLocation = #_sourceLocation) -> (token: Token, atOnce: Bool) {
         let kind = operation.kind
+        let closedFD = kind == .close ? operation.fileDescriptor?.rawValue : nil
         switch backend.attempt(operation) {
         case .completed(let completion):
             let token = completion.token
-            track(token, kind, closedFD: nil, sourceLocation)
+            track(token, kind, closedFD: closedFD, sourceLocation)
             receive(completion)
             return (token, true)
         case .prepared(let token):
-            track(token, kind, closedFD: nil, sourceLocation)
+            track(token, kind, closedFD: closedFD, sourceLocation)
             return (token, false)
         }
     }
