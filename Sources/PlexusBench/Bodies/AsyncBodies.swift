@@ -89,7 +89,7 @@ struct NopTally {
 final class AsyncNop: AsyncWorkload, @unchecked Sendable {
     let loop: EventLoop
     let workers: Int
-    var tally = NopTally()
+    @exclusivity(unchecked) var tally = NopTally()
 
     init(choice: BackendChoice, tasks: Int) throws {
         loop = try EventLoop(backend: choice)
@@ -175,7 +175,7 @@ final class FloorExecutor: WindowExecutor, @unchecked Sendable {
 final class FloorNop: AsyncWorkload, @unchecked Sendable {
     let loop: FloorExecutor
     var workers: Int { 1 }
-    var tally = NopTally()
+    @exclusivity(unchecked) var tally = NopTally()
 
     init() throws { loop = try FloorExecutor() }
 
@@ -203,13 +203,13 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
     let loop: EventLoop
     var workers: Int { 1 }
     var helpers: Int { 1 }
-    var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
-    var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
     /// The writer, parked until the reader lets it go with the byte to write (nil: stop).
-    var writer: UnsafeContinuation<UInt8?, Never>?
+    @exclusivity(unchecked) var writer: UnsafeContinuation<UInt8?, Never>?
     /// The reader let go of a writer that had not parked yet.
-    var pendingByte: UInt8??
-    var writeResult = 1
+    @exclusivity(unchecked) var pendingByte: UInt8??
+    @exclusivity(unchecked) var writeResult = 1
 
     init(_ pipe: (read: Int32, write: Int32), choice: BackendChoice) throws {
         loop = try EventLoop(backend: choice)
@@ -271,7 +271,7 @@ final class AsyncWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
     /// reply, taken by the benchmark thread after it read the reply.
     let parked = Mutex<UnsafeContinuation<Bool, Never>?>(nil)
     /// Written only on the loop thread; read after shutdownAndWait.
-    var served = 0
+    @exclusivity(unchecked) var served = 0
 
     init(choice: BackendChoice, pin: CPUPin) throws {
         loop = try EventLoop.startThread(name: "bench-wakeup", backend: choice)
@@ -307,7 +307,7 @@ final class AsyncWakeup: WakeupClient, BenchmarkBody, @unchecked Sendable {
 // MARK: echo
 
 final class AsyncEchoConnection: EchoBuffers {
-    var served = 0
+    @exclusivity(unchecked) var served = 0
 }
 
 final class AsyncEcho: AsyncWorkload, @unchecked Sendable {

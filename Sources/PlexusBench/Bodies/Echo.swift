@@ -62,9 +62,9 @@ func makeEchoBody(_ c: BenchmarkCase, connections: Int, sampler: LatencySampler)
 /// Counts requests and records their latencies; remembers the first failure.
 final class EchoStats {
     let sampler: LatencySampler
-    var requests = 0
-    var failure: (any Error)?
-    var stopping = false
+    @exclusivity(unchecked) var requests = 0
+    @exclusivity(unchecked) var failure: (any Error)?
+    @exclusivity(unchecked) var stopping = false
 
     init(sampler: LatencySampler) { self.sampler = sampler }
 
@@ -99,8 +99,8 @@ final class RawURingEcho: BenchmarkBody {
 
     let ring: RawRing
     let stats: EchoStats
-    var connections: [Connection]
-    var outstanding = 0
+    @exclusivity(unchecked) var connections: [Connection]
+    @exclusivity(unchecked) var outstanding = 0
     var recordsOwnLatency: Bool { true }
 
     init(_ pairs: [(client: Int32, server: Int32)], sampler: LatencySampler) throws {
@@ -207,7 +207,7 @@ final class RawReadinessEcho: BenchmarkBody {
     }
 
     let stats: EchoStats
-    var connections: [Connection]
+    @exclusivity(unchecked) var connections: [Connection]
     let epoll: RawEpoll?
     let poll: RawPoll?
     let message = UnsafeMutableRawPointer.allocate(byteCount: echoMessageSize, alignment: 64)
@@ -309,10 +309,10 @@ final class RawReadinessEcho: BenchmarkBody {
 class EchoBuffers {
     let client: FileDescriptor
     let server: FileDescriptor
-    var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var sequence: UInt64 = 0
+    @exclusivity(unchecked) var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    @exclusivity(unchecked) var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    @exclusivity(unchecked) var serverBuffer: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    @exclusivity(unchecked) var sequence: UInt64 = 0
 
     init(pair: (client: Int32, server: Int32)) {
         client = FileDescriptor(rawValue: pair.client)
@@ -322,8 +322,8 @@ class EchoBuffers {
 
 final class BackendEcho: BenchmarkBody {
     final class Connection: EchoBuffers {
-        var sentAt: UInt64 = 0
-        var echoed = false
+        @exclusivity(unchecked) var sentAt: UInt64 = 0
+        @exclusivity(unchecked) var echoed = false
     }
 
     enum Role: UInt8 { case clientSend, clientRecv, serverRecv, serverSend }
@@ -333,7 +333,7 @@ final class BackendEcho: BenchmarkBody {
     let connections: [Connection]
     let count: Int
     /// Per token index: connection << 2 | role.
-    var roles: [Int32] = Array(repeating: -1, count: 1024)
+    @exclusivity(unchecked) var roles: [Int32] = Array(repeating: -1, count: 1024)
     var recordsOwnLatency: Bool { true }
 
     init(_ pairs: [(client: Int32, server: Int32)], sampler: LatencySampler, backend: any IOBackend) {
@@ -446,11 +446,11 @@ final class LoopEchoConnection {
     let server: FileDescriptor
     let loop: EventLoop
     let stats: EchoStats
-    var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
-    var sequence: UInt64 = 0
-    var sentAt: UInt64 = 0
-    var echoed = false
+    @exclusivity(unchecked) var clientSend: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    @exclusivity(unchecked) var clientRecv: IOBuffer? = IOBuffer(capacity: echoMessageSize)
+    @exclusivity(unchecked) var sequence: UInt64 = 0
+    @exclusivity(unchecked) var sentAt: UInt64 = 0
+    @exclusivity(unchecked) var echoed = false
 
     init(index: Int, pair: (client: Int32, server: Int32), loop: EventLoop, stats: EchoStats) {
         self.index = index

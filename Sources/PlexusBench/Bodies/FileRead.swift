@@ -69,8 +69,8 @@ class FileReadState {
     let fd: Int32
     let depth: Int
     let offsets: [Int64]
-    var next = 0
-    var reads = 0
+    @exclusivity(unchecked) var next = 0
+    @exclusivity(unchecked) var reads = 0
 
     init(file fd: Int32, depth: Int) {
         self.fd = fd
@@ -156,7 +156,7 @@ final class BackendFileRead: FileReadState, BenchmarkBody {
     let buffers: UnsafeMutablePointer<IOBuffer?>
     let slotOffsets: UnsafeMutablePointer<Int64>
     /// Per token index: the slot.
-    var slots: [Int] = Array(repeating: -1, count: 256)
+    @exclusivity(unchecked) var slots: [Int] = Array(repeating: -1, count: 256)
 
     init(fd: Int32, depth: Int, backend: any IOBackend) {
         self.backend = backend
@@ -211,8 +211,8 @@ final class BackendFileRead: FileReadState, BenchmarkBody {
 /// One read slot of the callback variant: its callback captures only this object.
 final class LoopFileSlot {
     let tally: LoopFileTally
-    var buffer: IOBuffer? = IOBuffer(capacity: fileBlockSize)
-    var offset: Int64 = 0
+    @exclusivity(unchecked) var buffer: IOBuffer? = IOBuffer(capacity: fileBlockSize)
+    @exclusivity(unchecked) var offset: Int64 = 0
 
     init(tally: LoopFileTally) { self.tally = tally }
 
@@ -229,8 +229,8 @@ final class LoopFileSlot {
 }
 
 final class LoopFileTally {
-    var completed = 0
-    var failure: (any Error)?
+    @exclusivity(unchecked) var completed = 0
+    @exclusivity(unchecked) var failure: (any Error)?
 }
 
 final class LoopFileRead: FileReadState, BenchmarkBody {

@@ -28,9 +28,9 @@ func makeNopBody(_ c: BenchmarkCase, batch: Int) throws -> BenchmarkBody {
 final class RawURingNop: BenchmarkBody {
     let ring: RawRing
     let batch: Int
-    var submitted = 0
-    var completed = 0
-    var bad = 0
+    @exclusivity(unchecked) var submitted = 0
+    @exclusivity(unchecked) var completed = 0
+    @exclusivity(unchecked) var bad = 0
 
     init(batch: Int) throws {
         ring = try RawRing()
@@ -64,8 +64,8 @@ final class RawReadinessNop: BenchmarkBody {
     let idleFD: Int32
     let epoll: RawEpoll?
     let poll: RawPoll?
-    var submitted = 0
-    var completed = 0
+    @exclusivity(unchecked) var submitted = 0
+    @exclusivity(unchecked) var completed = 0
 
     init(batch: Int, epoll useEpoll: Bool) throws {
         self.batch = batch
@@ -98,9 +98,9 @@ final class RawReadinessNop: BenchmarkBody {
 final class BackendNop: BenchmarkBody {
     let backend: any IOBackend
     let batch: Int
-    var submitted = 0
-    var completed = 0
-    var bad = 0
+    @exclusivity(unchecked) var submitted = 0
+    @exclusivity(unchecked) var completed = 0
+    @exclusivity(unchecked) var bad = 0
 
     init(backend: any IOBackend, batch: Int) {
         self.backend = backend
@@ -132,9 +132,9 @@ final class BackendNop: BenchmarkBody {
 final class LoopNop: BenchmarkBody {
     let loop: EventLoop
     let batch: Int
-    var submitted = 0
-    var completed = 0
-    var bad = 0
+    @exclusivity(unchecked) var submitted = 0
+    @exclusivity(unchecked) var completed = 0
+    @exclusivity(unchecked) var bad = 0
 
     init(choice: BackendChoice, batch: Int) throws {
         loop = try EventLoop(backend: choice)

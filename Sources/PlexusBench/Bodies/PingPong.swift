@@ -39,8 +39,8 @@ func makePingPongBody(_ c: BenchmarkCase) throws -> BenchmarkBody {
 class PingPongState {
     let readFD: Int32
     let writeFD: Int32
-    var sequence: UInt8 = 0
-    var roundTrips = 0
+    @exclusivity(unchecked) var sequence: UInt8 = 0
+    @exclusivity(unchecked) var roundTrips = 0
 
     init(pipe: (read: Int32, write: Int32)) {
         readFD = pipe.read
@@ -104,7 +104,7 @@ final class RawURingPingPong: PingPongState, BenchmarkBody {
 final class RawReadinessPingPong: PingPongState, BenchmarkBody {
     let epoll: RawEpoll?
     let poll: RawPoll?
-    var byte: UInt8 = 0
+    @exclusivity(unchecked) var byte: UInt8 = 0
     let readBuffer = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
 
     init(_ pipe: (read: Int32, write: Int32), epoll useEpoll: Bool) throws {
@@ -137,8 +137,8 @@ final class RawReadinessPingPong: PingPongState, BenchmarkBody {
 
 final class BackendPingPong: PingPongState, BenchmarkBody {
     let backend: any IOBackend
-    var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
-    var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
 
     init(_ pipe: (read: Int32, write: Int32), backend: any IOBackend) {
         self.backend = backend
@@ -183,10 +183,10 @@ final class BackendPingPong: PingPongState, BenchmarkBody {
 
 final class LoopPingPong: PingPongState, BenchmarkBody {
     let loop: EventLoop
-    var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
-    var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
-    var readResult: Result<Int, PlexusError>?
-    var writeResult: Result<Int, PlexusError>?
+    @exclusivity(unchecked) var readBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var writeBuffer: IOBuffer? = IOBuffer(capacity: 64)
+    @exclusivity(unchecked) var readResult: Result<Int, PlexusError>?
+    @exclusivity(unchecked) var writeResult: Result<Int, PlexusError>?
 
     init(_ pipe: (read: Int32, write: Int32), choice: BackendChoice) throws {
         loop = try EventLoop(backend: choice)
