@@ -46,7 +46,7 @@ enum {
 };
 
 // GNU-only bits, hidden by the header order above.
-enum { PLEXUS_POLLRDHUP = 0x2000, PLEXUS_RWF_NOWAIT = 0x00000008 };
+enum { PLEXUS_POLLRDHUP = 0x2000, PLEXUS_RWF_NOWAIT = 0x00000008, PLEXUS_F_SETPIPE_SZ = 1031 };
 
 // Newer than liburing 2.3's headers; the kernel probe decides whether they are used.
 #define PLEXUS_IORING_TIMEOUT_MULTISHOT (1U << 6)

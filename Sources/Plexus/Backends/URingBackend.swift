@@ -68,6 +68,14 @@ public final class URingBackend: IOBackend {
         var tag: UInt32 = 0
         /// Parked reads, oldest first.
         var parked: [Int] = []
+        /// Writes to this pipe sent to the ring and not completed. io_uring keeps no order
+        /// between two writes to a full pipe (the later one can land first), so while there
+        /// is one, later writes wait in `waitingWrites` and go on when it completes.
+        var writesInRing: Int32 = 0
+        /// Writes waiting behind the one in the ring, oldest first.
+        var waitingWrites: [Int] = []
+        /// pwritev2(RWF_NOWAIT) was refused (EOPNOTSUPP): writes go to the ring, one at a time.
+        var noWaitRefused = false
     }
 
     /// The token index of pipe polls' user_data (never a record's: slabs are far smaller).
@@ -363,6 +371,17 @@ public final class URingBackend: IOBackend {
             return
         }
         if kind == .read, view.offset < 0, parkOnPipe(index, view.fd) { return }
+        if kind == .write, view.offset < 0 {
+            switch pipeWrite(index, view) {
+            case .done(let n):
+                state.pointee.immediate.append((index, n))
+                return
+            case .waits:
+                return
+            case .ring:
+                break
+            }
+        }
         guard let sqe = sqe() else {
             state.pointee.backlog.append(index)
             return
@@ -674,6 +693,7 @@ public final class URingBackend: IOBackend {
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
         if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
+        if kind == .write, record.pointee.state == .inFlight { pipeWriteDone(record.pointee.fd) }
         record.pointee.operation!.apply(result: result, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
         release(index)
@@ -752,6 +772,82 @@ public final class URingBackend: IOBackend {
         guard state.pointee.pipes[i].kind == 1 else { return }
         let view = record.pointee.operation!.kernelView(scratch: scratch)
         if view.offset < 0 && Int(result) < view.length { state.pointee.pipes[i].drained = true }
+    }
+
+    private enum PipeWrite { case done(Int32), waits, ring }
+
+    /// A write at the file position: to a pipe, done at once with pwritev2(RWF_NOWAIT)
+    /// when no earlier write to it is in the ring (the kernel takes what fits or says
+    /// EAGAIN, and then the write goes to the ring), else queued behind that one. Measured
+    /// in the raw ping-pong shape (one multishot poll on the read end, preadv2 reads):
+    /// 935-960 ns per round trip against 1056-1100 ns with IORING_OP_WRITE, whose
+    /// submission, pipe write and task work cost more inside io_uring_enter than the
+    /// syscall alone. RWF_NOWAIT keeps a pipe without O_NONBLOCK from blocking the loop.
+    private func pipeWrite(_ index: Int, _ view: KernelView) -> PipeWrite {
+        let fd = view.fd
+        let record = table.record(index)
+        // Already counted in writesInRing (a write from `waitingWrites`, or from the backlog).
+        if record.pointee.state == .inFlight { return .ring }
+        guard fd >= 0, Int(fd) < Self.pipeFDLimit else { return .ring }
+        let i = Int(fd)
+        if i >= state.pointee.pipes.count {
+            state.pointee.pipes.append(contentsOf: repeatElement(PipeWatch(), count: i + 1 - state.pointee.pipes.count))
+        }
+        if state.pointee.pipes[i].kind == 0 { state.pointee.pipes[i].kind = Sys.fileType(fd) == Int32(Glibc.S_IFIFO) ? 1 : 2 }
+        guard state.pointee.pipes[i].kind == 1 else { return .ring }
+        if state.pointee.pipes[i].writesInRing > 0 || !state.pointee.pipes[i].waitingWrites.isEmpty {
+            if state.pointee.noParking {
+                // A write with a deadline needs its SQE now, to link the timeout to: it goes
+                // to the ring beside the others, in no order with them.
+                record.pointee.state = .inFlight
+                state.pointee.pipes[i].writesInRing += 1
+                return .ring
+            }
+            record.pointee.state = .awaitingPipe
+            state.pointee.pipes[i].waitingWrites.append(index)
+            state.pointee.statistics.wouldBlock &+= 1
+            return .waits
+        }
+        if let n = writeToPipeNow(fd, view) { return .done(n) }
+        record.pointee.state = .inFlight  // counted: `finish` uncounts it
+        state.pointee.pipes[i].writesInRing += 1
+        return .ring
+    }
+
+    /// pwritev2(RWF_NOWAIT) of the view's bytes to pipe `fd`: the result, or nil when the
+    /// write must go to the ring (EAGAIN; EOPNOTSUPP, remembered; any other error, which
+    /// the ring reports as it always did). EPIPE is the write's result.
+    private func writeToPipeNow(_ fd: Int32, _ view: KernelView) -> Int32? {
+        guard !state.pointee.pipes[Int(fd)].noWaitRefused else { return nil }
+        plexus_block_sigpipe()  // a pipe without a reader raises SIGPIPE on this thread
+        var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: view.base), iov_len: view.length)
+        let n = plexus_pwritev2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
+        if n >= 0 { return Int32(n) }
+        let error = plexus_errno()
+        if error == EPIPE { return -EPIPE }
+        if error == EOPNOTSUPP { state.pointee.pipes[Int(fd)].noWaitRefused = true }
+        return nil
+    }
+
+    /// A pipe write that went to the ring completed: the writes waiting behind it go on,
+    /// in order, at once while the pipe takes them, then the next one to the ring.
+    private func pipeWriteDone(_ fd: Int32) {
+        let i = Int(fd)
+        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].writesInRing > 0 else { return }
+        state.pointee.pipes[i].writesInRing -= 1
+        while state.pointee.pipes[i].writesInRing == 0, !state.pointee.pipes[i].waitingWrites.isEmpty {
+            let index = state.pointee.pipes[i].waitingWrites.removeFirst()
+            let record = table.record(index)
+            record.pointee.state = .prepared
+            let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
+            if let n = writeToPipeNow(fd, view) {
+                state.pointee.immediate.append((index, n))
+                continue
+            }
+            record.pointee.state = .inFlight
+            state.pointee.pipes[i].writesInRing += 1
+            prep(index)
+        }
     }
 
     /// Parks a read of an empty pipe (or one behind parked reads) until the pipe's poll
@@ -840,20 +936,34 @@ public final class URingBackend: IOBackend {
         state.pointee.noParking = false
     }
 
-    /// Ends the parked reads of `fd` that `matching` picks with `result`.
+    /// Ends the parked reads and waiting writes of `fd` that `matching` picks with `result`.
     private func endPipeReads(on fd: Int32, result: Int32, _ matching: (Int) -> Bool) {
         let i = Int(fd)
-        guard fd >= 0, i < state.pointee.pipes.count, !state.pointee.pipes[i].parked.isEmpty else { return }
-        var kept: [Int] = []
-        for index in state.pointee.pipes[i].parked {
-            if matching(index) {
-                table.record(index).pointee.state = .inFlight
-                state.pointee.immediate.append((index, result))
-            } else {
-                kept.append(index)
+        guard fd >= 0, i < state.pointee.pipes.count else { return }
+        if !state.pointee.pipes[i].parked.isEmpty {
+            var kept: [Int] = []
+            for index in state.pointee.pipes[i].parked {
+                if matching(index) {
+                    table.record(index).pointee.state = .inFlight
+                    state.pointee.immediate.append((index, result))
+                } else {
+                    kept.append(index)
+                }
             }
+            state.pointee.pipes[i].parked = kept
         }
-        state.pointee.pipes[i].parked = kept
+        if !state.pointee.pipes[i].waitingWrites.isEmpty {
+            var kept: [Int] = []
+            for index in state.pointee.pipes[i].waitingWrites {
+                if matching(index) {
+                    table.record(index).pointee.state = .prepared  // never in the ring: not counted
+                    state.pointee.immediate.append((index, result))
+                } else {
+                    kept.append(index)
+                }
+            }
+            state.pointee.pipes[i].waitingWrites = kept
+        }
     }
 
     /// Forgets what was known of fd number `fd` (closed; the number may come back as

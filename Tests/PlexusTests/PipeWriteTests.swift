@@ -1,0 +1,145 @@
+import CPlexus
+import Glibc
+@testable import Plexus
+import SystemPackage
+import Testing
+
+/// Writes to pipes. io_uring writes to a pipe at once with pwritev2(RWF_NOWAIT) while no
+/// earlier write to it waits in the ring, and sends it to the ring when the pipe is full;
+/// epoll and poll try write(2) first and park on EAGAIN. Every backend must keep a
+/// pipe's writes in order and finish each exactly once.
+extension PlexusTests {
+@Suite struct PipeWriteTests {
+    /// A pipe of one page, the smallest the kernel allows, so it fills quickly.
+    static func onePagePipe(_ h: Harness, _ kind: BackendKind) throws -> (FileDescriptor, FileDescriptor) {
+        let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+        #expect(fcntl(w.rawValue, Int32(PLEXUS_F_SETPIPE_SZ), 4096) == 4096)
+        return (r, w)
+    }
+
+    /// Reads exactly `count` bytes with read(2).
+    static func readAll(_ r: FileDescriptor, _ count: Int) -> [UInt8] {
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 8192)
+        while bytes.count < count {
+            let n = Glibc.read(r.rawValue, &chunk, min(chunk.count, count - bytes.count))
+            if n <= 0 { break }
+            bytes += chunk.prefix(n)
+        }
+        return bytes
+    }
+
+    @Test(arguments: Backends.kinds)
+    func writesToAPipeWithRoomFinishAtOnceAndWritesToAFullOneQueueInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w) = try Self.onePagePipe(h, kind)
+            // Room: at once, on every backend.
+            let (first, firstAtOnce) = h.attempt(.write(w, IOBuffer("a")))
+            #expect(firstAtOnce, "\(kind): a write to an empty pipe waited")
+            let filler = [UInt8](repeating: UInt8(ascii: "."), count: 4095)
+            let (fill, fillAtOnce) = h.attempt(.write(w, IOBuffer(bytes: filler)))
+            #expect(fillAtOnce)
+            #expect(try h.waitFor(first).result == 1)
+            #expect(try h.waitFor(fill).result == 4095)
+            // Full: this one waits, and the next one queues behind it, not at once.
+            let (b, bAtOnce) = h.attempt(.write(w, IOBuffer("B")))
+            let (c, cAtOnce) = h.attempt(.write(w, IOBuffer("C")))
+            #expect(!bAtOnce && !cAtOnce, "\(kind): a write to a full pipe finished at once")
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            #expect(h.isPending(b) && h.isPending(c))
+            let drained = Self.readAll(r, 4096)
+            #expect(drained.count == 4096 && drained.first == UInt8(ascii: "a"))
+            let done = try h.waitFor([b, c])
+            #expect(done.map(\.result) == [1, 1])
+            #expect(Self.readAll(r, 2) == Array("BC".utf8))
+            // Nothing waits any more: the next write is at once again.
+            let (d, dAtOnce) = h.attempt(.write(w, IOBuffer("D")))
+            #expect(dAtOnce, "\(kind): a write after the queue emptied waited")
+            #expect(try h.waitFor(d).result == 1)
+            #expect(Self.readAll(r, 1) == Array("D".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// A full pipe and three writes behind it: the first waits in the kernel (io_uring)
+    /// or parked (epoll, poll); the others wait behind it.
+    static func fullPipeWithWaitingWrites(_ h: Harness, _ kind: BackendKind, _ texts: [String])
+        throws -> (r: FileDescriptor, w: FileDescriptor, tokens: [Token]) {
+        let (r, w) = try onePagePipe(h, kind)
+        let fill = h.prepare(.write(w, IOBuffer(bytes: [UInt8](repeating: 0, count: 4096))))
+        #expect(try h.waitFor(fill).result == 4096)
+        let tokens = texts.map { h.prepare(.write(w, IOBuffer($0))) }
+        try h.submit()
+        try h.idle(for: .milliseconds(1))
+        for t in tokens { #expect(h.isPending(t)) }
+        return (r, w, tokens)
+    }
+
+    @Test(arguments: Backends.kinds)
+    func cancellingWaitingWritesLeavesTheOthersInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, _, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D", "E"])
+            // C waits behind B; B is the one in the kernel on io_uring. Cancel both.
+            let cancels = [h.prepare(.cancel(t[1])), h.prepare(.cancel(t[0]))]
+            let cancelled = try h.waitFor([t[0], t[1]])
+            #expect(cancelled.map(\.result) == [-ECANCELED, -ECANCELED])
+            #expect(try h.waitFor(cancels).map(\.result) == [0, 0])
+            #expect(Self.readAll(r, 4096).count == 4096)
+            #expect(try h.waitFor([t[2], t[3]]).map(\.result) == [1, 1])
+            #expect(Self.readAll(r, 2) == Array("DE".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func closingAPipeWithWaitingWritesEndsEachOnce(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (_, w, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D"])
+            let close = h.prepare(.close(w))
+            let ended = try h.waitFor(t)
+            #expect(ended.map(\.result) == [-ECANCELED, -ECANCELED, -ECANCELED])
+            #expect(try h.waitFor(close).result == 0)
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func cancelAllEndsWaitingWritesOnce(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (_, _, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D"])
+            h.cancelAll()
+            let ended = try h.waitFor(t)
+            #expect(ended.map(\.result) == [-ECANCELED, -ECANCELED, -ECANCELED])
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func aWriteWithADeadlineBehindAFullPipeEndsAtItsDeadline(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B"])
+            let late = h.prepare(.write(w, IOBuffer("L")), deadline: .now + .milliseconds(20))
+            #expect(try h.waitFor(late).result == -ECANCELED)
+            #expect(Self.readAll(r, 4096).count == 4096)
+            #expect(try h.waitFor(t[0]).result == 1)
+            #expect(Self.readAll(r, 1) == Array("B".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// A write bigger than the room left takes what fits and says how much.
+    @Test(arguments: Backends.kinds)
+    func aWriteBiggerThanTheRoomLeftIsShort(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (r, w) = try Self.onePagePipe(h, kind)
+            let big = [UInt8](repeating: 7, count: 10_000)
+            let done = try h.perform(.write(w, IOBuffer(bytes: big)))
+            // io_uring and epoll/poll on a nonblocking pipe: what fits at once. (A write
+            // to the ring of a blocking pipe may also wait for the reader: then all of it.)
+            #expect(done.result > 0 && done.result <= 10_000)
+            #expect(Self.readAll(r, Int(done.result)) == Array(big.prefix(Int(done.result))))
+        }
+    }
+}
+}
