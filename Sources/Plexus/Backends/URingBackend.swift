@@ -68,12 +68,19 @@ public final class URingBackend: IOBackend {
         var tag: UInt32 = 0
         /// Parked reads, oldest first.
         var parked: [Int] = []
-        /// Writes to this pipe sent to the ring and not completed. io_uring keeps no order
-        /// between two writes to a full pipe (the later one can land first), so while there
-        /// is one, later writes wait in `waitingWrites` and go on when it completes.
+        /// 0 not looked at, 1 a byte stream (pipe, FIFO, stream socket), 2 not.
+        var stream: UInt8 = 0
+        /// Stream writes to this fd sent to the ring and not completed. io_uring keeps no
+        /// order between two writes to a full pipe or socket (on 6.18 the later ones land
+        /// first), so while there is one, later writes wait in `waitingWrites` and go on,
+        /// in order, when it completes.
         var writesInRing: Int32 = 0
         /// Writes waiting behind the one in the ring, oldest first.
         var waitingWrites: [Int] = []
+        /// The same for reads of a byte stream (two recvs in the ring of an empty socket
+        /// get its data in reverse): one in the ring, the later ones waiting.
+        var readsInRing: Int32 = 0
+        var waitingReads: [Int] = []
         /// pwritev2(RWF_NOWAIT) was refused (EOPNOTSUPP): writes go to the ring, one at a time.
         var noWaitRefused = false
     }
@@ -268,7 +275,7 @@ public final class URingBackend: IOBackend {
         if !state.pointee.enabled { try? enableIfNeeded() }
         drainBacklog()
         endStarved { _ in true }
-        for fd in 0..<state.pointee.pipes.count where state.pointee.pipes[fd].kind == 1 {
+        for fd in 0..<state.pointee.pipes.count where state.pointee.pipes[fd].kind == 1 || state.pointee.pipes[fd].stream == 1 {
             endPipeReads(on: Int32(fd), result: -ECANCELED) { _ in true }
             forgetPipe(Int32(fd))  // the cancel below ends its poll
         }
@@ -370,9 +377,9 @@ public final class URingBackend: IOBackend {
             state.pointee.immediate.append((index, n))
             return
         }
-        if kind == .read, view.offset < 0, parkOnPipe(index, view.fd) { return }
-        if kind == .write, view.offset < 0 {
-            switch pipeWrite(index, view) {
+        if Self.isStreamRead(kind, view), orderedRead(index, kind, view) { return }
+        if Self.isStreamWrite(kind, view) {
+            switch orderedWrite(index, kind, view) {
             case .done(let n):
                 state.pointee.immediate.append((index, n))
                 return
@@ -693,7 +700,10 @@ public final class URingBackend: IOBackend {
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
         if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
-        if kind == .write, record.pointee.state == .inFlight { pipeWriteDone(record.pointee.fd) }
+        if record.pointee.state == .inFlight {
+            if Self.writes(kind) { streamWriteDone(record.pointee.fd) }
+            if Self.isReadSide(kind) { streamReadDone(record.pointee.fd) }
+        }
         record.pointee.operation!.apply(result: result, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
         release(index)
@@ -774,16 +784,27 @@ public final class URingBackend: IOBackend {
         if view.offset < 0 && Int(result) < view.length { state.pointee.pipes[i].drained = true }
     }
 
-    private enum PipeWrite { case done(Int32), waits, ring }
+    private enum OrderedWrite { case done(Int32), waits, ring }
 
-    /// A write at the file position: to a pipe, done at once with pwritev2(RWF_NOWAIT)
-    /// when no earlier write to it is in the ring (the kernel takes what fits or says
-    /// EAGAIN, and then the write goes to the ring), else queued behind that one. Measured
-    /// in the raw ping-pong shape (one multishot poll on the read end, preadv2 reads):
-    /// 935-960 ns per round trip against 1056-1100 ns with IORING_OP_WRITE, whose
-    /// submission, pipe write and task work cost more inside io_uring_enter than the
-    /// syscall alone. RWF_NOWAIT keeps a pipe without O_NONBLOCK from blocking the loop.
-    private func pipeWrite(_ index: Int, _ view: KernelView) -> PipeWrite {
+    /// Writes at the file position (write, writev) and sends: the ones that could land out
+    /// of order on a byte stream.
+    private static func isStreamWrite(_ kind: OperationKind, _ view: KernelView) -> Bool {
+        switch kind {
+        case .write, .writev: view.offset < 0
+        case .send, .sendMessage: true
+        default: false
+        }
+    }
+
+    /// A write to a byte stream goes to the ring only when no earlier one to the same fd is
+    /// there; else it waits behind it (io_uring would keep no order between them). A write
+    /// to a pipe is first done at once with pwritev2(RWF_NOWAIT): the kernel takes what
+    /// fits or says EAGAIN, and then the write goes to the ring. Measured in the raw
+    /// ping-pong shape (one multishot poll on the read end, preadv2 reads): 935-960 ns per
+    /// round trip against 1056-1100 ns with IORING_OP_WRITE, whose submission, pipe write
+    /// and task work cost more inside io_uring_enter than the syscall alone. RWF_NOWAIT
+    /// keeps a pipe without O_NONBLOCK from blocking the loop.
+    private func orderedWrite(_ index: Int, _ kind: OperationKind, _ view: KernelView) -> OrderedWrite {
         let fd = view.fd
         let record = table.record(index)
         // Already counted in writesInRing (a write from `waitingWrites`, or from the backlog).
@@ -793,8 +814,8 @@ public final class URingBackend: IOBackend {
         if i >= state.pointee.pipes.count {
             state.pointee.pipes.append(contentsOf: repeatElement(PipeWatch(), count: i + 1 - state.pointee.pipes.count))
         }
-        if state.pointee.pipes[i].kind == 0 { state.pointee.pipes[i].kind = Sys.fileType(fd) == Int32(Glibc.S_IFIFO) ? 1 : 2 }
-        guard state.pointee.pipes[i].kind == 1 else { return .ring }
+        if state.pointee.pipes[i].stream == 0 { classifyStream(fd) }
+        guard state.pointee.pipes[i].stream == 1 else { return .ring }
         if state.pointee.pipes[i].writesInRing > 0 || !state.pointee.pipes[i].waitingWrites.isEmpty {
             if state.pointee.noParking {
                 // A write with a deadline needs its SQE now, to link the timeout to: it goes
@@ -808,10 +829,88 @@ public final class URingBackend: IOBackend {
             state.pointee.statistics.wouldBlock &+= 1
             return .waits
         }
-        if let n = writeToPipeNow(fd, view) { return .done(n) }
+        if kind == .write, state.pointee.pipes[i].kind == 1, let n = writeToPipeNow(fd, view) { return .done(n) }
         record.pointee.state = .inFlight  // counted: `finish` uncounts it
         state.pointee.pipes[i].writesInRing += 1
         return .ring
+    }
+
+    /// Reads at the file position (read, readv) and receives: the ones that could take a
+    /// byte stream's data out of order.
+    private static func isStreamRead(_ kind: OperationKind, _ view: KernelView) -> Bool {
+        switch kind {
+        case .read, .readv: view.offset < 0
+        case .recv, .receiveMessage: true
+        default: false
+        }
+    }
+
+    private static func isReadSide(_ kind: OperationKind) -> Bool {
+        kind == .read || kind == .readv || kind == .recv || kind == .receiveMessage
+    }
+
+    /// A read of a byte stream waits behind an earlier one in the ring, or (a pipe found
+    /// empty) parks on the pipe's poll; else it goes to the ring, counted. True when it
+    /// waits or is parked.
+    private func orderedRead(_ index: Int, _ kind: OperationKind, _ view: KernelView) -> Bool {
+        let fd = view.fd
+        let record = table.record(index)
+        // Already counted in readsInRing (from `waitingReads`, or from the backlog).
+        if record.pointee.state == .inFlight { return false }
+        guard fd >= 0, Int(fd) < Self.pipeFDLimit else { return false }
+        let i = Int(fd)
+        if i >= state.pointee.pipes.count {
+            state.pointee.pipes.append(contentsOf: repeatElement(PipeWatch(), count: i + 1 - state.pointee.pipes.count))
+        }
+        if state.pointee.pipes[i].stream == 0 { classifyStream(fd) }
+        guard state.pointee.pipes[i].stream == 1 else { return false }
+        if state.pointee.pipes[i].readsInRing > 0 || !state.pointee.pipes[i].waitingReads.isEmpty {
+            if !state.pointee.noParking {
+                record.pointee.state = .awaitingPipe
+                state.pointee.pipes[i].waitingReads.append(index)
+                state.pointee.statistics.wouldBlock &+= 1
+                return true
+            }
+            // A read with a deadline needs its SQE now: to the ring beside the others.
+        } else if kind == .read, parkOnPipe(index, fd) {
+            return true
+        }
+        record.pointee.state = .inFlight  // counted: `finish` uncounts it
+        state.pointee.pipes[i].readsInRing += 1
+        return false
+    }
+
+    /// A stream read that went to the ring completed: the next waiting ones go on.
+    private func streamReadDone(_ fd: Int32) {
+        let i = Int(fd)
+        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].readsInRing > 0 else { return }
+        state.pointee.pipes[i].readsInRing -= 1
+        startWaitingReads(fd, parking: true)
+    }
+
+    /// Starts the waiting reads of `fd` in order while none is in the ring: each parks on
+    /// the pipe's poll (when `parking` and the pipe was found empty) or goes to the ring.
+    private func startWaitingReads(_ fd: Int32, parking: Bool) {
+        let i = Int(fd)
+        while state.pointee.pipes[i].readsInRing == 0, !state.pointee.pipes[i].waitingReads.isEmpty {
+            let index = state.pointee.pipes[i].waitingReads.removeFirst()
+            let record = table.record(index)
+            record.pointee.state = .prepared
+            if parking, record.pointee.kind == .read, parkOnPipe(index, fd) { continue }
+            record.pointee.state = .inFlight
+            state.pointee.pipes[i].readsInRing += 1
+            prep(index)
+        }
+    }
+
+    /// Whether `fd` is a byte stream (and, if not known yet, a pipe).
+    private func classifyStream(_ fd: Int32) {
+        let i = Int(fd)
+        let type = Sys.fileType(fd)
+        let fifo = type == Int32(Glibc.S_IFIFO)
+        if state.pointee.pipes[i].kind == 0 { state.pointee.pipes[i].kind = fifo ? 1 : 2 }
+        let stream = fifo || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
+        state.pointee.pipes[i].stream = stream ? 1 : 2
     }
 
     /// pwritev2(RWF_NOWAIT) of the view's bytes to pipe `fd`: the result, or nil when the
@@ -829,9 +928,9 @@ public final class URingBackend: IOBackend {
         return nil
     }
 
-    /// A pipe write that went to the ring completed: the writes waiting behind it go on,
-    /// in order, at once while the pipe takes them, then the next one to the ring.
-    private func pipeWriteDone(_ fd: Int32) {
+    /// A stream write that went to the ring completed: the writes waiting behind it go on,
+    /// in order: to a pipe at once while it takes them, then the next one to the ring.
+    private func streamWriteDone(_ fd: Int32) {
         let i = Int(fd)
         guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].writesInRing > 0 else { return }
         state.pointee.pipes[i].writesInRing -= 1
@@ -839,8 +938,8 @@ public final class URingBackend: IOBackend {
             let index = state.pointee.pipes[i].waitingWrites.removeFirst()
             let record = table.record(index)
             record.pointee.state = .prepared
-            let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
-            if let n = writeToPipeNow(fd, view) {
+            if record.pointee.kind == .write, state.pointee.pipes[i].kind == 1,
+               let n = writeToPipeNow(fd, record.pointee.operation!.kernelView(scratch: table.scratch(index))) {
                 state.pointee.immediate.append((index, n))
                 continue
             }
@@ -928,42 +1027,34 @@ public final class URingBackend: IOBackend {
     private func requeuePipeReads(_ fd: Int32) {
         let parked = state.pointee.pipes[Int(fd)].parked
         state.pointee.pipes[Int(fd)].parked.removeAll()
-        state.pointee.noParking = true
-        for index in parked {
-            table.record(index).pointee.state = .inFlight
-            prep(index)
-        }
-        state.pointee.noParking = false
+        // Oldest first, and one at a time, like any stream read.
+        state.pointee.pipes[Int(fd)].waitingReads.insert(contentsOf: parked, at: 0)
+        startWaitingReads(fd, parking: false)
     }
 
-    /// Ends the parked reads and waiting writes of `fd` that `matching` picks with `result`.
+    /// Ends the parked reads, waiting reads and waiting writes of `fd` that `matching` picks
+    /// with `result`.
     private func endPipeReads(on fd: Int32, result: Int32, _ matching: (Int) -> Bool) {
         let i = Int(fd)
         guard fd >= 0, i < state.pointee.pipes.count else { return }
-        if !state.pointee.pipes[i].parked.isEmpty {
-            var kept: [Int] = []
-            for index in state.pointee.pipes[i].parked {
-                if matching(index) {
-                    table.record(index).pointee.state = .inFlight
-                    state.pointee.immediate.append((index, result))
-                } else {
-                    kept.append(index)
-                }
+        state.pointee.pipes[i].parked = endWaiting(state.pointee.pipes[i].parked, result, matching)
+        state.pointee.pipes[i].waitingWrites = endWaiting(state.pointee.pipes[i].waitingWrites, result, matching)
+        state.pointee.pipes[i].waitingReads = endWaiting(state.pointee.pipes[i].waitingReads, result, matching)
+    }
+
+    /// Ends the records of `waiting` that `matching` picks with `result`; returns the rest.
+    private func endWaiting(_ waiting: [Int], _ result: Int32, _ matching: (Int) -> Bool) -> [Int] {
+        guard !waiting.isEmpty else { return waiting }
+        var kept: [Int] = []
+        for index in waiting {
+            if matching(index) {
+                table.record(index).pointee.state = .prepared  // never in the ring: not counted
+                state.pointee.immediate.append((index, result))
+            } else {
+                kept.append(index)
             }
-            state.pointee.pipes[i].parked = kept
         }
-        if !state.pointee.pipes[i].waitingWrites.isEmpty {
-            var kept: [Int] = []
-            for index in state.pointee.pipes[i].waitingWrites {
-                if matching(index) {
-                    table.record(index).pointee.state = .prepared  // never in the ring: not counted
-                    state.pointee.immediate.append((index, result))
-                } else {
-                    kept.append(index)
-                }
-            }
-            state.pointee.pipes[i].waitingWrites = kept
-        }
+        return kept
     }
 
     /// Forgets what was known of fd number `fd` (closed; the number may come back as

@@ -364,6 +364,18 @@ final class Harness {
         return (own(fds[0]), own(fds[1]))
     }
 
+    /// Sends zeros on stream socket `fd` until its send buffer (and its peer's receive
+    /// buffer) is full; returns how many bytes that took.
+    func fillSendBuffer(_ fd: FileDescriptor) -> Int {
+        var filled = 0
+        let chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = Glibc.send(fd.rawValue, chunk, chunk.count, Int32(MSG_DONTWAIT))
+            if n <= 0 { return filled }
+            filled += n
+        }
+    }
+
     /// A non-blocking socket of `type` on AF_INET, owned.
     func inetSocket(type: Int32 = Int32(SOCK_STREAM.rawValue), nonBlocking: Bool = true) throws -> FileDescriptor {
         let flags = Int32(SOCK_CLOEXEC.rawValue) | (nonBlocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)

@@ -4,12 +4,13 @@ import Glibc
 import SystemPackage
 import Testing
 
-/// Writes to pipes. io_uring writes to a pipe at once with pwritev2(RWF_NOWAIT) while no
-/// earlier write to it waits in the ring, and sends it to the ring when the pipe is full;
-/// epoll and poll try write(2) first and park on EAGAIN. Every backend must keep a
-/// pipe's writes in order and finish each exactly once.
+/// Writes to byte streams: pipes and stream sockets. io_uring keeps one write per stream
+/// in the ring (it keeps no order between two to a full pipe or socket) and writes to a
+/// pipe at once with pwritev2(RWF_NOWAIT) while it takes them; epoll and poll try the
+/// syscall first and park on EAGAIN. Every backend must keep a stream's writes in order
+/// and finish each exactly once.
 extension PlexusTests {
-@Suite struct PipeWriteTests {
+@Suite struct StreamWriteTests {
     /// A pipe of one page, the smallest the kernel allows, so it fills quickly.
     static func onePagePipe(_ h: Harness, _ kind: BackendKind) throws -> (FileDescriptor, FileDescriptor) {
         let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
@@ -124,6 +125,47 @@ extension PlexusTests {
             #expect(Self.readAll(r, 4096).count == 4096)
             #expect(try h.waitFor(t[0]).result == 1)
             #expect(Self.readAll(r, 1) == Array("B".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// Eight writes (send and write alternating) to a Unix and a TCP socket whose buffers
+    /// are full arrive in the order they were prepared.
+    @Test(arguments: Backends.kinds)
+    func writesToAFullSocketArriveInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (x, y) = try h.socketPair()
+            let listener = try h.tcpListener()
+            let client = try h.tcpClient(port: listener.port)
+            let server = FileDescriptor(rawValue: plexus_accept4(listener.fd.rawValue, nil, nil, Int32(SOCK_CLOEXEC.rawValue)))
+            try #require(server.rawValue >= 0)
+            defer { h.closeNow(server) }
+            for (transport, a, b) in [("unix", x, y), ("tcp", client, server)] {
+                let filled = h.fillSendBuffer(a)
+                let letters = Array("ABCDEFGH".utf8)
+                let tokens = letters.indices.map { i in
+                    i % 2 == 0 ? h.prepare(.send(a, IOBuffer(bytes: [letters[i]])))
+                        : h.prepare(.write(a, IOBuffer(bytes: [letters[i]])))
+                }
+                try h.submit()
+                // Drain the peer while the backend runs.
+                var tail: [UInt8] = []
+                var got = 0
+                var buffer = [UInt8](repeating: 0, count: 65536)
+                let start = ContinuousClock.now
+                while got < filled + letters.count && ContinuousClock.now - start < .seconds(5) {
+                    let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                    if n > 0 {
+                        for k in 0..<n where got + k >= filled { tail.append(buffer[k]) }
+                        got += n
+                    } else {
+                        try h.waitOnce(timeout: .milliseconds(1))
+                    }
+                }
+                let done = try h.waitFor(tokens)
+                #expect(done.map(\.result) == Array(repeating: 1, count: letters.count), "\(transport)")
+                #expect(tail == letters, "\(kind) \(transport): \(String(decoding: tail, as: UTF8.self))")
+            }
             #expect(h.backend.pendingCount == 0)
         }
     }
