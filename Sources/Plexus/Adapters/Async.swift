@@ -105,7 +105,7 @@ extension EventLoop {
                     cancel(token)
                 }
             }
-        } else if inlineBudget > 0 && mayFinishInline() && !Task.isCancelled {
+        } else if inlineBudget > 0 && mayFinishInline() {
             // The fast path: a result that is there at once returns without suspending.
             switch attempt(operation, .resume(index)) {
             case .completed(var completion):
@@ -136,6 +136,10 @@ extension EventLoop {
 
     /// False when the current task has finished `inlineCompletionsPerTask` operations
     /// in a row without suspending: this one suspends (and the run starts again).
+    ///
+    /// A cancelled task is not asked about: an operation that can finish at once finishes
+    /// before a cancel could reach it on the slow path too (the cancel is prepared after
+    /// it), and one that parks suspends with the cancellation record, which cancels it.
     @inline(__always)
     private func mayFinishInline() -> Bool {
         let task = plexus_current_task()
