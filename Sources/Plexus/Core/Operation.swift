@@ -116,6 +116,27 @@ public enum Operation: ~Copyable, Sendable {
         }
     }
 
+    /// Ends the operation, freeing its buffers. Operations that own nothing end with a
+    /// tag check; letting an `Operation` go out of scope calls its destroy value witness
+    /// instead (~55 instructions through the type's metadata).
+    @inline(__always)
+    consuming func discard() {
+        // One label per case: a noncopyable switch takes no multi-pattern labels yet.
+        switch consume self {
+        case .nop: return
+        case .accept: return
+        case .poll: return
+        case .timeout: return
+        case .deadline: return
+        case .cancel: return
+        case .close: return
+        case .fsync: return
+        case .shutdown: return
+        case .receiveMultishot: return
+        case let other: _ = consume other
+        }
+    }
+
     /// Takes the vector of a readv or writev back out of the operation.
     public consuming func takeVector() -> IOVector? {
         switch consume self {
@@ -234,4 +255,20 @@ extension Optional where Wrapped == Operation {
         }
     }
 
+    // Hot paths end an `Operation?` with these instead of letting it go out of scope: the
+    // implicit destroy of a noncopyable optional goes through the runtime's value
+    // witnesses (two indirect calls, ~45 instructions); a switch frees the payload inline.
+
+    /// Ends the operation, if any, freeing its buffers.
+    @inline(__always)
+    consuming func discard() {
+        if case .some(let operation) = consume self { operation.discard() }
+    }
+
+    /// Takes the single buffer of a read, write, send, recv or message operation.
+    @inline(__always)
+    consuming func takeBuffer() -> IOBuffer? {
+        if case .some(let operation) = consume self { return operation.takeBuffer() }
+        return nil
+    }
 }

@@ -254,7 +254,7 @@ public final class EventLoop: @unchecked Sendable {
     private func refuse(_ operation: consuming Operation, _ handler: Handler) -> Token {
         let kind = operation.kind
         deliver(handler, Completion(token: Self.refusedToken, result: -ECANCELED, flags: [], kind: kind,
-                                    operation: operation))
+                                    operation: operation), result: -ECANCELED)
         return Self.refusedToken
     }
 
@@ -409,64 +409,82 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Calls the operation's handler in the shape it was registered with.
     private func dispatch(_ completion: consuming Completion) {
-        let token = completion.token
-        let slot = handlers.slot(token.index)
+        let slot = handlers.slot(completion.token.index)
         let final = completion.isFinal
         var result = completion.result
         let kind = completion.kind
-        if slot.pointee.cancelRequested, result >= 0, kind == .accept || kind == .acceptMultishot || kind == .open {
+        if _slowPath(slot.pointee.cancelRequested), result >= 0, kind == .accept || kind == .acceptMultishot || kind == .open {
             // The caller no longer wants this fd: never hand it out, never leak it.
             Glibc.close(result)
             result = -ECANCELED
-            if !final { return }
+            if !final {
+                completion.operation.discard()
+                return
+            }
         }
         // A final completion moves the handler out (no retain/release of its closure).
         var handler = Handler.none
         if final { swap(&handler, &slot.pointee.handler) } else { handler = slot.pointee.handler }
-        deliver(handler, Completion(token: token, result: result, flags: completion.flags, kind: kind,
-                                    operation: completion.operation.take(), bufferID: completion.bufferID))
+        deliver(handler, completion, result: result)
     }
 
-    /// Calls `handler` with `completion` in the shape the handler was registered with.
-    private func deliver(_ handler: Handler, _ completion: consuming Completion) {
-        let token = completion.token, result = completion.result, kind = completion.kind
-        let final = completion.isFinal
-        let value: Result<Int, PlexusError> = result >= 0 ? .success(Int(result)) : .failure(PlexusError(kind, result: result))
+    /// Calls `handler` with `completion`, whose result is `result`, in the shape the
+    /// handler was registered with.
+    ///
+    /// Every path ends the completion's operation explicitly (`discard`, `takeBuffer`, or
+    /// handing it on), never by letting it go out of scope: see `Optional<Operation>.discard`.
+    @inline(__always)
+    private func deliver(_ handler: Handler, _ completion: consuming Completion, result: Int32) {
+        let token = completion.token, kind = completion.kind, flags = completion.flags
         do {
             switch handler {
             case .none:
-                return
+                completion.operation.discard()
             case .wake:
-                if final { rearmWake(completion.takeBuffer()) }
+                if completion.isFinal {
+                    rearmWake(completion.operation.takeBuffer())
+                } else {
+                    completion.operation.discard()
+                }
             case .resume(let i):
                 let waiter = asyncSlots.slot(i)
                 waiter.pointee.result = result
                 waiter.pointee.kind = kind
-                waiter.pointee.flags = completion.flags
-                waiter.pointee.operation = completion.operation.take()
+                waiter.pointee.flags = flags
+                waiter.pointee.operation = completion.operation
                 waiter.pointee.done = true
                 waiter.pointee.continuation.take()?.resume()
             case .completion(let body):
-                try body(Completion(token: token, result: result, flags: completion.flags, kind: kind,
-                                    operation: completion.operation.take(), bufferID: completion.bufferID))
+                try body(Completion(token: token, result: result, flags: flags, kind: kind,
+                                    operation: completion.operation, bufferID: completion.bufferID))
             case .count(let body):
-                try body(value)
+                completion.operation.discard()
+                try body(Self.value(result, kind))
             case .buffer(let body):
-                try body(value, completion.takeBuffer()!)
+                try body(Self.value(result, kind), completion.operation.takeBuffer()!)
             case .vector(let body):
-                try body(value, completion.operation.take()!.takeVector()!)
+                try body(Self.value(result, kind), completion.operation!.takeVector()!)
             case .message(let body):
-                try body(value, completion.operation.take()!.takeMessage()!)
+                try body(Self.value(result, kind), completion.operation!.takeMessage()!)
             case .descriptor(let body):
-                try body(value.map { FileDescriptor(rawValue: Int32($0)) })
+                completion.operation.discard()
+                try body(Self.value(result, kind).map { FileDescriptor(rawValue: Int32($0)) })
             case .done(let body):
-                try body(value.map { _ in () })
+                completion.operation.discard()
+                try body(Self.value(result, kind).map { _ in () })
             case .events(let body):
-                try body(value.map { PollEvents(rawValue: UInt32($0)) })
+                completion.operation.discard()
+                try body(Self.value(result, kind).map { PollEvents(rawValue: UInt32($0)) })
             }
         } catch {
             errorHandler(CallbackError(operation: kind.rawValue, token: token, error: error))
         }
+    }
+
+    /// A result as the callback shapes take it (`Completion.value`).
+    @inline(__always)
+    private static func value(_ result: Int32, _ kind: OperationKind) -> Result<Int, PlexusError> {
+        result >= 0 ? .success(Int(result)) : .failure(PlexusError(kind, result: result))
     }
 
     // MARK: Wake-ups
