@@ -298,8 +298,16 @@ public final class URingBackend: IOBackend {
 
     // MARK: Internals
 
+    // enableIfNeeded, drainBacklog and deliverImmediate run in every submit and wait and
+    // almost never have work: each checks inline and calls out only when there is some.
+
+    @inline(__always)
     private func enableIfNeeded() throws(PlexusError) {
-        guard !state.pointee.enabled else { return }
+        if _slowPath(!state.pointee.enabled) { try enableRings() }
+    }
+
+    @inline(never)
+    private func enableRings() throws(PlexusError) {
         let r = plexus_enable_rings(ring)
         guard r == 0 else { throw PlexusError(operation: "io_uring_enable_rings", errno: Errno(rawValue: -r)) }
         state.pointee.enabled = true
@@ -315,7 +323,13 @@ public final class URingBackend: IOBackend {
         return io_uring_get_sqe(ring)
     }
 
+    @inline(__always)
     private func drainBacklog() {
+        if _slowPath(!state.pointee.backlog.isEmpty) { drainBacklogNow() }
+    }
+
+    @inline(never)
+    private func drainBacklogNow() {
         while !state.pointee.backlog.isEmpty, io_uring_sq_space_left(ring) > 0 {
             let index = state.pointee.backlog.removeFirst()
             prep(index)
@@ -468,8 +482,13 @@ public final class URingBackend: IOBackend {
         }
     }
 
+    @inline(__always)
     private func deliverImmediate(_ body: (consuming Completion) -> Void) -> Int {
-        guard !state.pointee.immediate.isEmpty else { return 0 }
+        state.pointee.immediate.isEmpty ? 0 : deliverImmediateNow(body)
+    }
+
+    @inline(never)
+    private func deliverImmediateNow(_ body: (consuming Completion) -> Void) -> Int {
         var n = 0
         while !state.pointee.immediate.isEmpty {
             let (index, result) = state.pointee.immediate.removeFirst()
