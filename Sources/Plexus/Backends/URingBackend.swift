@@ -340,13 +340,14 @@ public final class URingBackend: IOBackend {
     private func prep(_ index: Int) {
         let record = table.record(index)
         let scratch = table.scratch(index)
-        let view = record.pointee.operation!.kernelView(scratch: scratch)
+        let kind = record.pointee.kind
+        let view = kind.hasBuffers ? record.pointee.operation!.kernelView(scratch: scratch)
+                                   : record.pointee.operation!.bufferlessView(scratch: scratch)
         let token = Token(index: UInt32(index), generation: record.pointee.generation)
         if let invalid = view.invalid {
             state.pointee.immediate.append((index, invalid))
             return
         }
-        let kind = record.pointee.kind
         if kind == .cancel, let target = record.pointee.operation.cancelTarget {
             guard let targetRecord = table.live(target) else {
                 state.pointee.immediate.append((index, -ENOENT))
