@@ -92,10 +92,14 @@ extension Operation {
     }
 
     /// Applies a final result to the operation's buffers: reads append, writes consume,
-    /// a received message learns its sender from `scratch`.
+    /// a received message learns its sender from `scratch`. Inline, so that a result
+    /// with nothing to apply (0, an error) costs no call.
+    @inline(__always)
     mutating func apply(result: Int32, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
-        guard result > 0 else { return }
-        let n = Int(result)
+        if result > 0 { apply(transferred: Int(result), scratch: scratch) }
+    }
+
+    private mutating func apply(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
         switch consume self {
         case .read(let fd, var b, let offset):
             b.didAppend(n); self = .read(fd, b, offset: offset)

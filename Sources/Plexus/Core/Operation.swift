@@ -116,9 +116,10 @@ public enum Operation: ~Copyable, Sendable {
         }
     }
 
-    /// Ends the operation, freeing its buffers. Operations that own nothing end with a
-    /// tag check; letting an `Operation` go out of scope calls its destroy value witness
-    /// instead (~55 instructions through the type's metadata).
+    /// Ends the operation, freeing its buffers. Operations without buffers end in the
+    /// switch itself (a tag check, and a release for a receive's group); letting an
+    /// `Operation` go out of scope calls its destroy value witness instead (~55
+    /// instructions through the type's metadata).
     @inline(__always)
     consuming func discard() {
         // One label per case: a noncopyable switch takes no multi-pattern labels yet.

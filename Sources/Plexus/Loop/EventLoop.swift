@@ -78,12 +78,15 @@ public final class EventLoop: @unchecked Sendable {
     /// True on the loop thread while it runs.
     public var inLoop: Bool {
         let id = loopThreadID.load(ordering: .relaxed)
-        return id != 0 && pthread_equal(pthread_t(id), pthread_self()) != 0
+        // glibc's pthread_equal is `==` on the pthread_t; comparing here saves a call.
+        return id != 0 && pthread_t(id) == pthread_self()
     }
 
+    /// Every submit checks it: the cheaper `running` is tested first (a loop driven by
+    /// `runOnce` is not `running`, and then the thread is not checked either way).
     @inline(__always)
     func assertInLoop(_ function: StaticString = #function) {
-        precondition(inLoop || !running, "\(function) must be called on the loop thread; use execute { } from other threads")
+        precondition(!running || inLoop, "\(function) must be called on the loop thread; use execute { } from other threads")
     }
 
     // MARK: Running
