@@ -55,6 +55,7 @@ public enum Operation: ~Copyable, Sendable {
     case shutdown(FileDescriptor, how: Int32)
 
     /// What kind of operation this is, for errors and statistics.
+    @inline(__always)
     public var kind: OperationKind {
         switch self {
         case .nop: .nop
@@ -81,6 +82,7 @@ public enum Operation: ~Copyable, Sendable {
     }
 
     /// The fd the operation works on, if any.
+    @inline(__always)
     public var fileDescriptor: FileDescriptor? {
         switch self {
         case .read(let fd, _, _): fd
