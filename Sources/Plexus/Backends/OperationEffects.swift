@@ -100,19 +100,29 @@ extension Operation {
     }
 
     private mutating func apply(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        // The single-buffer kinds first, in a switch of their own: the compiler loads the
+        // payload of every case before it jumps, so fewer cases cost less.
         switch consume self {
         case .read(let fd, var b, let offset):
             b.didAppend(n); self = .read(fd, b, offset: offset)
         case .write(let fd, var b, let offset):
             b.consume(min(n, b.count)); self = .write(fd, b, offset: offset)
-        case .readv(let fd, var v, let offset):
-            v.didRead(n); self = .readv(fd, v, offset: offset)
-        case .writev(let fd, var v, let offset):
-            v.didWrite(n); self = .writev(fd, v, offset: offset)
         case .send(let fd, var b, let flags):
             b.consume(min(n, b.count)); self = .send(fd, b, flags: flags)
         case .recv(let fd, var b, let flags):
             b.didAppend(n); self = .recv(fd, b, flags: flags)
+        case let other:
+            self = other
+            applyToVectorOrMessage(transferred: n, scratch: scratch)
+        }
+    }
+
+    private mutating func applyToVectorOrMessage(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        switch consume self {
+        case .readv(let fd, var v, let offset):
+            v.didRead(n); self = .readv(fd, v, offset: offset)
+        case .writev(let fd, var v, let offset):
+            v.didWrite(n); self = .writev(fd, v, offset: offset)
         case .sendMessage(let fd, var m, let flags):
             m.buffer.consume(min(n, m.buffer.count)); self = .sendMessage(fd, m, flags: flags)
         case .receiveMessage(let fd, var m, let flags):
