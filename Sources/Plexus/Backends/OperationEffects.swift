@@ -17,8 +17,6 @@ extension Operation {
     mutating func kernelView(scratch: UnsafeMutablePointer<plexus_op_scratch>) -> KernelView {
         var v = KernelView()
         switch consume self {
-        case .nop:
-            self = .nop
         case .read(let fd, let b, let offset):
             v.set(fd, b.spareRegion, offset); self = .read(fd, b, offset: offset)
         case .write(let fd, let b, let offset):
@@ -33,8 +31,6 @@ extension Operation {
             v.set(fd, b.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL); self = .send(fd, b, flags: flags)
         case .recv(let fd, let b, let flags):
             v.set(fd, b.spareRegion, nil); v.flags = flags; self = .recv(fd, b, flags: flags)
-        case .receiveMultishot(let fd, let group):
-            v.setFD(fd); v.length = group.size; self = .receiveMultishot(fd, group)
         case .sendMessage(let fd, let m, let flags):
             v.set(fd, m.buffer.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL)
             Self.fillMessage(scratch, m.buffer.readableRegion, address: m.address)
@@ -44,31 +40,48 @@ extension Operation {
             Self.fillMessage(scratch, m.buffer.spareRegion, address: nil)
             scratch.pointee.message.msg_namelen = socklen_t(MemoryLayout<sockaddr_storage>.size)
             self = .receiveMessage(fd, m, flags: flags)
-        case .accept(let fd, let multishot):
-            v.setFD(fd); self = .accept(fd, multishot: multishot)
+        case let other:
+            self = other
+            v = bufferlessView(scratch: scratch)
+        }
+        return v
+    }
+
+    /// `kernelView` of an operation without buffers, read in place: `switch consume self`
+    /// and rebuilding `self` moves the whole enum through registers and back (~90
+    /// instructions for a NOP). Buffers cannot be bound without consuming (a borrowing
+    /// binding of a noncopyable payload in a tuple is a compiler error in Swift 6.3), so
+    /// `kernelView` handles those. The io_uring backend, which knows the kind, calls this
+    /// directly for the others. `mutating` only so that it applies to a record's
+    /// `operation!` in place.
+    mutating func bufferlessView(scratch: UnsafeMutablePointer<plexus_op_scratch>) -> KernelView {
+        var v = KernelView()
+        switch self {
+        case .receiveMultishot(let fd, let group):
+            v.setFD(fd); v.length = group.size
+        case .accept(let fd, _):
+            v.setFD(fd)
+        case .close(let fd):
+            v.setFD(fd)
         case .connect(let fd, let address):
             v.setFD(fd)
             scratch.pointee.address_length = address.write(to: &scratch.pointee.address)
-            self = .connect(fd, address)
-        case .poll(let fd, let events, let multishot):
-            v.setFD(fd); v.flags = Int32(bitPattern: events.rawValue); self = .poll(fd, events, multishot: multishot)
+        case .poll(let fd, let events, _):
+            v.setFD(fd); v.flags = Int32(bitPattern: events.rawValue)
         case .timeout(let duration):
-            Self.fillTimespec(scratch, duration.nanosecondsClamped); self = .timeout(duration)
+            Self.fillTimespec(scratch, duration.nanosecondsClamped)
         case .deadline(let deadline):
-            Self.fillTimespec(scratch, deadline.nanoseconds); self = .deadline(deadline)
-        case .cancel(let token):
-            self = .cancel(token)
-        case .close(let fd):
-            v.setFD(fd); self = .close(fd)
-        case .open(let path, let flags, let mode, let directory):
+            Self.fillTimespec(scratch, deadline.nanoseconds)
+        case .open(let path, let flags, _, let directory):
             v.fd = directory?.rawValue ?? AT_FDCWD
             if path.isEmpty { v.invalid = -ENOENT }
             v.flags = flags | O_CLOEXEC
-            self = .open(path, flags: flags, mode: mode, directory: directory)
         case .fsync(let fd, let dataOnly):
-            v.setFD(fd); v.flags = dataOnly ? 1 : 0; self = .fsync(fd, dataOnly: dataOnly)
+            v.setFD(fd); v.flags = dataOnly ? 1 : 0
         case .shutdown(let fd, let how):
-            v.setFD(fd); v.flags = how; self = .shutdown(fd, how: how)
+            v.setFD(fd); v.flags = how
+        default:  // nop, cancel (and the operations with buffers, which never come here)
+            break
         }
         return v
     }
@@ -79,23 +92,37 @@ extension Operation {
     }
 
     /// Applies a final result to the operation's buffers: reads append, writes consume,
-    /// a received message learns its sender from `scratch`.
+    /// a received message learns its sender from `scratch`. Inline, so that a result
+    /// with nothing to apply (0, an error) costs no call.
+    @inline(__always)
     mutating func apply(result: Int32, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
-        guard result > 0 else { return }
-        let n = Int(result)
+        if result > 0 { apply(transferred: Int(result), scratch: scratch) }
+    }
+
+    private mutating func apply(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        // The single-buffer kinds first, in a switch of their own: the compiler loads the
+        // payload of every case before it jumps, so fewer cases cost less.
         switch consume self {
         case .read(let fd, var b, let offset):
             b.didAppend(n); self = .read(fd, b, offset: offset)
         case .write(let fd, var b, let offset):
             b.consume(min(n, b.count)); self = .write(fd, b, offset: offset)
-        case .readv(let fd, var v, let offset):
-            v.didRead(n); self = .readv(fd, v, offset: offset)
-        case .writev(let fd, var v, let offset):
-            v.didWrite(n); self = .writev(fd, v, offset: offset)
         case .send(let fd, var b, let flags):
             b.consume(min(n, b.count)); self = .send(fd, b, flags: flags)
         case .recv(let fd, var b, let flags):
             b.didAppend(n); self = .recv(fd, b, flags: flags)
+        case let other:
+            self = other
+            applyToVectorOrMessage(transferred: n, scratch: scratch)
+        }
+    }
+
+    private mutating func applyToVectorOrMessage(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        switch consume self {
+        case .readv(let fd, var v, let offset):
+            v.didRead(n); self = .readv(fd, v, offset: offset)
+        case .writev(let fd, var v, let offset):
+            v.didWrite(n); self = .writev(fd, v, offset: offset)
         case .sendMessage(let fd, var m, let flags):
             m.buffer.consume(min(n, m.buffer.count)); self = .sendMessage(fd, m, flags: flags)
         case .receiveMessage(let fd, var m, let flags):

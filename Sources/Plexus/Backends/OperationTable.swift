@@ -97,12 +97,15 @@ struct OperationTable {
         let r = record(index)
         header.pointee.freeHead = r.pointee.next
         header.pointee.live += 1
-        r.pointee.next = Self.none
-        r.pointee.kind = operation.kind
-        r.pointee.fd = operation.fileDescriptor?.rawValue ?? -1
-        r.pointee.state = .prepared
-        r.pointee.operation = consume operation
-        return Token(index: UInt32(index), generation: r.pointee.generation)
+        let generation = r.pointee.generation
+        let kind = operation.kind
+        let fd = operation.fileDescriptor?.rawValue ?? -1
+        // Initialized over, not assigned: a free slot holds no operation (`remove` took it)
+        // and plain fields only, and assigning would destroy its nil `Operation?` through
+        // the runtime's value witnesses.
+        r.initialize(to: OperationRecord(operation: operation, generation: generation, next: Self.none,
+                                         kind: kind, fd: fd, state: .prepared))
+        return Token(index: UInt32(index), generation: generation)
     }
 
     /// The record `token` names, if that operation is still live.

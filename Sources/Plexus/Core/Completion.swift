@@ -10,7 +10,12 @@ public struct Completion: ~Copyable, Sendable {
     public let kind: OperationKind
     /// The operation, handed back on the final completion (when `flags` lacks `.more`),
     /// with read data appended to its buffers and written data consumed from them.
-    public var operation: Operation?
+    ///
+    /// Spelled `Optional<Operation>`, not `Operation?`: a `var` of the `?` spelling starts
+    /// out nil, so `init` would assign over that nil, and destroying a noncopyable
+    /// optional goes through the runtime's value witnesses (two indirect calls, ~45
+    /// instructions per completion built).
+    public var operation: Optional<Operation>
     /// The provided buffer a multishot receive filled with `result` bytes; give it back
     /// with the backend's `recycle` once read.
     public let bufferID: UInt16?

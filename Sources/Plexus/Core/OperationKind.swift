@@ -19,6 +19,15 @@ public enum OperationKind: String, Sendable, CaseIterable {
         }
     }
 
+    /// True for the kinds whose operation owns buffers (an `IOBuffer`, `IOVector` or
+    /// `Message`); the others have a `bufferlessView`.
+    var hasBuffers: Bool {
+        switch self {
+        case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage: true
+        default: false
+        }
+    }
+
     /// True for the kinds that complete more than once.
     public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot || self == .receiveMultishot }
 }
