@@ -50,6 +50,8 @@ public final class URingBackend: IOBackend {
         /// Pipes by fd number, for reads of empty pipes (see `parkOnPipe`).
         var pipes: [PipeWatch] = []
         var pipeArmings: UInt32 = 0
+        /// Hands each forgotten fd's new PipeWatch a generation of its own.
+        var pipeGenerations: UInt32 = 0
         /// `prepare(_:deadline:)` is preparing: the operation needs its own SQE to link to.
         var noParking = false
     }
@@ -83,6 +85,10 @@ public final class URingBackend: IOBackend {
         /// get its data in reverse): one in the ring, the later ones waiting.
         var readsInRing: Int32 = 0
         var waitingReads: [Int] = []
+        /// Stamped on the records counted in readsInRing or writesInRing (in their unused
+        /// `next`): a late completion of an operation of a closed fd whose number came back
+        /// must not uncount the new fd's.
+        var generation: UInt32 = 0
         /// pwritev2(RWF_NOWAIT) was refused (EOPNOTSUPP): writes go to the ring, one at a time.
         var noWaitRefused = false
     }
@@ -737,8 +743,8 @@ public final class URingBackend: IOBackend {
         let scratch = table.scratch(index)
         if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
         if record.pointee.state == .inFlight {
-            if Self.writes(kind) { streamWriteDone(record.pointee.fd) }
-            if Self.isReadSide(kind) { streamReadDone(record.pointee.fd) }
+            if Self.writes(kind) { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
+            if Self.isReadSide(kind) { streamReadDone(record.pointee.fd, stamp: record.pointee.next) }
         }
         record.pointee.operation!.apply(result: result, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
@@ -856,8 +862,7 @@ public final class URingBackend: IOBackend {
             if state.pointee.noParking {
                 // A write with a deadline needs its SQE now, to link the timeout to: it goes
                 // to the ring beside the others, in no order with them.
-                record.pointee.state = .inFlight
-                state.pointee.pipes[i].writesInRing += 1
+                countInRing(index, fd, write: true)
                 return .ring
             }
             record.pointee.state = .awaitingPipe
@@ -866,8 +871,7 @@ public final class URingBackend: IOBackend {
             return .waits
         }
         if kind == .write, state.pointee.pipes[i].kind == 1, let n = writeToPipeNow(fd, view) { return .done(n) }
-        record.pointee.state = .inFlight  // counted: `finish` uncounts it
-        state.pointee.pipes[i].writesInRing += 1
+        countInRing(index, fd, write: true)
         return .ring
     }
 
@@ -911,15 +915,15 @@ public final class URingBackend: IOBackend {
         } else if kind == .read, parkOnPipe(index, fd) {
             return true
         }
-        record.pointee.state = .inFlight  // counted: `finish` uncounts it
-        state.pointee.pipes[i].readsInRing += 1
+        countInRing(index, fd, write: false)
         return false
     }
 
     /// A stream read that went to the ring completed: the next waiting ones go on.
-    private func streamReadDone(_ fd: Int32) {
+    private func streamReadDone(_ fd: Int32, stamp: UInt32) {
         let i = Int(fd)
-        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].readsInRing > 0 else { return }
+        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].readsInRing > 0,
+              state.pointee.pipes[i].generation == stamp else { return }
         state.pointee.pipes[i].readsInRing -= 1
         startWaitingReads(fd, parking: true)
     }
@@ -933,8 +937,7 @@ public final class URingBackend: IOBackend {
             let record = table.record(index)
             record.pointee.state = .prepared
             if parking, record.pointee.kind == .read, parkOnPipe(index, fd) { continue }
-            record.pointee.state = .inFlight
-            state.pointee.pipes[i].readsInRing += 1
+            countInRing(index, fd, write: false)
             prep(index)
         }
     }
@@ -966,9 +969,10 @@ public final class URingBackend: IOBackend {
 
     /// A stream write that went to the ring completed: the writes waiting behind it go on,
     /// in order: to a pipe at once while it takes them, then the next one to the ring.
-    private func streamWriteDone(_ fd: Int32) {
+    private func streamWriteDone(_ fd: Int32, stamp: UInt32) {
         let i = Int(fd)
-        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].writesInRing > 0 else { return }
+        guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].writesInRing > 0,
+              state.pointee.pipes[i].generation == stamp else { return }
         state.pointee.pipes[i].writesInRing -= 1
         while state.pointee.pipes[i].writesInRing == 0, !state.pointee.pipes[i].waitingWrites.isEmpty {
             let index = state.pointee.pipes[i].waitingWrites.removeFirst()
@@ -979,8 +983,7 @@ public final class URingBackend: IOBackend {
                 state.pointee.immediate.append((index, n))
                 continue
             }
-            record.pointee.state = .inFlight
-            state.pointee.pipes[i].writesInRing += 1
+            countInRing(index, fd, write: true)
             prep(index)
         }
     }
@@ -1096,7 +1099,20 @@ public final class URingBackend: IOBackend {
     /// Forgets what was known of fd number `fd` (closed; the number may come back as
     /// anything). An armed poll's late CQE no longer matches and is dropped.
     private func forgetPipe(_ fd: Int32) {
-        if fd >= 0, Int(fd) < state.pointee.pipes.count { state.pointee.pipes[Int(fd)] = PipeWatch() }
+        guard fd >= 0, Int(fd) < state.pointee.pipes.count else { return }
+        state.pointee.pipeGenerations &+= 1
+        var fresh = PipeWatch()
+        fresh.generation = state.pointee.pipeGenerations
+        state.pointee.pipes[Int(fd)] = fresh
+    }
+
+    /// Counts record `index` as the read or write of stream `fd` in the ring (it goes there
+    /// now or from the backlog); `finish` uncounts it, if the fd was not forgotten since.
+    private func countInRing(_ index: Int, _ fd: Int32, write: Bool) {
+        let record = table.record(index)
+        record.pointee.state = .inFlight
+        record.pointee.next = state.pointee.pipes[Int(fd)].generation
+        if write { state.pointee.pipes[Int(fd)].writesInRing += 1 } else { state.pointee.pipes[Int(fd)].readsInRing += 1 }
     }
 
     private func forgetPositional(_ fd: Int32) {
