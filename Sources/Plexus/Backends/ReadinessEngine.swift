@@ -405,17 +405,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 } else {
                     n = poller.wait(nil)
                 }
-                if n < 0 {
-                    guard n == -EINTR else {
-                        throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n))
-                    }
-                    interrupted = true
-                } else {
-                    for i in 0..<Int(n) {
-                        let (fd, events) = poller.event(i)
-                        handle(fd, events)
-                    }
-                }
+                interrupted = try handleEvents(n)
             }
             if !timers.isEmpty { fireTimers() }
             if completions.count > deliverHead || interrupted { break }
@@ -427,12 +417,20 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// A zero-timeout poll; handles what it reports.
     private func pollReady() throws(PlexusError) {
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
-        let n = poller.wait(&zero)
-        if n < 0 && n != -EINTR { throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n)) }
-        for i in 0..<Int(max(n, 0)) {
+        _ = try handleEvents(poller.wait(&zero))
+    }
+
+    /// Handles the `n` events a poller wait returned. True when the wait was interrupted
+    /// (EINTR); throws on any other error.
+    @inline(__always)
+    private func handleEvents(_ n: Int32) throws(PlexusError) -> Bool {
+        if n == -EINTR { return true }
+        if n < 0 { throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n)) }
+        for i in 0..<Int(n) {
             let (fd, events) = poller.event(i)
             handle(fd, events)
         }
+        return false
     }
 
     /// Rearms every fd in `unverified` whose read still waits: EPOLL_CTL_MOD says ENOENT
