@@ -241,6 +241,22 @@ extension PlexusTests {
             #expect(MemoryLayout<OperationRecord>.stride == 112, "OperationRecord is now \(MemoryLayout<OperationRecord>.stride) bytes")
             #expect(MemoryLayout<plexus_op_scratch>.stride == 232, "plexus_op_scratch is now \(MemoryLayout<plexus_op_scratch>.stride) bytes")
         }
+
+        @Test func `an operation's error is two words and reads like the one it replaced`() {
+            // Every callback gets a Result<Int, PlexusError>: with two Strings inline, copying
+            // and destroying it went through the runtime's generic value witnesses.
+            #expect(MemoryLayout<PlexusError>.size == 16, "PlexusError is now \(MemoryLayout<PlexusError>.size) bytes")
+            let own = PlexusError(.recv, result: -EBADF)
+            #expect(own.operation == "recv" && own.errno == .badFileDescriptor && own.message == Errno.badFileDescriptor.description)
+            #expect(own == PlexusError(operation: "recv", errno: .badFileDescriptor))
+            #expect(own != PlexusError(operation: "recv", errno: .badFileDescriptor, message: "other words"))
+            #expect(own != PlexusError(.send, result: -EBADF))
+            let named = PlexusError(operation: "io_uring_enter", errno: .interrupted, message: "why")
+            #expect(named.operation == "io_uring_enter" && named.message == "why" && named.errno == .interrupted)
+            #expect(named.description == "io_uring_enter failed: why (errno \(EINTR))")
+            let kindWithMessage = PlexusError(operation: "connect", errno: .timedOut, message: "connect to x timed out")
+            #expect(kindWithMessage.operation == "connect" && kindWithMessage.message == "connect to x timed out")
+        }
     }
 }
 
