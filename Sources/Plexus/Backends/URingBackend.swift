@@ -358,7 +358,7 @@ public final class URingBackend: IOBackend {
     @inline(never)
     private func drainBacklogNow() {
         while !state.pointee.backlog.isEmpty, io_uring_sq_space_left(ring) > 0 {
-            let index = state.pointee.backlog.removeFirst()
+            let index = state.pointee.backlog.removeOldest()
             prep(index)
         }
     }
@@ -544,7 +544,7 @@ public final class URingBackend: IOBackend {
             state.pointee.immediateHead += 1
             n += finish(index, result: result, flags: [], body)
         }
-        state.pointee.immediate.removeAll(keepingCapacity: true)
+        state.pointee.immediate.empty()
         state.pointee.immediateHead = 0
         return n
     }
@@ -916,7 +916,7 @@ public final class URingBackend: IOBackend {
     private func startWaitingReads(_ fd: Int32, parking: Bool) {
         let i = Int(fd)
         while state.pointee.pipes[i].readsInRing == 0, !state.pointee.pipes[i].waitingReads.isEmpty {
-            let index = state.pointee.pipes[i].waitingReads.removeFirst()
+            let index = state.pointee.pipes[i].waitingReads.removeOldest()
             let record = table.record(index)
             record.pointee.state = .prepared
             if parking, record.pointee.kind == .read, parkOnPipe(index, fd) { continue }
@@ -979,7 +979,7 @@ public final class URingBackend: IOBackend {
         guard uncount(fd, stamp: stamp, write: true) else { return }
         let i = Int(fd)
         while state.pointee.pipes[i].writesInRing == 0, !state.pointee.pipes[i].waitingWrites.isEmpty {
-            let index = state.pointee.pipes[i].waitingWrites.removeFirst()
+            let index = state.pointee.pipes[i].waitingWrites.removeOldest()
             let record = table.record(index)
             record.pointee.state = .prepared
             if record.pointee.kind == .write, state.pointee.pipes[i].kind == 1,
@@ -1051,7 +1051,7 @@ public final class URingBackend: IOBackend {
                 requeuePipeReads(fd)
                 return delivered
             }
-            state.pointee.pipes[i].parked.removeFirst()
+            _ = state.pointee.pipes[i].parked.removeOldest()
             let short = result > 0 && Int(result) < view.length
             if short { state.pointee.pipes[i].drained = true }
             delivered += finish(index, result: result, flags: [], body)
