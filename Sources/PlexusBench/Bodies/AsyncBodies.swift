@@ -385,7 +385,7 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
 final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
     let loop: EventLoop
     var workers: Int { depth }
-    final class Slot { var buffer: IOBuffer? = IOBuffer(capacity: fileBlockSize) }
+    final class Slot { @exclusivity(unchecked) var buffer: IOBuffer? = IOBuffer(capacity: fileBlockSize) }
     let slots: [Slot]
 
     init(fd: Int32, depth: Int, choice: BackendChoice) throws {
