@@ -1,5 +1,6 @@
 import CPlexus
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// Bytes moved by an operation, and the buffer handed back (no copy).
@@ -70,22 +71,52 @@ struct AsyncOutcome: ~Copyable {
 /// that finished before the cancel took effect returns its result.
 extension EventLoop {
     /// Submits `operation` and suspends until its final completion.
+    ///
+    /// Inlined into each public operation: an async function that is called gets its own
+    /// frame from the task allocator (about 80 instructions to allocate and free, callgrind),
+    /// so the work around the one suspension point is in synchronous functions
+    /// (`startAwaited`, `finishAwaited`) and only the suspension stays here.
+    @inline(__always)
     nonisolated(nonsending) func perform(_ operation: consuming Operation) async -> AsyncOutcome {
-        if !inLoop {
-            // A loop shutting down takes no new work: end the call here, buffer included.
-            if isShuttingDown {
-                return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
-            }
-            // Move to the loop thread for the call; the box is the price of the hop.
-            let box = OperationBox(operation)
-            let (result, kind, cancelled, timedOut) = await withTaskExecutorPreference(self) {
-                var outcome = await self.perform(box.take())
-                box.put(outcome.operation.take())
-                return (outcome.result, outcome.kind, outcome.cancelled, outcome.timedOut)
-            }
-            return AsyncOutcome(result: result, kind: kind, operation: box.takeIfAny(), cancelled: cancelled,
-                                timedOut: timedOut)
+        if !inLoop { return await performOffLoop(operation) }
+        switch startAwaited(operation) {
+        case .finished(let outcome):
+            return outcome
+        case .suspended(let index, let token, let deadlineTimer, let nativeDeadline):
+            await suspend(until: index, token: token)
+            return finishAwaited(index, deadlineTimer: deadlineTimer, nativeDeadline: nativeDeadline)
         }
+    }
+
+    /// `perform` from off the loop thread: moves to the loop for the call.
+    @inline(never)
+    nonisolated(nonsending) private func performOffLoop(_ operation: consuming Operation) async -> AsyncOutcome {
+        // A loop shutting down takes no new work: end the call here, buffer included.
+        if isShuttingDown {
+            return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
+        }
+        // Move to the loop thread for the call; the box is the price of the hop.
+        let box = OperationBox(operation)
+        let (result, kind, cancelled, timedOut) = await withTaskExecutorPreference(self) {
+            var outcome = await self.perform(box.take())
+            box.put(outcome.operation.take())
+            return (outcome.result, outcome.kind, outcome.cancelled, outcome.timedOut)
+        }
+        return AsyncOutcome(result: result, kind: kind, operation: box.takeIfAny(), cancelled: cancelled,
+                            timedOut: timedOut)
+    }
+
+    /// How `startAwaited` left an awaited operation.
+    enum AsyncStart: ~Copyable {
+        /// Its result was there at once: no suspension.
+        case finished(AsyncOutcome)
+        /// Submitted under async slot `index`; the task suspends until the loop resumes it.
+        case suspended(index: Int, token: Token, deadlineTimer: TimerHandle?, nativeDeadline: Deadline?)
+    }
+
+    /// On the loop thread: finishes `operation` at once when it can, or submits it.
+    @inline(never)
+    private func startAwaited(_ operation: consuming Operation) -> AsyncStart {
         let index = asyncSlots.allocate()
         let token: Token
         // A deadline from withDeadline: the backend's own (a linked IORING_OP_LINK_TIMEOUT
@@ -93,7 +124,7 @@ extension EventLoop {
         // that take none.
         var deadlineTimer: TimerHandle?
         var nativeDeadline: Deadline?
-        if let deadline = EventLoop.currentDeadline {
+        if EventLoop.deadlinesInUse.load(ordering: .relaxed), let deadline = EventLoop.currentDeadline {
             if operation.kind.takesDeadline {
                 token = submit(operation, .resume(index), deadline: deadline)
                 nativeDeadline = deadline
@@ -112,8 +143,8 @@ extension EventLoop {
                 inlineBudget -= 1
                 inlineStreak += 1
                 asyncSlots.free(index)
-                return AsyncOutcome(result: completion.result, kind: completion.kind,
-                                    operation: completion.operation.take(), cancelled: false)
+                return .finished(AsyncOutcome(result: completion.result, kind: completion.kind,
+                                              operation: completion.operation.take(), cancelled: false))
             case .prepared(let prepared):
                 token = prepared
                 inlineStreak = 0  // it suspends: its run ends here
@@ -121,7 +152,12 @@ extension EventLoop {
         } else {
             token = submit(operation, .resume(index))
         }
-        await suspend(until: index, token: token)
+        return .suspended(index: index, token: token, deadlineTimer: deadlineTimer, nativeDeadline: nativeDeadline)
+    }
+
+    /// On the loop thread, after the resume: the outcome of slot `index`, which is freed.
+    @inline(never)
+    private func finishAwaited(_ index: Int, deadlineTimer: TimerHandle?, nativeDeadline: Deadline?) -> AsyncOutcome {
         if let deadlineTimer { timers.discard(deadlineTimer) }
         let waiter = asyncSlots.slot(index)
         let result = waiter.pointee.result
@@ -193,10 +229,17 @@ extension EventLoop {
     /// The deadline `withDeadline` set for the operations of the current task.
     @TaskLocal static var currentDeadline: Deadline?
 
+    /// False until the first `withDeadline` in this process: until then no task can have
+    /// a deadline, and `perform` skips the task-local lookup (two per ping-pong round
+    /// trip, about 80 instructions each). Set before the task-local, so a task that has
+    /// one always sees it (the store happens on the same task before its operations).
+    static let deadlinesInUse = Atomic<Bool>(false)
+
     /// Runs `body` with a deadline for every operation it awaits on a loop: an operation
     /// still pending at `deadline` is cancelled and throws a `PlexusError` with ETIMEDOUT.
     /// A loop timer does it on every backend.
     public func withDeadline<R>(_ deadline: Deadline, _ body: () async throws -> R) async throws -> R {
+        EventLoop.deadlinesInUse.store(true, ordering: .relaxed)
         let outer = EventLoop.currentDeadline
         return try await EventLoop.$currentDeadline.withValue(min(deadline, outer ?? deadline)) { try await body() }
     }
