@@ -65,6 +65,36 @@ public struct Report: Sendable {
         return r.median.opsPerSecond / floor.median.opsPerSecond
     }
 
+    /// What one suspension costs the Swift concurrency runtime at least, in this run: the
+    /// floor row (one awaited NOP through a bare TaskExecutor) minus the raw ring's NOP.
+    public var suspensionFloorNanoseconds: Double? {
+        guard let floor = result(.nop1, .rawIoUring, .async), let raw = result(.nop1, .rawIoUring, .raw),
+              floor.median.opsPerSecond > 0, raw.median.opsPerSecond > 0 else { return nil }
+        let s = floor.median.nsPerOp - raw.median.nsPerOp
+        return s > 0 ? s : nil
+    }
+
+    /// Suspensions per operation that an async body cannot avoid and its callback body
+    /// does not have: ping-pong's reader suspends on its read of the empty pipe and its
+    /// writer on being let go (AsyncPingPong); an io_uring NOP always goes to the kernel.
+    static func unavoidableSuspensions(_ c: BenchmarkCase) -> Int? {
+        switch c.benchmark {
+        case .pingPong: 2
+        case .nop1: c.backend == .ioUring ? 1 : nil
+        default: nil
+        }
+    }
+
+    /// The best async/callback ratio the runtime allows for `r`'s benchmark and backend:
+    /// the callback's ns/op plus the floor's cost of each unavoidable suspension.
+    public func asyncBound(_ r: CaseResult) -> Double? {
+        let c = r.benchmarkCase
+        guard c.adapter == .async, let n = Self.unavoidableSuspensions(c), let s = suspensionFloorNanoseconds,
+              let callback = result(c.benchmark, c.backend, .callback), callback.median.opsPerSecond > 0 else { return nil }
+        let cb = callback.median.nsPerOp
+        return cb / (cb + Double(n) * s)
+    }
+
     /// ops/s of an async case over ops/s of the callback case on the same backend.
     public func asyncRatio(_ r: CaseResult) -> Double? {
         let c = r.benchmarkCase
@@ -112,6 +142,18 @@ public struct Report: Sendable {
         if !floors.isEmpty {
             out += "raw-io_uring async (nop-1): the Swift concurrency floor, one awaited NOP through a bare "
                 + "TaskExecutor over a raw ring; Plexus's async nop-1 over it: " + floors.joined(separator: ", ") + ".\n"
+        }
+        if let s = suspensionFloorNanoseconds {
+            let bounds = results.compactMap { r -> String? in
+                guard let bound = asyncBound(r), let measured = asyncRatio(r) else { return nil }
+                let c = r.benchmarkCase
+                return "\(c.benchmark) \(c.backend) at most \(fixed(bound, 2))x (measured \(fixed(measured, 2))x)"
+            }
+            if !bounds.isEmpty {
+                out += "async over callback, the runtime's limit: a suspension costs at least \(Int(s.rounded())) ns here "
+                    + "(the floor row minus raw-io_uring's nop-1); with the suspensions the callback body does not have "
+                    + "(pingpong 2 per round trip, io_uring nop-1 1 per NOP), async/cb can reach " + bounds.joined(separator: ", ") + ".\n"
+            }
         }
         for note in notes { out += note + "\n" }
         return out

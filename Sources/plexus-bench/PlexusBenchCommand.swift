@@ -24,7 +24,12 @@ struct PlexusBenchCommand: ParsableCommand {
         (baselines). Adapters: raw (the IOBackend protocol itself; also the adapter name \
         of the baselines), callback (EventLoop callbacks), async (async/await, timed \
         inside a task whose executor is the loop; the "vs cb" column is its rate over the \
-        callback rate). timers has no raw or async row; mq-* have no raw rows. With         async selected, nop-1 also has a raw-io_uring async row: the Swift concurrency         runtime's floor (one awaited NOP through a bare TaskExecutor over a raw ring), the         async NOP's target; the line under the table gives each async nop-1 over it.
+        callback rate). timers has no raw or async row; mq-* have no raw rows. With async \
+        selected, nop-1 also has a raw-io_uring async row: the Swift concurrency runtime's \
+        floor (one awaited NOP through a bare TaskExecutor over a raw ring), the async NOP's \
+        target; the lines under the table give each async nop-1 over it, and the best \
+        async/callback ratio the runtime allows where the async body must suspend and the \
+        callback body does not (pingpong; nop-1 on io_uring).
 
         Build with `swift build -c release`: debug builds measure the compiler, not Plexus.
         """

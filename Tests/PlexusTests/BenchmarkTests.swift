@@ -77,6 +77,24 @@ extension PlexusTests {
             #expect(report.table(allocationsCounted: true).contains("0.50x"))
         }
 
+        @Test func reportBoundsAsyncOverCallbackByTheFloor() throws {
+            func result(_ b: Benchmark, _ backend: BackendName, _ adapter: Adapter, nsPerOp: Double) -> CaseResult {
+                CaseResult(benchmarkCase: BenchmarkCase(b, backend, adapter),
+                           median: Measurement(operations: 10, opsPerSecond: 1e9 / nsPerOp), repetitions: [])
+            }
+            // The floor's NOP takes 250 ns more than the raw ring's: a suspension costs 250 ns.
+            let pingAsync = result(.pingPong, .epoll, .async, nsPerOp: 2000)
+            var report = Report()
+            report.benchmarks = [.nop1, .pingPong]
+            report.results = [result(.nop1, .rawIoUring, .raw, nsPerOp: 300), result(.nop1, .rawIoUring, .async, nsPerOp: 550),
+                              result(.pingPong, .epoll, .callback, nsPerOp: 1500), pingAsync]
+            #expect(abs(try #require(report.suspensionFloorNanoseconds) - 250) < 1e-6)
+            // Two suspensions per round trip on top of the callback's 1500 ns: 1500 / 2000.
+            #expect(abs(try #require(report.asyncBound(pingAsync)) - 0.75) < 1e-9)
+            #expect(report.asyncBound(result(.nop1, .epoll, .async, nsPerOp: 100)) == nil, "an epoll NOP need not suspend")
+            #expect(report.table(allocationsCounted: true).contains("pingpong epoll at most 0.75x (measured 0.75x)"))
+        }
+
         @Test func mallocCounterCountsAllocations() {
             guard MallocCounter.isActive else { return }  // sanitizer build: the sanitizer owns malloc
             let before = MallocCounter.count
