@@ -35,6 +35,79 @@ extension PlexusTests {
         }
     }
 
+    /// The same with deadlines on some of the reads (withTimeout on a shared socket): a
+    /// read with a deadline keeps its place in the stream's order too, and one whose
+    /// deadline passes while it waits ends alone, taking no byte.
+    @Test(arguments: Backends.kinds)
+    func readsWithDeadlinesKeepTheStreamsOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (x, y) = try h.socketPair()
+            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+            for (transport, from, to) in [("unix", x, y), ("pipe", r, w)] {
+                let far = Deadline.now + .seconds(30)
+                let tokens = (0..<6).map { i in
+                    switch i % 3 {
+                    case 0: h.prepare(.read(from, IOBuffer(capacity: 1)))
+                    case 1: h.prepare(.read(from, IOBuffer(capacity: 1)), deadline: far)
+                    default: h.prepare(.read(from, IOBuffer(capacity: 1)), deadline: .now + .milliseconds(i == 2 ? 20 : 30_000))
+                    }
+                }
+                try h.submit()
+                // The third read's deadline passes while it waits behind the first two.
+                #expect(try h.waitFor(tokens[2]).result == -ECANCELED, "\(kind) \(transport)")
+                for t in tokens where t != tokens[2] { #expect(h.isPending(t), "\(kind) \(transport)") }
+                #expect(Glibc.write(to.rawValue, "ABCDE", 5) == 5)
+                let rest = [0, 1, 3, 4, 5].map { tokens[$0] }
+                let got = try h.waitFor(rest)
+                #expect(got.map { $0.bytes ?? [] } == ["A", "B", "C", "D", "E"].map { Array($0.utf8) },
+                        "\(kind) \(transport): \(got.map { String(decoding: $0.bytes ?? [], as: UTF8.self) })")
+            }
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// A read with a deadline waits behind another, goes on when that one finishes, and is
+    /// still pending when its deadline passes: it is cancelled where it is then (in the
+    /// ring on io_uring), and the next read gets the next byte.
+    @Test(arguments: Backends.kinds)
+    func aReadWhoseDeadlinePassesAfterItWentOnIsCancelledThere(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (x, y) = try h.socketPair()
+            let first = h.prepare(.recv(x, IOBuffer(capacity: 1)))
+            let timed = h.prepare(.recv(x, IOBuffer(capacity: 1)), deadline: .now + .milliseconds(200))
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            #expect(Glibc.write(y.rawValue, "A", 1) == 1)
+            #expect(try h.waitFor(first).bytes == Array("A".utf8))
+            #expect(h.isPending(timed))
+            #expect(try h.waitFor(timed).result == -ECANCELED, "\(kind)")
+            let next = h.prepare(.recv(x, IOBuffer(capacity: 1)))
+            #expect(Glibc.write(y.rawValue, "B", 1) == 1)
+            #expect(try h.waitFor(next).bytes == Array("B".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// Reads with deadlines far off that wait and then finish leave no timeout behind in
+    /// the kernel (io_uring removes each standalone timeout when its read finishes).
+    @Test(arguments: Backends.kinds)
+    func finishedReadsLeaveNoDeadlineBehind(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (x, y) = try h.socketPair()
+            let far = Deadline.now + .seconds(60)
+            let tokens = (0..<8).map { _ in h.prepare(.recv(x, IOBuffer(capacity: 1)), deadline: far) }
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            #expect(Glibc.write(y.rawValue, "ABCDEFGH", 8) == 8)
+            let got = try h.waitFor(tokens)
+            #expect(got.map { $0.bytes ?? [] } == "ABCDEFGH".map { Array(String($0).utf8) })
+            if let uring = h.backend as? URingBackend {
+                try h.runUntil("the removed timeouts reported", within: .seconds(2)) { uring.standaloneDeadlines == 0 }
+            }
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
     @Test(arguments: Backends.kinds)
     func cancellingAWaitingReadLeavesTheOthersInOrder(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in

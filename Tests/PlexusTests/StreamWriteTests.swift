@@ -170,6 +170,40 @@ extension PlexusTests {
         }
     }
 
+    /// The same with deadlines (far off) on some of the writes: a write with a deadline
+    /// keeps its place in the stream's order too.
+    @Test(arguments: Backends.kinds)
+    func writesWithDeadlinesToAFullSocketArriveInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let filled = h.fillSendBuffer(a)
+            let letters = Array("ABCDEFGH".utf8)
+            let far = Deadline.now + .seconds(30)
+            let tokens = letters.indices.map { i in
+                i % 3 == 0 ? h.prepare(.send(a, IOBuffer(bytes: [letters[i]])))
+                    : h.prepare(.send(a, IOBuffer(bytes: [letters[i]])), deadline: far)
+            }
+            try h.submit()
+            var tail: [UInt8] = []
+            var got = 0
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let start = ContinuousClock.now
+            while got < filled + letters.count && ContinuousClock.now - start < .seconds(5) {
+                let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if n > 0 {
+                    for k in 0..<n where got + k >= filled { tail.append(buffer[k]) }
+                    got += n
+                } else {
+                    try h.waitOnce(timeout: .milliseconds(1))
+                }
+            }
+            let done = try h.waitFor(tokens)
+            #expect(done.map(\.result) == Array(repeating: 1, count: letters.count))
+            #expect(tail == letters, "\(kind): \(String(decoding: tail, as: UTF8.self))")
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
     /// A write bigger than the room left takes what fits and says how much.
     @Test(arguments: Backends.kinds)
     func aWriteBiggerThanTheRoomLeftIsShort(_ kind: BackendKind) throws {

@@ -53,8 +53,18 @@ public final class URingBackend: IOBackend {
         var pipeArmings: UInt32 = 0
         /// Hands each forgotten fd's new PipeWatch a generation of its own.
         var pipeGenerations: UInt32 = 0
-        /// `prepare(_:deadline:)` is preparing: the operation needs its own SQE to link to.
+        /// `prepare(_:deadline:)` is preparing: a read of an empty pipe goes to the ring, so
+        /// that its SQE takes the linked timeout, instead of parking on the pipe's poll.
         var noParking = false
+        /// Deadlines that could not be linked to their operation's SQE because it had none
+        /// yet (it waits behind another on its byte stream, or for SQ space): a standalone
+        /// IORING_OP_TIMEOUT (user_data `deadlineIndex | id << 32`) that cancels the
+        /// operation wherever it is then. Keyed by id; `deadlineOf` maps a record to its id.
+        var deadlines: [UInt32: (token: Token, timespec: UnsafeMutablePointer<__kernel_timespec>)] = [:]
+        var deadlineOf: [Int: UInt32] = [:]
+        var deadlineSequence: UInt32 = 0
+        /// Ids whose TIMEOUT found no SQE (submit failed): armed on the next submit.
+        var unarmedDeadlines: [UInt32] = []
     }
 
     /// How reads of one pipe go. An IORING_OP_READ of an empty pipe is the kernel's slow
@@ -98,6 +108,8 @@ public final class URingBackend: IOBackend {
 
     /// The token index of pipe polls' user_data (never a record's: slabs are far smaller).
     private static let pipePollIndex = UInt32.max - 2
+    /// The token index of standalone deadline timeouts' user_data (see `State.deadlines`).
+    private static let deadlineIndex = UInt32.max - 3
     /// fd numbers the pipe path serves (tag = arming << 20 | fd).
     private static let pipeFDLimit = 1 << 20
 
@@ -178,6 +190,7 @@ public final class URingBackend: IOBackend {
             _ = plexus_free_buf_ring(ring, entry.ring, UInt32(entry.group.count), Int32(id))
         }
         io_uring_queue_exit(ring)
+        for entry in state.pointee.deadlines.values { entry.timespec.deallocate() }
         ring.deallocate()
         cqes.deallocate()
         state.deinitialize(count: 1)
@@ -186,6 +199,8 @@ public final class URingBackend: IOBackend {
     }
 
     public var pendingCount: Int { table.liveCount }
+    /// Standalone deadline timeouts not yet reported back (`State.deadlines`; for tests).
+    var standaloneDeadlines: Int { state.pointee.deadlines.count }
     public var statistics: BackendStatistics {
         var s = state.pointee.statistics
         s.completionQueueOverflows = UInt64(plexus_cq_overflow(ring))
@@ -212,13 +227,23 @@ public final class URingBackend: IOBackend {
             _ = io_uring_submit(ring)
         }
         let tailBefore = ring.pointee.sq.sqe_tail
+        let immediateBefore = state.pointee.immediate.count
         state.pointee.noParking = true
         let token = prepare(operation)
         state.pointee.noParking = false
+        let index = Int(token.index)
+        if state.pointee.immediate.count > immediateBefore, state.pointee.immediate.last?.index == index {
+            return token  // finished at once (a cached read, a pipe write, refused input)
+        }
         let tail = ring.pointee.sq.sqe_tail
-        // Finished at once (a cached read, refused input) or waiting for SQ space: no link.
-        guard tail == tailBefore &+ 1, let timeoutSQE = io_uring_get_sqe(ring) else { return token }
         let operationSQE = ring.pointee.sq.sqes + Int((tail &- 1) & ring.pointee.sq.ring_mask)
+        guard tail == tailBefore &+ 1, operationSQE.pointee.user_data == token.rawValue,
+              let timeoutSQE = io_uring_get_sqe(ring) else {
+            // No SQE of its own yet: it waits behind another operation on its byte stream
+            // (io_uring would reorder them) or for SQ space. Its deadline runs apart.
+            armDeadline(token, deadline)
+            return token
+        }
         operationSQE.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
         let scratch = table.scratch(Int(token.index))
         scratch.pointee.timeout = __kernel_timespec(tv_sec: Int64(deadline.nanoseconds / 1_000_000_000),
@@ -352,15 +377,86 @@ public final class URingBackend: IOBackend {
 
     @inline(__always)
     private func drainBacklog() {
-        if _slowPath(!state.pointee.backlog.isEmpty) { drainBacklogNow() }
+        if _slowPath(!state.pointee.backlog.isEmpty || !state.pointee.unarmedDeadlines.isEmpty) { drainBacklogNow() }
     }
 
     @inline(never)
     private func drainBacklogNow() {
+        while !state.pointee.unarmedDeadlines.isEmpty, io_uring_sq_space_left(ring) > 0 {
+            let id = state.pointee.unarmedDeadlines.removeOldest()
+            if let entry = state.pointee.deadlines[id] { submitDeadline(id, entry.timespec) }
+        }
         while !state.pointee.backlog.isEmpty, io_uring_sq_space_left(ring) > 0 {
             let index = state.pointee.backlog.removeOldest()
             prep(index)
         }
+    }
+
+    // MARK: Deadlines without a link
+
+    /// Times `token`'s operation, which has no SQE to link a timeout to, with a standalone
+    /// IORING_OP_TIMEOUT at `deadline` (IORING_TIMEOUT_ABS). The timespec lives apart from
+    /// the record: the kernel reads it at submission, and the record may be gone by then.
+    private func armDeadline(_ token: Token, _ deadline: Deadline) {
+        let timespec = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
+        timespec.initialize(to: __kernel_timespec(tv_sec: Int64(deadline.nanoseconds / 1_000_000_000),
+                                                  tv_nsec: Int64(deadline.nanoseconds % 1_000_000_000)))
+        state.pointee.deadlineSequence &+= 1
+        let id = state.pointee.deadlineSequence
+        state.pointee.deadlines[id] = (token, timespec)
+        state.pointee.deadlineOf[Int(token.index)] = id
+        submitDeadline(id, timespec)
+    }
+
+    private func submitDeadline(_ id: UInt32, _ timespec: UnsafeMutablePointer<__kernel_timespec>) {
+        guard let sqe = sqe() else {
+            state.pointee.unarmedDeadlines.append(id)
+            return
+        }
+        io_uring_prep_timeout(sqe, timespec, 0, IORING_TIMEOUT_ABS)
+        io_uring_sqe_set_data64(sqe, UInt64(Self.deadlineIndex) | UInt64(id) << 32)
+    }
+
+    /// The standalone timeout `id` ended: -ETIME when its deadline passed (its operation,
+    /// if still pending, is cancelled wherever it is), -ECANCELED when `disarmDeadline`
+    /// removed it.
+    private func deadlineReport(_ id: UInt32, _ res: Int32) {
+        guard let entry = state.pointee.deadlines.removeValue(forKey: id) else { return }
+        entry.timespec.deallocate()
+        let index = Int(entry.token.index)
+        guard res == -ETIME, let record = table.live(entry.token) else { return }
+        if state.pointee.deadlineOf[index] == id { state.pointee.deadlineOf[index] = nil }
+        switch record.pointee.state {
+        case .awaitingPipe:  // waiting behind another operation, or parked on a pipe
+            endWaitingOperations(on: record.pointee.fd, result: -ECANCELED) { $0 == index }
+        case .prepared:
+            if let i = state.pointee.backlog.firstIndex(of: index) {  // waiting for SQ space
+                state.pointee.backlog.remove(at: i)
+                state.pointee.immediate.append((index, -ECANCELED))
+            }
+        case .inFlight, .awaitingReadiness:  // in the ring since: cancel it there
+            if let sqe = sqe() {
+                io_uring_prep_cancel64(sqe, entry.token.rawValue, 0)
+                io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
+            }
+        default:
+            break
+        }
+    }
+
+    /// Record `index` is finishing before its standalone deadline: remove the timeout
+    /// (IORING_OP_TIMEOUT_REMOVE), so deadlines far off do not pile up in the kernel.
+    @inline(never)
+    private func disarmDeadline(of index: Int) {
+        guard let id = state.pointee.deadlineOf.removeValue(forKey: index) else { return }
+        if let i = state.pointee.unarmedDeadlines.firstIndex(of: id) {
+            state.pointee.unarmedDeadlines.remove(at: i)
+            state.pointee.deadlines.removeValue(forKey: id)?.timespec.deallocate()
+            return
+        }
+        guard let sqe = sqe() else { return }  // it fires later and finds the record gone
+        io_uring_prep_timeout_remove(sqe, UInt64(Self.deadlineIndex) | UInt64(id) << 32, 0)
+        io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
     }
 
     /// Writes the record's SQE(s). Input that must not reach the kernel completes at once.
@@ -572,6 +668,10 @@ public final class URingBackend: IOBackend {
         if UInt32(truncatingIfNeeded: userData) == Self.pipePollIndex {
             return pipeReport(UInt32(truncatingIfNeeded: userData >> 32), res, cqeFlags, body)
         }
+        if UInt32(truncatingIfNeeded: userData) == Self.deadlineIndex {
+            deadlineReport(UInt32(truncatingIfNeeded: userData >> 32), res)
+            return 0
+        }
         let token = Token(rawValue: userData)
         guard let record = table.live(token) else {
             assertionFailure("CQE for a token that is not live: \(token)")
@@ -751,6 +851,7 @@ public final class URingBackend: IOBackend {
         }
         record.pointee.operation!.apply(result: result, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
+        if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)
         let operation = table.remove(index)
         state.pointee.statistics.completed &+= 1
@@ -851,12 +952,7 @@ public final class URingBackend: IOBackend {
         if record.pointee.state == .inFlight { return .ring }
         guard let i = watch(fd), state.pointee.pipes[i].stream == 1 else { return .ring }
         if state.pointee.pipes[i].writesInRing > 0 || !state.pointee.pipes[i].waitingWrites.isEmpty {
-            if state.pointee.noParking {
-                // A write with a deadline needs its SQE now, to link the timeout to: it goes
-                // to the ring beside the others, in no order with them.
-                countInRing(index, fd, write: true)
-                return .ring
-            }
+            // (A write with a deadline waits too; `prepare(_:deadline:)` times it apart.)
             record.pointee.state = .awaitingPipe
             state.pointee.pipes[i].waitingWrites.append(index)
             state.pointee.statistics.wouldBlock &+= 1
@@ -891,13 +987,11 @@ public final class URingBackend: IOBackend {
         if record.pointee.state == .inFlight { return false }
         guard let i = watch(fd), state.pointee.pipes[i].stream == 1 else { return false }
         if state.pointee.pipes[i].readsInRing > 0 || !state.pointee.pipes[i].waitingReads.isEmpty {
-            if !state.pointee.noParking {
-                record.pointee.state = .awaitingPipe
-                state.pointee.pipes[i].waitingReads.append(index)
-                state.pointee.statistics.wouldBlock &+= 1
-                return true
-            }
-            // A read with a deadline needs its SQE now: to the ring beside the others.
+            // (A read with a deadline waits too; `prepare(_:deadline:)` times it apart.)
+            record.pointee.state = .awaitingPipe
+            state.pointee.pipes[i].waitingReads.append(index)
+            state.pointee.statistics.wouldBlock &+= 1
+            return true
         } else if kind == .read, parkOnPipe(index, fd) {
             return true
         }
