@@ -11,6 +11,13 @@ import Testing
 /// prepared, and end each exactly once.
 extension PlexusTests {
 @Suite struct StreamReadTests {
+    /// Each read got one byte, the next of `text`.
+    static func expectOneByteEach(_ got: [Outcome], _ text: String, _ label: String,
+                                  sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(got.map { $0.bytes ?? [] } == text.map { Array(String($0).utf8) },
+                "\(label): \(got.map { String(decoding: $0.bytes ?? [], as: UTF8.self) })", sourceLocation: sourceLocation)
+    }
+
     /// Four one-byte reads (read and recv alternating on sockets) of an empty stream,
     /// then "ABCD": each read gets the next byte.
     @Test(arguments: Backends.kinds)
@@ -27,9 +34,7 @@ extension PlexusTests {
                 try h.idle(for: .milliseconds(1))
                 for t in tokens { #expect(h.isPending(t), "\(transport)") }
                 #expect(Glibc.write(to.rawValue, "ABCD", 4) == 4)
-                let got = try h.waitFor(tokens)
-                #expect(got.map { $0.bytes ?? [] } == ["A", "B", "C", "D"].map { Array($0.utf8) },
-                        "\(kind) \(transport): \(got.map { String(decoding: $0.bytes ?? [], as: UTF8.self) })")
+                Self.expectOneByteEach(try h.waitFor(tokens), "ABCD", "\(kind) \(transport)")
             }
             #expect(h.backend.pendingCount == 0)
         }
@@ -58,9 +63,7 @@ extension PlexusTests {
                 for t in tokens where t != tokens[2] { #expect(h.isPending(t), "\(kind) \(transport)") }
                 #expect(Glibc.write(to.rawValue, "ABCDE", 5) == 5)
                 let rest = [0, 1, 3, 4, 5].map { tokens[$0] }
-                let got = try h.waitFor(rest)
-                #expect(got.map { $0.bytes ?? [] } == ["A", "B", "C", "D", "E"].map { Array($0.utf8) },
-                        "\(kind) \(transport): \(got.map { String(decoding: $0.bytes ?? [], as: UTF8.self) })")
+                Self.expectOneByteEach(try h.waitFor(rest), "ABCDE", "\(kind) \(transport)")
             }
             #expect(h.backend.pendingCount == 0)
         }
@@ -99,8 +102,7 @@ extension PlexusTests {
             try h.submit()
             try h.idle(for: .milliseconds(1))
             #expect(Glibc.write(y.rawValue, "ABCDEFGH", 8) == 8)
-            let got = try h.waitFor(tokens)
-            #expect(got.map { $0.bytes ?? [] } == "ABCDEFGH".map { Array(String($0).utf8) })
+            Self.expectOneByteEach(try h.waitFor(tokens), "ABCDEFGH", "\(kind)")
             if let uring = h.backend as? URingBackend {
                 try h.runUntil("the removed timeouts reported", within: .seconds(2)) { uring.standaloneDeadlines == 0 }
             }

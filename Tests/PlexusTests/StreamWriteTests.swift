@@ -129,6 +129,25 @@ extension PlexusTests {
         }
     }
 
+    /// Reads the peer `b` of a socket whose send buffer held `filled` bytes, while the
+    /// backend runs, until those and `count` more came: returns the `count` after them.
+    static func drainPeer(_ h: Harness, _ b: FileDescriptor, filled: Int, then count: Int) throws -> [UInt8] {
+        var tail: [UInt8] = []
+        var got = 0
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let start = ContinuousClock.now
+        while got < filled + count && ContinuousClock.now - start < .seconds(5) {
+            let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if n > 0 {
+                for k in 0..<n where got + k >= filled { tail.append(buffer[k]) }
+                got += n
+            } else {
+                try h.waitOnce(timeout: .milliseconds(1))
+            }
+        }
+        return tail
+    }
+
     /// Eight writes (send and write alternating) to a Unix and a TCP socket whose buffers
     /// are full arrive in the order they were prepared.
     @Test(arguments: Backends.kinds)
@@ -148,20 +167,7 @@ extension PlexusTests {
                         : h.prepare(.write(a, IOBuffer(bytes: [letters[i]])))
                 }
                 try h.submit()
-                // Drain the peer while the backend runs.
-                var tail: [UInt8] = []
-                var got = 0
-                var buffer = [UInt8](repeating: 0, count: 65536)
-                let start = ContinuousClock.now
-                while got < filled + letters.count && ContinuousClock.now - start < .seconds(5) {
-                    let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-                    if n > 0 {
-                        for k in 0..<n where got + k >= filled { tail.append(buffer[k]) }
-                        got += n
-                    } else {
-                        try h.waitOnce(timeout: .milliseconds(1))
-                    }
-                }
+                let tail = try Self.drainPeer(h, b, filled: filled, then: letters.count)
                 let done = try h.waitFor(tokens)
                 #expect(done.map(\.result) == Array(repeating: 1, count: letters.count), "\(transport)")
                 #expect(tail == letters, "\(kind) \(transport): \(String(decoding: tail, as: UTF8.self))")
@@ -184,19 +190,7 @@ extension PlexusTests {
                     : h.prepare(.send(a, IOBuffer(bytes: [letters[i]])), deadline: far)
             }
             try h.submit()
-            var tail: [UInt8] = []
-            var got = 0
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            let start = ContinuousClock.now
-            while got < filled + letters.count && ContinuousClock.now - start < .seconds(5) {
-                let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-                if n > 0 {
-                    for k in 0..<n where got + k >= filled { tail.append(buffer[k]) }
-                    got += n
-                } else {
-                    try h.waitOnce(timeout: .milliseconds(1))
-                }
-            }
+            let tail = try Self.drainPeer(h, b, filled: filled, then: letters.count)
             let done = try h.waitFor(tokens)
             #expect(done.map(\.result) == Array(repeating: 1, count: letters.count))
             #expect(tail == letters, "\(kind): \(String(decoding: tail, as: UTF8.self))")
