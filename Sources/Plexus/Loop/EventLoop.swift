@@ -208,7 +208,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Prepares `operation` with `handler`; the heart of every adapter. With a deadline,
     /// the backend enforces it (`IOBackend.prepare(_:deadline:)`).
     @inline(__always)
-    func submit(_ operation: consuming Operation, _ handler: Handler, deadline: Deadline? = nil) -> Token {
+    func submit(_ operation: consuming Operation, _ handler: consuming Handler, deadline: Deadline? = nil) -> Token {
         assertInLoop()
         if _slowPath(finished) { return refuse(operation, handler) }
         let token: Token
@@ -220,7 +220,7 @@ public final class EventLoop: @unchecked Sendable {
     /// `submit`, or the operation's final completion when the backend finished it at
     /// once (`IOBackend.attempt`); the handler is registered only in the first case.
     @inline(__always)
-    func attempt(_ operation: consuming Operation, _ handler: Handler) -> Attempt {
+    func attempt(_ operation: consuming Operation, _ handler: consuming Handler) -> Attempt {
         assertInLoop()
         if _slowPath(finished) { return .prepared(refuse(operation, handler)) }
         switch backend.attempt(operation) {
@@ -234,7 +234,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Puts `handler` in the slot of `token`, a freshly prepared operation.
     @inline(__always)
-    private func register(_ handler: Handler, for token: Token) {
+    private func register(_ handler: consuming Handler, for token: Token) {
         let slot = handlers.slot(token.index)
         slot.pointee.handler = handler
         slot.pointee.token = token
@@ -265,7 +265,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// `run()` has returned, so nothing would ever complete `operation`: it is not started,
     /// and its handler runs now, on the caller's thread, once, with -ECANCELED and its buffers.
-    private func refuse(_ operation: consuming Operation, _ handler: Handler) -> Token {
+    private func refuse(_ operation: consuming Operation, _ handler: consuming Handler) -> Token {
         let kind = operation.kind
         deliver(handler, Completion(token: Self.refusedToken, result: -ECANCELED, flags: [], kind: kind,
                                     operation: operation), result: -ECANCELED)
