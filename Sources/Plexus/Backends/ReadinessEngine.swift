@@ -524,10 +524,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             infos.pointer(index).pointee.hasDeadline = false
             dropTimer(index)
         }
-        var operation = table.remove(index)!
-        operation.apply(result: c.result, scratch: table.scratch(index))
+        // Applied in the record, then moved out once into the completion.
+        table.record(index).pointee.operation!.apply(result: c.result, scratch: table.scratch(index))
         return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
-                          kind: kind, operation: consume operation)
+                          kind: kind, operation: table.remove(index))
     }
 
     // MARK: Starting operations
