@@ -49,7 +49,7 @@ public final class URingBackend: IOBackend {
         var enabled = false
         /// Per fd number: reads of empty pipes (`parkOnPipe`) and the order of a byte
         /// stream's reads and writes (`orderedRead`, `orderedWrite`).
-        var pipes: [PipeWatch] = []
+        var pipes = PipeWatches()
         var pipeArmings: UInt32 = 0
         /// Hands each forgotten fd's new PipeWatch a generation of its own.
         var pipeGenerations: UInt32 = 0
@@ -104,6 +104,48 @@ public final class URingBackend: IOBackend {
         var generation: UInt32 = 0
         /// pwritev2(RWF_NOWAIT) was refused (EOPNOTSUPP): writes go to the ring, one at a time.
         var noWaitRefused = false
+    }
+
+    /// The per-fd watches, in memory of their own: `pipes[i].field = x` through an array
+    /// checked the array's uniqueness and bounds on every access, five to ten times per
+    /// ping-pong round trip. A struct over a raw pointer (a class would be retained and
+    /// released around each access); `destroy` frees it. Callers check `i < count` where
+    /// an fd may be unseen.
+    private struct PipeWatches {
+        private var base = UnsafeMutablePointer<PipeWatch>.allocate(capacity: 0)
+        private(set) var count = 0
+        private var capacity = 0
+
+        subscript(i: Int) -> PipeWatch {
+            @inline(__always) unsafeAddress {
+                assert(i >= 0 && i < count)
+                return UnsafePointer(base + i)
+            }
+            @inline(__always) nonmutating unsafeMutableAddress {
+                assert(i >= 0 && i < count)
+                return base + i
+            }
+        }
+
+        /// Adds fresh watches up to `count` n.
+        mutating func grow(to n: Int) {
+            guard n > count else { return }
+            if n > capacity {
+                let newCapacity = max(n, capacity * 2, 16)
+                let bigger = UnsafeMutablePointer<PipeWatch>.allocate(capacity: newCapacity)
+                bigger.moveInitialize(from: base, count: count)
+                base.deallocate()
+                base = bigger
+                capacity = newCapacity
+            }
+            (base + count).initialize(repeating: PipeWatch(), count: n - count)
+            count = n
+        }
+
+        func destroy() {
+            base.deinitialize(count: count)
+            base.deallocate()
+        }
     }
 
     /// The token index of pipe polls' user_data (never a record's: slabs are far smaller).
@@ -191,6 +233,7 @@ public final class URingBackend: IOBackend {
         }
         io_uring_queue_exit(ring)
         for entry in state.pointee.deadlines.values { entry.timespec.deallocate() }
+        state.pointee.pipes.destroy()
         ring.deallocate()
         cqes.deallocate()
         state.deinitialize(count: 1)
@@ -1024,9 +1067,7 @@ public final class URingBackend: IOBackend {
     private func watch(_ fd: Int32) -> Int? {
         guard fd >= 0, Int(fd) < Self.pipeFDLimit else { return nil }
         let i = Int(fd)
-        if i >= state.pointee.pipes.count {
-            state.pointee.pipes.append(contentsOf: repeatElement(PipeWatch(), count: i + 1 - state.pointee.pipes.count))
-        }
+        if i >= state.pointee.pipes.count { state.pointee.pipes.grow(to: i + 1) }
         if state.pointee.pipes[i].stream == 0 {  // (kind and stream are unknown together)
             let type = Sys.fileType(fd)
             let fifo = type == Int32(Glibc.S_IFIFO)
