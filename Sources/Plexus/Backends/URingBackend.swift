@@ -1035,7 +1035,7 @@ public final class URingBackend: IOBackend {
             state.pointee.pipes[i].waitingReads.append(index)
             state.pointee.statistics.wouldBlock &+= 1
             return true
-        } else if kind == .read, parkOnPipe(index, fd) {
+        } else if kind == .read, parkOnPipe(index, fd, view) {
             return true
         }
         countInRing(index, fd, write: false)
@@ -1056,7 +1056,8 @@ public final class URingBackend: IOBackend {
             let index = state.pointee.pipes[i].waitingReads.removeOldest()
             let record = table.record(index)
             record.pointee.state = .prepared
-            if parking, record.pointee.kind == .read, parkOnPipe(index, fd) { continue }
+            if parking, record.pointee.kind == .read,
+               parkOnPipe(index, fd, record.pointee.operation!.kernelView(scratch: table.scratch(index))) { continue }
             countInRing(index, fd, write: false)
             prep(index)
         }
@@ -1129,7 +1130,9 @@ public final class URingBackend: IOBackend {
 
     /// Parks a read of an empty pipe (or one behind parked reads) until the pipe's poll
     /// reports data, arming the poll if it is not. False: the read goes to the ring.
-    private func parkOnPipe(_ index: Int, _ fd: Int32) -> Bool {
+    /// The read's target (`view`) is kept in its scratch's iovec, unused by a read, for the
+    /// preadv2 that `pipeReport` runs: the buffer stays with the parked operation.
+    private func parkOnPipe(_ index: Int, _ fd: Int32, _ view: KernelView) -> Bool {
         let i = Int(fd)
         guard !state.pointee.noParking, fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
               state.pointee.pipes[i].drained || !state.pointee.pipes[i].parked.isEmpty else { return false }
@@ -1137,6 +1140,7 @@ public final class URingBackend: IOBackend {
             guard let sqe = sqe() else { return false }
             armPipePoll(sqe, fd)
         }
+        table.scratch(index).pointee.vector = iovec(iov_base: view.base, iov_len: view.length)
         table.record(index).pointee.state = .awaitingPipe
         state.pointee.pipes[i].parked.append(index)
         state.pointee.statistics.wouldBlock &+= 1
@@ -1171,9 +1175,8 @@ public final class URingBackend: IOBackend {
         state.pointee.pipes[i].drained = false
         var delivered = 0
         while let index = state.pointee.pipes[i].parked.first {
-            let record = table.record(index)
-            let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
-            var iov = iovec(iov_base: view.base, iov_len: view.length)
+            var iov = table.scratch(index).pointee.vector  // set by parkOnPipe
+            let length = iov.iov_len
             let n = plexus_preadv2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
             let result = n >= 0 ? Int32(n) : -plexus_errno()
             if result == -EAGAIN {
@@ -1187,7 +1190,7 @@ public final class URingBackend: IOBackend {
                 return delivered
             }
             _ = state.pointee.pipes[i].parked.removeOldest()
-            let short = result > 0 && Int(result) < view.length
+            let short = result > 0 && Int(result) < length
             if short { state.pointee.pipes[i].drained = true }
             delivered += finish(index, result: result, flags: [], body)
             if result <= 0 || short { break }
