@@ -699,6 +699,10 @@ public final class URingBackend: IOBackend {
                 delivered += complete(cqe.pointee.user_data, cqe.pointee.res, cqe.pointee.flags, body)
             }
             io_uring_cq_advance(ring, UInt32(n))
+            // A batch that was not full took every CQE there was: no second peek to find
+            // none (one per turn saved). Later ones wait for the next turn's wait, which
+            // returns at once for them.
+            if n < cqeBatch { break }
         }
         delivered += deliverImmediate(body)
         return delivered
