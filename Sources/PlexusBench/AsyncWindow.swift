@@ -61,8 +61,33 @@ extension AsyncWorkload {
     func workersDone() {}
 }
 
+/// The runner's handle on an `AsyncWindow`: closures made where the workload's type is
+/// known, so the window's code is specialized for it. Called through `WindowBody`'s
+/// witness table, a generic class's methods run unspecialized: every `work` call went
+/// through a protocol witness thunk (one more task frame per operation) and was followed
+/// by a `swift_task_switch`, which for a task with an executor preference takes the
+/// task's status-record lock (callgrind, async file-qd32: ~3 task allocations and one
+/// switch per read). A user's loop-pinned code calls concrete types and pays neither.
+final class SpecializedWindow: WindowBody {
+    private let run: (Duration, Duration, LatencySampler) throws -> WindowFigures
+    private let end: () throws -> Void
+
+    @inline(__always)
+    init<W: AsyncWorkload>(_ workload: W) {
+        let window = AsyncWindow(workload)
+        run = { try window.runWindow(duration: $0, warmup: $1, sampler: $2) }
+        end = { try window.finish() }
+    }
+
+    func runWindow(duration: Duration, warmup: Duration, sampler: LatencySampler) throws -> WindowFigures {
+        try run(duration, warmup, sampler)
+    }
+
+    func finish() throws { try end() }
+}
+
 /// Runs an `AsyncWorkload`'s window inside a task on its loop.
-final class AsyncWindow<W: AsyncWorkload>: WindowBody, @unchecked Sendable {
+final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
     enum Phase { case warmup, timed, stop }
 
     let workload: W
@@ -109,17 +134,24 @@ final class AsyncWindow<W: AsyncWorkload>: WindowBody, @unchecked Sendable {
                 }
             }
             for w in 1..<max(1, workload.workers) {
-                group.addTask(executorPreference: loop) { [self] in
-                    do {
-                        while phase != .stop { operations &+= try await workload.work(w) }
-                    } catch { fail(error) }
-                    workerReturned()
-                }
+                group.addTask(executorPreference: loop) { [self] in await worker(w) }
             }
             do { try await timekeeper(warmup: warmup, duration: duration, sampler: sampler) } catch { fail(error) }
             phase = .stop
             workerReturned()
         }
+    }
+
+    /// Workers 1...: their loop in a `nonisolated(nonsending)` function, as loop-pinned
+    /// code should be written. Awaited in the task's own closure, every `work` call
+    /// returned to a nonisolated context: a `swift_task_switch` per operation, which for a
+    /// task with an executor preference takes the task's status-record lock (~250
+    /// instructions per operation, callgrind file-qd32).
+    nonisolated(nonsending) private func worker(_ w: Int) async {
+        do {
+            while phase != .stop { operations &+= try await workload.work(w) }
+        } catch { fail(error) }
+        workerReturned()
     }
 
     private func workerReturned() {

@@ -37,14 +37,14 @@ import SystemPackage
 // Checked: the same as the callback bodies (every result, every byte, exactly once).
 
 func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBenchmarkBody? {
-    if c.backend == .rawIoUring && c.benchmark == .nop1 { return .window(AsyncWindow(try FloorNop())) }
+    if c.backend == .rawIoUring && c.benchmark == .nop1 { return .window(SpecializedWindow(try FloorNop())) }
     guard let choice = c.backend.choice else { return nil }
     switch c.benchmark {
-    case .nop1: return .window(AsyncWindow(try AsyncNop(choice: choice, tasks: 1)))
-    case .nop32: return .window(AsyncWindow(try AsyncNop(choice: choice, tasks: 32)))
+    case .nop1: return .window(SpecializedWindow(try AsyncNop(choice: choice, tasks: 1)))
+    case .nop32: return .window(SpecializedWindow(try AsyncNop(choice: choice, tasks: 32)))
     case .pingPong:
         let pipe = try makePipe(nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
-        do { return .window(AsyncWindow(try AsyncPingPong(pipe, choice: choice))) } catch {
+        do { return .window(SpecializedWindow(try AsyncPingPong(pipe, choice: choice))) } catch {
             Glibc.close(pipe.read)
             Glibc.close(pipe.write)
             throw error
@@ -54,13 +54,13 @@ func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBen
         do { return .steps(try AsyncWakeup(choice: choice, pin: pin)) } catch { pin.restore(); throw error }
     case .echo1, .echo50:
         let pairs = try makeTCPPairs(c.benchmark == .echo1 ? 1 : 50, nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
-        do { return .window(AsyncWindow(try AsyncEcho(pairs, sampler: sampler, choice: choice))) } catch {
+        do { return .window(SpecializedWindow(try AsyncEcho(pairs, sampler: sampler, choice: choice))) } catch {
             for pair in pairs { Glibc.close(pair.client); Glibc.close(pair.server) }
             throw error
         }
     case .file1, .file32:
         let fd = try makeBenchmarkFile()
-        do { return .window(AsyncWindow(try AsyncFileRead(fd: fd, depth: c.benchmark == .file1 ? 1 : 32, choice: choice))) } catch {
+        do { return .window(SpecializedWindow(try AsyncFileRead(fd: fd, depth: c.benchmark == .file1 ? 1 : 32, choice: choice))) } catch {
             Glibc.close(fd)
             throw error
         }
