@@ -117,7 +117,7 @@ extension EventLoop {
     /// On the loop thread: finishes `operation` at once when it can, or submits it.
     @inline(never)
     private func startAwaited(_ operation: consuming Operation) -> AsyncStart {
-        let index = asyncSlots.allocate()
+        var index = -1
         let token: Token
         // A deadline from withDeadline: the backend's own (a linked IORING_OP_LINK_TIMEOUT
         // on io_uring, the timer heap on epoll and poll), or a loop timer for the kinds
@@ -125,24 +125,26 @@ extension EventLoop {
         var deadlineTimer: TimerHandle?
         var nativeDeadline: Deadline?
         if EventLoop.deadlinesInUse.load(ordering: .relaxed), let deadline = EventLoop.currentDeadline {
+            let slot = asyncSlots.allocate()
+            index = slot
             if operation.kind.takesDeadline {
-                token = submit(operation, .resume(index), deadline: deadline)
+                token = submit(operation, .resume(slot), deadline: deadline)
                 nativeDeadline = deadline
             } else {
-                token = submit(operation, .resume(index))
+                token = submit(operation, .resume(slot))
                 deadlineTimer = schedule(at: deadline) { [self] event in
-                    guard event == .fired, !asyncSlots.slot(index).pointee.done else { return }
-                    asyncSlots.slot(index).pointee.timedOut = true
+                    guard event == .fired, !asyncSlots.slot(slot).pointee.done else { return }
+                    asyncSlots.slot(slot).pointee.timedOut = true
                     cancel(token)
                 }
             }
         } else if inlineBudget > 0 && mayFinishInline() {
-            // The fast path: a result that is there at once returns without suspending.
-            switch attempt(operation, .resume(index)) {
+            // The fast path: a result that is there at once returns without suspending,
+            // and takes no async slot.
+            switch attempt(operation, orRegister: { index = asyncSlots.allocate(); return .resume(index) }) {
             case .completed(var completion):
                 inlineBudget -= 1
                 inlineStreak += 1
-                asyncSlots.free(index)
                 return .finished(AsyncOutcome(result: completion.result, kind: completion.kind,
                                               operation: completion.operation.take(), cancelled: false))
             case .prepared(let prepared):
@@ -150,6 +152,7 @@ extension EventLoop {
                 inlineStreak = 0  // it suspends: its run ends here
             }
         } else {
+            index = asyncSlots.allocate()
             token = submit(operation, .resume(index))
         }
         return .suspended(index: index, token: token, deadlineTimer: deadlineTimer, nativeDeadline: nativeDeadline)

@@ -232,6 +232,22 @@ public final class EventLoop: @unchecked Sendable {
         }
     }
 
+    /// `attempt` whose handler is made (by `handler`) only when it is needed: when the
+    /// operation was prepared or is refused. An awaited operation that finishes at once
+    /// then takes no async slot.
+    @inline(__always)
+    func attempt(_ operation: consuming Operation, orRegister handler: () -> Handler) -> Attempt {
+        assertInLoop()
+        if _slowPath(finished) { return .prepared(refuse(operation, handler())) }
+        switch backend.attempt(operation) {
+        case .completed(let completion):
+            return .completed(completion)
+        case .prepared(let token):
+            register(handler(), for: token)
+            return .prepared(token)
+        }
+    }
+
     /// Puts `handler` in the slot of `token`, a freshly prepared operation.
     @inline(__always)
     private func register(_ handler: consuming Handler, for token: Token) {
