@@ -22,6 +22,30 @@ extension PlexusTests {
         #expect(afterAwait)
     }
 
+    /// An actor whose executor is the loop, called from a task that prefers the loop: its
+    /// awaits of loop operations resume on the loop thread, and none goes through another
+    /// thread (a hop would queue the actor's job on the loop from outside, once per await:
+    /// what happens when the calling task has no preference, whose continuations the
+    /// runtime resumes on the global pool first; README, "Async").
+    @Test(arguments: Backends.kinds)
+    func actorsPinnedToTheLoopAwaitWithoutAHop(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        var p: [Int32] = [0, 0]
+        #expect(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
+        defer { Glibc.close(p[0]); Glibc.close(p[1]) }
+        let actor = LoopPinnedReader(loop)
+        let (r, w) = (FileDescriptor(rawValue: p[0]), FileDescriptor(rawValue: p[1]))
+        let pushesBefore = loop.remote.lockedTaskPushes
+        let (onLoop, bytes) = try await Task(executorPreference: loop) {
+            try await actor.readAndWrite(r, w, rounds: 200)
+        }.value
+        let hops = loop.remote.lockedTaskPushes - pushesBefore
+        #expect(onLoop, "\(kind): an await resumed off the loop thread")
+        #expect(bytes == 200)
+        #expect(hops <= 2, "\(kind): \(hops) jobs came back to the loop from another thread for 400 awaits")
+    }
+
     @Test(arguments: Backends.kinds)
     func awaitingFromAnotherExecutorHopsToTheLoop(_ kind: BackendKind) async throws {
         do {
@@ -287,5 +311,26 @@ extension LoopTestSupport {
         let l = try listener()
         listen(l.fd, backlog)
         return l
+    }
+}
+
+
+/// An actor on a loop's serial executor, as a user pins one.
+actor LoopPinnedReader {
+    let loop: EventLoop
+    init(_ loop: EventLoop) { self.loop = loop }
+    nonisolated var unownedExecutor: UnownedSerialExecutor { loop.asUnownedSerialExecutor() }
+
+    /// `rounds` times: write one byte, await its read; true when every await resumed on the loop thread.
+    func readAndWrite(_ r: FileDescriptor, _ w: FileDescriptor, rounds: Int) async throws -> (Bool, Int) {
+        var onLoop = loop.inLoop
+        var bytes = 0
+        for _ in 0..<rounds {
+            _ = try await loop.write(w, IOBuffer("x"))
+            onLoop = onLoop && loop.inLoop
+            bytes += try await loop.read(r, into: IOBuffer(capacity: 8)).count
+            onLoop = onLoop && loop.inLoop
+        }
+        return (onLoop, bytes)
     }
 }

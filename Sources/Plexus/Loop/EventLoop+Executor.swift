@@ -12,6 +12,11 @@
 /// (withUnsafeContinuation, withTaskCancellationHandler) would switch executors: a
 /// suspension and an extra job per await. Actor jobs therefore arrive through a small
 /// separate object, `LoopSerialExecutor`, that `asUnownedSerialExecutor()` returns.
+///
+/// An actor pinned to the loop resumes without a thread hop only inside a task that
+/// prefers the loop: a suspended task without a preference is resumed by the runtime on
+/// the global pool, and only then switches to the actor, queueing its job on the loop
+/// from that thread (`AsyncAdapterTests.actorsPinnedToTheLoopAwaitWithoutAHop`).
 extension EventLoop: SerialExecutor, TaskExecutor {
     public func enqueue(_ job: consuming ExecutorJob) {
         enqueueOnLoop(LoopJob(job: UnownedJob(job), isolated: false))

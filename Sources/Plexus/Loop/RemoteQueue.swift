@@ -18,6 +18,9 @@ final class RemoteQueue: @unchecked Sendable {
     private var running: [Job] = []
     private var closed = false
     private let queued = Atomic<Int>(0)
+    /// Task jobs queued from other threads so far: a task whose awaits hop off the loop
+    /// and back shows here once per hop (tests).
+    private(set) var taskPushes = 0
 
     init() {
         incoming.reserveCapacity(64)
@@ -30,12 +33,16 @@ final class RemoteQueue: @unchecked Sendable {
         lock.withLock {
             if closed, case .closure = job { return false }  // tasks and signals still run
             incoming.append(job)
+            if case .task = job { taskPushes &+= 1 }
             queued.add(1, ordering: .sequentiallyConsistent)
             return true
         }
     }
 
     var hasJobs: Bool { queued.load(ordering: .sequentiallyConsistent) > 0 }
+
+    /// `taskPushes`, read under the lock (any thread).
+    var lockedTaskPushes: Int { lock.withLock { taskPushes } }
 
     /// Stops taking closures; those already queued still run.
     func close() {
