@@ -36,11 +36,11 @@ extension PlexusTests {
         defer { Glibc.close(p[0]); Glibc.close(p[1]) }
         let actor = LoopPinnedReader(loop)
         let (r, w) = (FileDescriptor(rawValue: p[0]), FileDescriptor(rawValue: p[1]))
-        let pushesBefore = loop.remote.lockedTaskPushes
+        let pushesBefore = loop.remote.taskPushes
         let (onLoop, bytes) = try await Task(executorPreference: loop) {
             try await actor.readAndWrite(r, w, rounds: 200)
         }.value
-        let hops = loop.remote.lockedTaskPushes - pushesBefore
+        let hops = loop.remote.taskPushes - pushesBefore
         #expect(onLoop, "\(kind): an await resumed off the loop thread")
         #expect(bytes == 200)
         #expect(hops <= 2, "\(kind): \(hops) jobs came back to the loop from another thread for 400 awaits")

@@ -18,14 +18,20 @@ extension PlexusTests {
                 "\(label): \(got.map { String(decoding: $0.bytes ?? [], as: UTF8.self) })", sourceLocation: sourceLocation)
     }
 
+    /// The empty byte streams the read tests run on, by name: a Unix socket pair and a
+    /// pipe (read end, write end).
+    static func emptyStreams(_ h: Harness, _ kind: BackendKind) throws -> [(String, FileDescriptor, FileDescriptor)] {
+        let (x, y) = try h.socketPair()
+        let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+        return [("unix", x, y), ("pipe", r, w)]
+    }
+
     /// Four one-byte reads (read and recv alternating on sockets) of an empty stream,
     /// then "ABCD": each read gets the next byte.
     @Test(arguments: Backends.kinds)
     func readsWaitingOnAStreamGetItsDataInOrder(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
-            let (x, y) = try h.socketPair()
-            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
-            for (transport, from, to) in [("unix", x, y), ("pipe", r, w)] {
+            for (transport, from, to) in try Self.emptyStreams(h, kind) {
                 let tokens = (0..<4).map { i in
                     i % 2 == 1 && transport != "pipe" ? h.prepare(.recv(from, IOBuffer(capacity: 1)))
                         : h.prepare(.read(from, IOBuffer(capacity: 1)))
@@ -46,9 +52,7 @@ extension PlexusTests {
     @Test(arguments: Backends.kinds)
     func readsWithDeadlinesKeepTheStreamsOrder(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in
-            let (x, y) = try h.socketPair()
-            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
-            for (transport, from, to) in [("unix", x, y), ("pipe", r, w)] {
+            for (transport, from, to) in try Self.emptyStreams(h, kind) {
                 let far = Deadline.now + .seconds(30)
                 let tokens = (0..<6).map { i in
                     switch i % 3 {

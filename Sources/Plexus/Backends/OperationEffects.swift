@@ -69,9 +69,9 @@ extension Operation {
         case .poll(let fd, let events, _):
             v.setFD(fd); v.flags = Int32(bitPattern: events.rawValue)
         case .timeout(let duration):
-            Self.fillTimespec(scratch, duration.nanosecondsClamped)
+            scratch.pointee.timeout = __kernel_timespec(nanoseconds: duration.nanosecondsClamped)
         case .deadline(let deadline):
-            Self.fillTimespec(scratch, deadline.nanoseconds)
+            scratch.pointee.timeout = __kernel_timespec(nanoseconds: deadline.nanoseconds)
         case .open(let path, let flags, _, let directory):
             v.fd = directory?.rawValue ?? AT_FDCWD
             if path.isEmpty { v.invalid = -ENOENT }
@@ -84,11 +84,6 @@ extension Operation {
             break
         }
         return v
-    }
-
-    private static func fillTimespec(_ scratch: UnsafeMutablePointer<plexus_op_scratch>, _ ns: UInt64) {
-        scratch.pointee.timeout.tv_sec = Int64(ns / 1_000_000_000)
-        scratch.pointee.timeout.tv_nsec = Int64(ns % 1_000_000_000)
     }
 
     /// Applies a final result to the operation's buffers: reads append, writes consume,
@@ -193,5 +188,12 @@ struct KernelView {
             self.offset = offset
         }
         if total == 0 { invalid = invalid ?? -EINVAL }
+    }
+}
+
+extension __kernel_timespec {
+    /// The timespec io_uring takes for a timeout, a deadline or a wait, from nanoseconds.
+    init(nanoseconds ns: UInt64) {
+        self.init(tv_sec: Int64(ns / 1_000_000_000), tv_nsec: Int64(ns % 1_000_000_000))
     }
 }

@@ -289,8 +289,7 @@ public final class URingBackend: IOBackend {
         }
         operationSQE.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
         let scratch = table.scratch(Int(token.index))
-        scratch.pointee.timeout = __kernel_timespec(tv_sec: Int64(deadline.nanoseconds / 1_000_000_000),
-                                                    tv_nsec: Int64(deadline.nanoseconds % 1_000_000_000))
+        scratch.pointee.timeout = __kernel_timespec(nanoseconds: deadline.nanoseconds)
         io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
         io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
         return token
@@ -337,8 +336,7 @@ public final class URingBackend: IOBackend {
         if delivered > 0 || timeout == .zero {
             r = io_uring_submit_and_get_events(ring)
         } else if let timeout {
-            let ns = timeout.nanosecondsClamped
-            var ts = __kernel_timespec(tv_sec: Int64(ns / 1_000_000_000), tv_nsec: Int64(ns % 1_000_000_000))
+            var ts = __kernel_timespec(nanoseconds: timeout.nanosecondsClamped)
             var cqe: UnsafeMutablePointer<io_uring_cqe>?
             r = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, nil)
         } else {
@@ -442,8 +440,7 @@ public final class URingBackend: IOBackend {
     /// the record: the kernel reads it at submission, and the record may be gone by then.
     private func armDeadline(_ token: Token, _ deadline: Deadline) {
         let timespec = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
-        timespec.initialize(to: __kernel_timespec(tv_sec: Int64(deadline.nanoseconds / 1_000_000_000),
-                                                  tv_nsec: Int64(deadline.nanoseconds % 1_000_000_000)))
+        timespec.initialize(to: __kernel_timespec(nanoseconds: deadline.nanoseconds))
         state.pointee.deadlineSequence &+= 1
         let id = state.pointee.deadlineSequence
         state.pointee.deadlines[id] = (token, timespec)

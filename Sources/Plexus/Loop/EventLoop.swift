@@ -218,23 +218,9 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// `submit`, or the operation's final completion when the backend finished it at
-    /// once (`IOBackend.attempt`); the handler is registered only in the first case.
-    @inline(__always)
-    func attempt(_ operation: consuming Operation, _ handler: consuming Handler) -> Attempt {
-        assertInLoop()
-        if _slowPath(finished) { return .prepared(refuse(operation, handler)) }
-        switch backend.attempt(operation) {
-        case .completed(let completion):
-            return .completed(completion)
-        case .prepared(let token):
-            register(handler, for: token)
-            return .prepared(token)
-        }
-    }
-
-    /// `attempt` whose handler is made (by `handler`) only when it is needed: when the
-    /// operation was prepared or is refused. An awaited operation that finishes at once
-    /// then takes no async slot.
+    /// once (`IOBackend.attempt`). The handler is made (by `handler`) only when it is
+    /// needed, when the operation was prepared or is refused: an awaited operation that
+    /// finishes at once then takes no async slot.
     @inline(__always)
     func attempt(_ operation: consuming Operation, orRegister handler: () -> Handler) -> Attempt {
         assertInLoop()

@@ -18,9 +18,8 @@ final class RemoteQueue: @unchecked Sendable {
     private var running: [Job] = []
     private var closed = false
     private let queued = Atomic<Int>(0)
-    /// Task jobs queued from other threads so far: a task whose awaits hop off the loop
-    /// and back shows here once per hop (tests).
-    private(set) var taskPushes = 0
+    /// Task jobs queued from other threads so far (`taskPushes`).
+    private var taskJobsPushed = 0
 
     init() {
         incoming.reserveCapacity(64)
@@ -33,7 +32,7 @@ final class RemoteQueue: @unchecked Sendable {
         lock.withLock {
             if closed, case .closure = job { return false }  // tasks and signals still run
             incoming.append(job)
-            if case .task = job { taskPushes &+= 1 }
+            if case .task = job { taskJobsPushed &+= 1 }
             queued.add(1, ordering: .sequentiallyConsistent)
             return true
         }
@@ -41,8 +40,9 @@ final class RemoteQueue: @unchecked Sendable {
 
     var hasJobs: Bool { queued.load(ordering: .sequentiallyConsistent) > 0 }
 
-    /// `taskPushes`, read under the lock (any thread).
-    var lockedTaskPushes: Int { lock.withLock { taskPushes } }
+    /// Task jobs queued from other threads so far, from any thread: a task whose awaits
+    /// hop off the loop and back shows here once per hop (tests).
+    var taskPushes: Int { lock.withLock { taskJobsPushed } }
 
     /// Stops taking closures; those already queued still run.
     func close() {
