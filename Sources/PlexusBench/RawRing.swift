@@ -99,19 +99,19 @@ final class RawEpoll {
         try check(epoll_ctl(fd, EPOLL_CTL_ADD, watched, &event), "epoll_ctl(ADD)")
     }
 
-    /// epoll_pwait2 with `timeoutNanoseconds` (nil blocks); returns the ready count.
+    /// epoll_wait (epoll_pwait2 for a timeout other than 0) with `timeoutNanoseconds` (nil blocks); returns the ready count.
     @inline(__always)
     func wait(timeoutNanoseconds: Int? = nil) throws -> Int {
         var n: Int32
         if let timeoutNanoseconds {
             var ts = timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
-            n = plexus_epoll_pwait2(fd, events, capacity, &ts)
+            n = plexus_epoll_wait(fd, events, capacity, &ts)
         } else {
-            n = plexus_epoll_pwait2(fd, events, capacity, nil)
+            n = plexus_epoll_wait(fd, events, capacity, nil)
         }
         if n < 0 {
             if plexus_errno() == EINTR { return 0 }
-            throw BenchmarkError.system("epoll_pwait2")
+            throw BenchmarkError.system("epoll_wait")
         }
         return Int(n)
     }
@@ -120,7 +120,7 @@ final class RawEpoll {
     func data(_ i: Int) -> UInt64 { events[i].data.u64 }
 }
 
-/// ppoll over a fixed pollfd array for the raw-poll baselines.
+/// poll over a fixed pollfd array for the raw-poll baselines.
 final class RawPoll {
     let fds: UnsafeMutablePointer<pollfd>
     private(set) var count = 0
@@ -139,19 +139,19 @@ final class RawPoll {
         count += 1
     }
 
-    /// ppoll with `timeoutNanoseconds` (nil blocks); returns the ready count.
+    /// poll (ppoll for a timeout other than 0) with `timeoutNanoseconds` (nil blocks); returns the ready count.
     @inline(__always)
     func wait(timeoutNanoseconds: Int? = nil) throws -> Int {
         var n: Int32
         if let timeoutNanoseconds {
             var ts = timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
-            n = plexus_ppoll(fds, nfds_t(count), &ts)
+            n = plexus_poll(fds, nfds_t(count), &ts)
         } else {
-            n = plexus_ppoll(fds, nfds_t(count), nil)
+            n = plexus_poll(fds, nfds_t(count), nil)
         }
         if n < 0 {
             if plexus_errno() == EINTR { return 0 }
-            throw BenchmarkError.system("ppoll")
+            throw BenchmarkError.system("poll")
         }
         return Int(n)
     }

@@ -9,7 +9,7 @@ struct PlexusBenchCommand: ParsableCommand {
         abstract: "Plexus microbenchmarks: every backend and adapter side by side with raw baselines.",
         discussion: """
         For each benchmark, each backend runs it through each adapter, next to a raw \
-        baseline loop that calls the C shim (liburing, epoll_pwait2, ppoll, plain syscalls) \
+        baseline loop that calls the C shim (liburing, epoll_wait, poll, plain syscalls) \
         directly with no Plexus layer. The table on stdout gives, per benchmark × backend \
         × adapter, the median over the repetitions of: ops/s, ns/op, p50 and p99 latency \
         (sampled with CLOCK_MONOTONIC; per op, per batch or per turn, as the legend says), \

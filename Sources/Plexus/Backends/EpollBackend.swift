@@ -65,7 +65,7 @@ public final class EpollBackend: IOBackend {
 /// fd number as the event's data; EPOLL_CTL_MOD (same mask) asks for a fresh report.
 struct EpollPoller: ReadinessPoller {
     static var backendKind: BackendKind { .epoll }
-    static var waitCallName: String { "epoll_pwait2" }
+    static var waitCallName: String { "epoll_wait" }
     static var rearmIsASyscall: Bool { true }
     static var mask: UInt32 { EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue }
 

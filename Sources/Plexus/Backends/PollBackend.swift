@@ -5,7 +5,7 @@ import SystemPackage
 /// The poll backend: completions emulated over readiness (`ReadinessEngine`).
 ///
 /// A pollfd array holds the fds that have parked operations, with the union of what
-/// they wait for, and is kept up to date incrementally (swap-remove); ppoll(2) is
+/// they wait for, and is kept up to date incrementally (swap-remove); poll(2) is
 /// level-triggered. Regular files run directly. Nothing is native: `capabilities` is
 /// empty.
 public final class PollBackend: IOBackend {
@@ -65,7 +65,7 @@ public final class PollBackend: IOBackend {
 /// kept in `FDState.slot`), interest = union of the parked directions, level-triggered.
 struct PollPoller: ReadinessPoller {
     static var backendKind: BackendKind { .poll }
-    static var waitCallName: String { "ppoll" }
+    static var waitCallName: String { "poll" }
     static var rearmIsASyscall: Bool { false }
 
     struct Ready {
@@ -120,7 +120,7 @@ struct PollPoller: ReadinessPoller {
     @inline(__always)
     func wait(_ timeout: UnsafePointer<timespec>?) -> Int32 {
         ready.removeAll()
-        let n = Sys.ppoll(pollfds.base, pollfds.count, timeout)
+        let n = Sys.poll(pollfds.base, pollfds.count, timeout)
         guard n > 0 else { return n }
         var found: Int32 = 0
         for i in 0..<pollfds.count where pollfds[i].revents != 0 {

@@ -23,7 +23,7 @@ import SystemPackage
 /// exclusivity checks.
 protocol ReadinessPoller {
     static var backendKind: BackendKind { get }
-    /// The wait call, for errors ("epoll_pwait2", "ppoll").
+    /// The wait call, for errors ("epoll_wait", "poll").
     static var waitCallName: String { get }
     /// `update(rearm: true)` is a syscall (EPOLL_CTL_MOD), which the engine puts off for
     /// reads that wait after a short read (see `ReadinessEngine.park`). poll(2) looks at
@@ -260,7 +260,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     let unverified = RawArray<Int32>(capacity: 16)
     /// Polls since the oldest entry of `unverified` went in.
     @exclusivity(unchecked) var unverifiedPolls = 0
-    static var unverifiedPollsAllowed: Int { 8 }
+    static var unverifiedPollsAllowed: Int { 32 }
     static var pollsSkippable: Int { 7 }
     @exclusivity(unchecked) var timers = Heap<TimerEntry>()
     @exclusivity(unchecked) var timerSequence: UInt64 = 0

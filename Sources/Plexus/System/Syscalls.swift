@@ -204,18 +204,20 @@ enum Sys {
         check(epoll_ctl(epfd, op, fd, event))
     }
 
-    /// epoll_pwait2(2) without a signal mask (through the shim); nil `timeout` blocks.
+    /// epoll_wait(2), or epoll_pwait2(2) for a timeout other than none or zero, without a
+    /// signal mask (through the shim); nil `timeout` blocks.
     /// EINTR is returned, not retried: the caller delivers what is ready.
     @inline(__always)
     static func epollWait(_ epfd: Int32, _ events: UnsafeMutablePointer<epoll_event>, _ max: Int32,
                           _ timeout: UnsafePointer<timespec>?) -> Int32 {
-        check(plexus_epoll_pwait2(epfd, events, max, timeout))
+        check(plexus_epoll_wait(epfd, events, max, timeout))
     }
 
-    /// ppoll(2) without a signal mask (through the shim); nil `timeout` blocks.
+    /// poll(2), or ppoll(2) for a timeout other than none or zero, without a signal mask
+    /// (through the shim); nil `timeout` blocks.
     /// EINTR is returned, not retried: the caller delivers what is ready.
     @inline(__always)
-    static func ppoll(_ fds: UnsafeMutablePointer<pollfd>?, _ count: Int, _ timeout: UnsafePointer<timespec>?) -> Int32 {
-        check(plexus_ppoll(fds, nfds_t(count), timeout))
+    static func poll(_ fds: UnsafeMutablePointer<pollfd>?, _ count: Int, _ timeout: UnsafePointer<timespec>?) -> Int32 {
+        check(plexus_poll(fds, nfds_t(count), timeout))
     }
 }

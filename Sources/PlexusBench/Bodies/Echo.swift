@@ -20,8 +20,8 @@ import SystemPackage
 //   raw-epoll     every fd registered once (EPOLLIN, level-triggered); a readiness loop
 //                 writes a 64-byte message straight away (a fresh socket is writable), so per
 //                 request: client write(2), server read(2)+write(2), client read(2), plus
-//                 epoll_pwait2 turns.
-//   raw-poll      the same with ppoll over all 2N fds.
+//                 epoll_wait turns.
+//   raw-poll      the same with poll over all 2N fds.
 // Checked: every echo carries the sequence number and connection index the client sent
 // and exactly 64 bytes, in order.
 

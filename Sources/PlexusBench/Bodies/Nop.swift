@@ -10,9 +10,9 @@ import Plexus
 // Baselines (the least the mechanism must do for a NOP):
 //   raw-io_uring  `batch` × io_uring_prep_nop, one io_uring_submit_and_wait(batch), reap.
 //   raw-epoll     a readiness loop has no NOP syscall: a NOP is an entry in its ready queue,
-//                 completed by the loop's next turn, which is one zero-timeout epoll_pwait2
+//                 completed by the loop's next turn, which is one zero-timeout epoll_wait
 //                 (on an epoll set holding one idle eventfd, like a loop's wake-up fd) per batch.
-//   raw-poll      the same with one zero-timeout ppoll on that one fd per batch.
+//   raw-poll      the same with one zero-timeout poll on that one fd per batch.
 // Checked: every NOP completes exactly once, with result 0.
 
 func makeNopBody(_ c: BenchmarkCase, batch: Int) throws -> BenchmarkBody {

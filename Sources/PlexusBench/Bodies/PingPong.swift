@@ -13,10 +13,10 @@ import SystemPackage
 //   raw-io_uring  READ sqe then WRITE sqe, one io_uring_submit_and_wait(2): the read meets the
 //                 empty pipe first, as it does through the backend (blocking pipe: the kernel
 //                 parks the read in its own poll and completes it once).
-//   raw-epoll     the read end is registered once (level-triggered); write(2), epoll_pwait2
+//   raw-epoll     the read end is registered once (level-triggered); write(2), epoll_wait
 //                 until readable, read(2): a readiness loop need not try the read before the
 //                 data is there (non-blocking pipe).
-//   raw-poll      write(2), ppoll on the read end, read(2) (non-blocking pipe).
+//   raw-poll      write(2), poll on the read end, read(2) (non-blocking pipe).
 // Checked: each read returns exactly the byte just written.
 
 func makePingPongBody(_ c: BenchmarkCase) throws -> BenchmarkBody {

@@ -18,8 +18,8 @@ import Plexus
 // per schedule and per turn, plain counters instead of callbacks, and the mechanism's
 // zero-timeout wait once per turn:
 //   raw-io_uring  io_uring_submit_and_get_events
-//   raw-epoll     epoll_pwait2 with a zero timeout (one idle eventfd in the set)
-//   raw-poll      ppoll with a zero timeout on that eventfd
+//   raw-epoll     epoll_wait with a zero timeout (one idle eventfd in the set)
+//   raw-poll      poll with a zero timeout on that eventfd
 // Checked: every turn fires exactly the 32 due timers in the order they were scheduled,
 // and cancels exactly the 32 others, each once.
 

@@ -17,8 +17,8 @@ import SystemPackage
 //             calls loop.execute { write the reply eventfd }: the loop's own wake-up path.
 // Baselines (loop thread side):
 //   raw-io_uring  a READ of the request eventfd, io_uring_submit_and_wait(1), reply, re-arm.
-//   raw-epoll     epoll_pwait2 on the request eventfd (level-triggered), read(2), reply.
-//   raw-poll      ppoll on the request eventfd, read(2), reply.
+//   raw-epoll     epoll_wait on the request eventfd (level-triggered), read(2), reply.
+//   raw-poll      poll on the request eventfd, read(2), reply.
 // Checked: every request is answered exactly once (each reply read returns 1, and the
 // loop thread counted as many requests as the benchmark thread made round trips).
 //
