@@ -22,8 +22,8 @@ extension PlexusTests {
     }
 
     /// A pipe emptied by a short read, and a read of it that waits.
-    static func waitingRead(_ h: Harness, _ kind: BackendKind) throws -> (FileDescriptor, FileDescriptor, Token) {
-        let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+    static func waitingRead(_ h: Harness, _ pipe: PipeCase) throws -> (FileDescriptor, FileDescriptor, Token) {
+        let (r, w) = try h.pipe(nonBlocking: pipe.nonBlocking)
         try drain(h, r, w, expecting: "a")
         let waiting = h.prepare(.read(r, IOBuffer(capacity: 8)))
         try h.submit()
@@ -32,10 +32,11 @@ extension PlexusTests {
         return (r, w, waiting)
     }
 
-    @Test(arguments: Backends.kinds)
-    func readsOfAnEmptyPipeGetLaterDataInOrder(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func readsOfAnEmptyPipeGetLaterDataInOrder(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+            let (r, w) = try h.pipe(nonBlocking: pipe.nonBlocking)
             let blockedBefore = h.backend.statistics.wouldBlock
             for round in 0..<20 {
                 try Self.drain(h, r, w, expecting: "short \(round)")
@@ -55,10 +56,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func aCancelledWaitingReadEndsOnceAndTheNextReadWorks(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func aCancelledWaitingReadEndsOnceAndTheNextReadWorks(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            let (r, w, waiting) = try Self.waitingRead(h, pipe)
             h.prepare(.cancel(waiting))
             try h.submit()
             #expect(try h.waitFor(waiting).result == -ECANCELED)
@@ -67,10 +69,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func closingThePipeEndsItsWaitingReads(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func closingThePipeEndsItsWaitingReads(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, _, waiting) = try Self.waitingRead(h, kind)
+            let (r, _, waiting) = try Self.waitingRead(h, pipe)
             h.disown(r)
             let close = h.prepare(.close(r))
             try h.submit()
@@ -80,19 +83,21 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func theWriterClosingEndsAWaitingReadWithEndOfFile(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func theWriterClosingEndsAWaitingReadWithEndOfFile(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (_, w, waiting) = try Self.waitingRead(h, kind)
+            let (_, w, waiting) = try Self.waitingRead(h, pipe)
             h.closeNow(w)
             #expect(try h.waitFor(waiting).result == 0)
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func cancelAllEndsWaitingReads(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func cancelAllEndsWaitingReads(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            let (r, w, waiting) = try Self.waitingRead(h, pipe)
             h.cancelAll()
             #expect(try h.waitFor(waiting).result == -ECANCELED)
             #expect(h.backend.pendingCount == 0)
@@ -102,10 +107,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func aDeadlineStillEndsAReadOfAnEmptyPipe(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func aDeadlineStillEndsAReadOfAnEmptyPipe(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+            let (r, w) = try h.pipe(nonBlocking: pipe.nonBlocking)
             try Self.drain(h, r, w, expecting: "a")
             let start = Deadline.now
             let token = h.prepare(.read(r, IOBuffer(capacity: 8)), deadline: start + .milliseconds(20))
@@ -117,10 +123,11 @@ extension PlexusTests {
     /// A completion queue that overflows while a read waits on a pipe's poll: the read
     /// still gets its data exactly once (whether the kernel keeps the poll's CQE in its
     /// overflow list or ends the poll, which sends the read back to an ordinary READ).
-    @Test(arguments: Backends.kinds)
-    func aWaitingReadSurvivesACompletionQueueOverflow(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func aWaitingReadSurvivesACompletionQueueOverflow(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind, entries: 2) { h in
-            let (r, w, waiting) = try Self.waitingRead(h, kind)
+            let (r, w, waiting) = try Self.waitingRead(h, pipe)
             // Many completions nobody reaps yet, then data: the CQ (8 entries) overflows.
             var nops: [Token] = []
             for _ in 0..<24 { nops.append(h.prepare(.nop)) }

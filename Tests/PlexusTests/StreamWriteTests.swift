@@ -12,8 +12,8 @@ import Testing
 extension PlexusTests {
 @Suite struct StreamWriteTests {
     /// A pipe of one page, the smallest the kernel allows, so it fills quickly.
-    static func onePagePipe(_ h: Harness, _ kind: BackendKind) throws -> (FileDescriptor, FileDescriptor) {
-        let (r, w) = try h.pipe(nonBlocking: kind != .ioUring)
+    static func onePagePipe(_ h: Harness, _ pipe: PipeCase) throws -> (FileDescriptor, FileDescriptor) {
+        let (r, w) = try h.pipe(nonBlocking: pipe.nonBlocking)
         #expect(fcntl(w.rawValue, Int32(PLEXUS_F_SETPIPE_SZ), 4096) == 4096)
         return (r, w)
     }
@@ -30,10 +30,11 @@ extension PlexusTests {
         return bytes
     }
 
-    @Test(arguments: Backends.kinds)
-    func writesToAPipeWithRoomFinishAtOnceAndWritesToAFullOneQueueInOrder(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func writesToAPipeWithRoomFinishAtOnceAndWritesToAFullOneQueueInOrder(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w) = try Self.onePagePipe(h, kind)
+            let (r, w) = try Self.onePagePipe(h, pipe)
             // Room: at once, on every backend.
             let (first, firstAtOnce) = h.attempt(.write(w, IOBuffer("a")))
             #expect(firstAtOnce, "\(kind): a write to an empty pipe waited")
@@ -65,9 +66,9 @@ extension PlexusTests {
 
     /// A full pipe and three writes behind it: the first waits in the kernel (io_uring)
     /// or parked (epoll, poll); the others wait behind it.
-    static func fullPipeWithWaitingWrites(_ h: Harness, _ kind: BackendKind, _ texts: [String])
+    static func fullPipeWithWaitingWrites(_ h: Harness, _ pipe: PipeCase, _ texts: [String])
         throws -> (r: FileDescriptor, w: FileDescriptor, tokens: [Token]) {
-        let (r, w) = try onePagePipe(h, kind)
+        let (r, w) = try onePagePipe(h, pipe)
         let fill = h.prepare(.write(w, IOBuffer(bytes: [UInt8](repeating: 0, count: 4096))))
         #expect(try h.waitFor(fill).result == 4096)
         let tokens = texts.map { h.prepare(.write(w, IOBuffer($0))) }
@@ -77,10 +78,11 @@ extension PlexusTests {
         return (r, w, tokens)
     }
 
-    @Test(arguments: Backends.kinds)
-    func cancellingWaitingWritesLeavesTheOthersInOrder(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func cancellingWaitingWritesLeavesTheOthersInOrder(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, _, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D", "E"])
+            let (r, _, t) = try Self.fullPipeWithWaitingWrites(h, pipe, ["B", "C", "D", "E"])
             // C waits behind B; B is the one in the kernel on io_uring. Cancel both.
             let cancels = [h.prepare(.cancel(t[1])), h.prepare(.cancel(t[0]))]
             let cancelled = try h.waitFor([t[0], t[1]])
@@ -93,10 +95,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func closingAPipeWithWaitingWritesEndsEachOnce(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func closingAPipeWithWaitingWritesEndsEachOnce(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (_, w, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D"])
+            let (_, w, t) = try Self.fullPipeWithWaitingWrites(h, pipe, ["B", "C", "D"])
             let close = h.prepare(.close(w))
             let ended = try h.waitFor(t)
             #expect(ended.map(\.result) == [-ECANCELED, -ECANCELED, -ECANCELED])
@@ -105,10 +108,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func cancelAllEndsWaitingWritesOnce(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func cancelAllEndsWaitingWritesOnce(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (_, _, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B", "C", "D"])
+            let (_, _, t) = try Self.fullPipeWithWaitingWrites(h, pipe, ["B", "C", "D"])
             h.cancelAll()
             let ended = try h.waitFor(t)
             #expect(ended.map(\.result) == [-ECANCELED, -ECANCELED, -ECANCELED])
@@ -116,10 +120,11 @@ extension PlexusTests {
         }
     }
 
-    @Test(arguments: Backends.kinds)
-    func aWriteWithADeadlineBehindAFullPipeEndsAtItsDeadline(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func aWriteWithADeadlineBehindAFullPipeEndsAtItsDeadline(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w, t) = try Self.fullPipeWithWaitingWrites(h, kind, ["B"])
+            let (r, w, t) = try Self.fullPipeWithWaitingWrites(h, pipe, ["B"])
             let late = h.prepare(.write(w, IOBuffer("L")), deadline: .now + .milliseconds(20))
             #expect(try h.waitFor(late).result == -ECANCELED)
             #expect(Self.readAll(r, 4096).count == 4096)
@@ -199,10 +204,11 @@ extension PlexusTests {
     }
 
     /// A write bigger than the room left takes what fits and says how much.
-    @Test(arguments: Backends.kinds)
-    func aWriteBiggerThanTheRoomLeftIsShort(_ kind: BackendKind) throws {
+    @Test(arguments: PipeCase.all)
+    func aWriteBiggerThanTheRoomLeftIsShort(_ pipe: PipeCase) throws {
+        let kind = pipe.kind
         try Harness.run(kind) { h in
-            let (r, w) = try Self.onePagePipe(h, kind)
+            let (r, w) = try Self.onePagePipe(h, pipe)
             let big = [UInt8](repeating: 7, count: 10_000)
             let done = try h.perform(.write(w, IOBuffer(bytes: big)))
             // io_uring and epoll/poll on a nonblocking pipe: what fits at once. (A write

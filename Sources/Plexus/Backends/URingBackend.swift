@@ -104,6 +104,12 @@ public final class URingBackend: IOBackend {
         var generation: UInt32 = 0
         /// pwritev2(RWF_NOWAIT) was refused (EOPNOTSUPP): writes go to the ring, one at a time.
         var noWaitRefused = false
+        /// A pipe that was O_NONBLOCK when first seen (as the readiness backends, Plexus
+        /// reads the flag once): its reads and writes done at once are plain read(2) and
+        /// write(2), which cannot block it either. They cost ~65 ns less each than
+        /// preadv2/pwritev2 (a pipe ping-pong in C, 3M round trips: 475 against 610 ns per
+        /// write and read), which import an iovec.
+        var nonBlocking = false
     }
 
     /// The per-fd watches, in memory of their own: `pipes[i].field = x` through an array
@@ -1074,6 +1080,10 @@ public final class URingBackend: IOBackend {
             let type = Sys.fileType(fd)
             let fifo = type == Int32(Glibc.S_IFIFO)
             state.pointee.pipes[i].kind = fifo ? 1 : 2
+            if fifo {
+                let flags = Sys.statusFlags(fd)
+                state.pointee.pipes[i].nonBlocking = flags >= 0 && flags & O_NONBLOCK != 0
+            }
             let stream = fifo || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
             state.pointee.pipes[i].stream = stream ? 1 : 2
         }
@@ -1095,18 +1105,24 @@ public final class URingBackend: IOBackend {
         return true
     }
 
-    /// pwritev2(RWF_NOWAIT) of the view's bytes to pipe `fd`: the result, or nil when the
-    /// write must go to the ring (EAGAIN; EOPNOTSUPP, remembered; any other error, which
-    /// the ring reports as it always did). EPIPE is the write's result.
+    /// pwritev2(RWF_NOWAIT) of the view's bytes to pipe `fd` (write(2) if it is
+    /// O_NONBLOCK): the result, or nil when the write must go to the ring (EAGAIN;
+    /// EOPNOTSUPP, remembered; any other error, which the ring reports as it always did).
+    /// EPIPE is the write's result.
     private func writeToPipeNow(_ fd: Int32, _ view: KernelView) -> Int32? {
         guard !state.pointee.pipes[Int(fd)].noWaitRefused else { return nil }
         plexus_block_sigpipe()  // a pipe without a reader raises SIGPIPE on this thread
-        var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: view.base), iov_len: view.length)
-        let n = plexus_pwritev2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
-        if n >= 0 { return Int32(n) }
-        let error = plexus_errno()
-        if error == EPIPE { return -EPIPE }
-        if error == EOPNOTSUPP { state.pointee.pipes[Int(fd)].noWaitRefused = true }
+        let result: Int
+        if state.pointee.pipes[Int(fd)].nonBlocking {
+            result = Sys.write(fd, view.base, view.length)
+        } else {
+            var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: view.base), iov_len: view.length)
+            let n = plexus_pwritev2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
+            result = n >= 0 ? n : -Int(plexus_errno())
+        }
+        if result >= 0 { return Int32(result) }
+        if result == -Int(EPIPE) { return -EPIPE }
+        if result == -Int(EOPNOTSUPP) { state.pointee.pipes[Int(fd)].noWaitRefused = true }
         return nil
     }
 
@@ -1178,8 +1194,13 @@ public final class URingBackend: IOBackend {
         while let index = state.pointee.pipes[i].parked.first {
             var iov = table.scratch(index).pointee.vector  // set by parkOnPipe
             let length = iov.iov_len
-            let n = plexus_preadv2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
-            let result = n >= 0 ? Int32(n) : -plexus_errno()
+            let result: Int32
+            if state.pointee.pipes[i].nonBlocking {
+                result = Int32(truncatingIfNeeded: Sys.read(fd, iov.iov_base, length))
+            } else {
+                let n = plexus_preadv2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
+                result = n >= 0 ? Int32(n) : -plexus_errno()
+            }
             if result == -EAGAIN {
                 state.pointee.pipes[i].drained = true
                 break

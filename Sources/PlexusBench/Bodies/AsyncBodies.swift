@@ -43,7 +43,7 @@ func makeAsyncBody(_ c: BenchmarkCase, sampler: LatencySampler) throws -> AnyBen
     case .nop1: return .window(SpecializedWindow(try AsyncNop(choice: choice, tasks: 1)))
     case .nop32: return .window(SpecializedWindow(try AsyncNop(choice: choice, tasks: 32)))
     case .pingPong:
-        let pipe = try makePipe(nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
+        let pipe = try makePipe(nonBlocking: c.backend.wantsNonBlockingPipe)
         do { return .window(SpecializedWindow(try AsyncPingPong(pipe, choice: choice))) } catch {
             Glibc.close(pipe.read)
             Glibc.close(pipe.write)

@@ -9,10 +9,12 @@ import SystemPackage
 // Plexus (in the order a peer waiting for a message issues them):
 //   raw       backend.prepare(.read(r)), backend.prepare(.write(w, 1 byte)), wait for both.
 //   callback  loop.read(r) { }, loop.write(w) { }, loop.runOnce until both callbacks ran.
-// Baselines (same fds as the backend they pair with):
+// Every Plexus row's pipe is O_NONBLOCK, as a loop's user makes it (one pipe kind for
+// io_uring and epoll; see `BackendName.wantsNonBlockingPipe`).
+// Baselines:
 //   raw-io_uring  READ sqe then WRITE sqe, one io_uring_submit_and_wait(2): the read meets the
 //                 empty pipe first, as it does through the backend (blocking pipe: the kernel
-//                 parks the read in its own poll and completes it once).
+//                 parks the read in its own poll and completes it once, on every kernel).
 //   raw-epoll     the read end is registered once (level-triggered); write(2), epoll_wait
 //                 until readable, read(2): a readiness loop need not try the read before the
 //                 data is there (non-blocking pipe).
@@ -20,7 +22,7 @@ import SystemPackage
 // Checked: each read returns exactly the byte just written.
 
 func makePingPongBody(_ c: BenchmarkCase) throws -> BenchmarkBody {
-    let pipe = try makePipe(nonBlocking: c.backend.mechanism.wantsNonBlockingFDs)
+    let pipe = try makePipe(nonBlocking: c.backend.wantsNonBlockingPipe)
     do {
         switch (c.backend, c.adapter) {
         case (.rawIoUring, _): return try RawURingPingPong(pipe)

@@ -63,6 +63,21 @@ enum Backends {
     }
 }
 
+/// A backend and the pipe its pipe tests use. io_uring serves a blocking pipe and an
+/// O_NONBLOCK one by different syscalls (preadv2/pwritev2 with RWF_NOWAIT, or read/write),
+/// so it is tested with both; epoll and poll need O_NONBLOCK.
+struct PipeCase: Sendable, CustomTestStringConvertible {
+    let kind: BackendKind
+    let nonBlocking: Bool
+
+    var testDescription: String { "\(kind), \(nonBlocking ? "O_NONBLOCK" : "blocking") pipe" }
+
+    static let all: [PipeCase] = Backends.kinds.flatMap { kind in
+        kind == .ioUring ? [PipeCase(kind: kind, nonBlocking: false), PipeCase(kind: kind, nonBlocking: true)]
+                         : [PipeCase(kind: kind, nonBlocking: true)]
+    }
+}
+
 enum HarnessError: Error, CustomStringConvertible {
     case misconfigured
     case timedOut(String)
