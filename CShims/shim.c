@@ -23,10 +23,25 @@ int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flag
 // nanoseconds, takes the timespec calls.
 static int plexus_is_zero(const struct timespec *t) { return t->tv_sec == 0 && t->tv_nsec == 0; }
 
-int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout) {
-    if (!timeout) return poll(fds, count, -1);
-    if (plexus_is_zero(timeout)) return poll(fds, count, 0);
-    return ppoll(fds, count, timeout, NULL);
+// A poll that may wait adds a wait-queue entry on every fd up to the first ready one (and
+// removes them after); a zero-timeout poll adds none. So a wait first polls without
+// waiting, and waits only when nothing was ready: a pipe ping-pong in C, where the data
+// is always there, took 630 against 722 ns per round trip on one fd, 650 against 853 ns
+// with an idle eventfd (a loop's wake-up fd) before it. A loop that mostly sleeps would
+// pay that first poll on every wait (plexus-bench wakeup: 10% slower), so after a miss
+// the next `plexus_poll_probe_skips` waits go straight to the waiting poll.
+enum { plexus_poll_probe_skips = 8 };
+
+int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout, int *probe_skips) {
+    if (timeout && plexus_is_zero(timeout)) return poll(fds, count, 0);
+    if (*probe_skips > 0) {
+        *probe_skips -= 1;
+    } else {
+        int ready = poll(fds, count, 0);
+        if (ready != 0) return ready;
+        *probe_skips = plexus_poll_probe_skips;
+    }
+    return timeout ? ppoll(fds, count, timeout, NULL) : poll(fds, count, -1);
 }
 
 // epoll_pwait2 (5.11) takes a timespec; older kernels say ENOSYS once and get

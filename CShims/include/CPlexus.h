@@ -68,9 +68,11 @@ typedef struct plexus_op_scratch {
 // GNU-only calls (hidden from Swift by the header order above).
 int plexus_pipe2(int fds[2], int flags);
 int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags);
-/// Waits on `fds` without a signal mask: poll(2) with -1 (no timeout) or 0 (a zero
-/// timeout), ppoll(2) for any other timeout.
-int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout);
+/// Waits on `fds` without a signal mask: poll(2) with a zero timeout, then, when nothing
+/// was ready and the timeout is not zero, poll(2) with -1 (no timeout) or ppoll(2).
+/// `probe_skips` (the caller's, initially 0) makes the next 8 waits after a zero-timeout
+/// poll that found nothing skip that poll.
+int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout, int *probe_skips);
 /// Waits on `epfd` without a signal mask: epoll_wait(2) with -1 (no timeout) or 0 (a zero
 /// timeout), epoll_pwait2(2) for any other timeout; on a kernel without it (before 5.11,
 /// ENOSYS) epoll_wait(2) with the timeout rounded up to milliseconds.

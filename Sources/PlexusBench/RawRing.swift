@@ -125,13 +125,19 @@ final class RawPoll {
     let fds: UnsafeMutablePointer<pollfd>
     private(set) var count = 0
     let capacity: Int
+    /// The shim's state for `plexus_poll`'s zero-timeout probe (the poll backend's too).
+    let probeSkips = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
 
     init(capacity: Int) {
         self.capacity = capacity
         fds = .allocate(capacity: capacity)
+        probeSkips.initialize(to: 0)
     }
 
-    deinit { fds.deallocate() }
+    deinit {
+        fds.deallocate()
+        probeSkips.deallocate()
+    }
 
     func add(_ fd: Int32, events: Int16 = Int16(POLLIN)) {
         precondition(count < capacity)
@@ -139,15 +145,16 @@ final class RawPoll {
         count += 1
     }
 
-    /// poll (ppoll for a timeout other than 0) with `timeoutNanoseconds` (nil blocks); returns the ready count.
+    /// `plexus_poll` (a zero-timeout poll first, as the poll backend waits) with
+    /// `timeoutNanoseconds` (nil blocks); returns the ready count.
     @inline(__always)
     func wait(timeoutNanoseconds: Int? = nil) throws -> Int {
         var n: Int32
         if let timeoutNanoseconds {
             var ts = timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
-            n = plexus_poll(fds, nfds_t(count), &ts)
+            n = plexus_poll(fds, nfds_t(count), &ts, probeSkips)
         } else {
-            n = plexus_poll(fds, nfds_t(count), nil)
+            n = plexus_poll(fds, nfds_t(count), nil, probeSkips)
         }
         if n < 0 {
             if plexus_errno() == EINTR { return 0 }

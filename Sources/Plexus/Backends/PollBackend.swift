@@ -76,15 +76,19 @@ struct PollPoller: ReadinessPoller {
     let pollfds: RawArray<pollfd>
     /// What the last `wait` found, copied out so the array may change while it is handled.
     let ready: RawArray<Ready>
+    /// The shim's state for `plexus_poll`'s zero-timeout probe.
+    let probeSkips = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
 
     init(entries: UInt32) throws(PlexusError) {
         pollfds = RawArray(capacity: Int(min(max(entries, 16), 4096)))
         ready = RawArray(capacity: Int(min(max(entries, 16), 4096)))
+        probeSkips.initialize(to: 0)
     }
 
     func destroy() {
         pollfds.destroy()
         ready.destroy()
+        probeSkips.deallocate()
     }
 
     func register(_ fd: Int32) -> Int32 { 0 }
@@ -120,7 +124,7 @@ struct PollPoller: ReadinessPoller {
     @inline(__always)
     func wait(_ timeout: UnsafePointer<timespec>?) -> Int32 {
         ready.removeAll()
-        let n = Sys.poll(pollfds.base, pollfds.count, timeout)
+        let n = Sys.poll(pollfds.base, pollfds.count, timeout, probeSkips: probeSkips)
         guard n > 0 else { return n }
         var found: Int32 = 0
         for i in 0..<pollfds.count where pollfds[i].revents != 0 {

@@ -213,11 +213,13 @@ enum Sys {
         check(plexus_epoll_wait(epfd, events, max, timeout))
     }
 
-    /// poll(2), or ppoll(2) for a timeout other than none or zero, without a signal mask
-    /// (through the shim); nil `timeout` blocks.
+    /// poll(2) with a zero timeout, then, if nothing was ready, poll(2) or ppoll(2) with
+    /// `timeout` (nil blocks), without a signal mask (through the shim); `probeSkips` is
+    /// the caller's state for skipping the first poll after misses.
     /// EINTR is returned, not retried: the caller delivers what is ready.
     @inline(__always)
-    static func poll(_ fds: UnsafeMutablePointer<pollfd>?, _ count: Int, _ timeout: UnsafePointer<timespec>?) -> Int32 {
-        check(plexus_poll(fds, nfds_t(count), timeout))
+    static func poll(_ fds: UnsafeMutablePointer<pollfd>?, _ count: Int, _ timeout: UnsafePointer<timespec>?,
+                     probeSkips: UnsafeMutablePointer<Int32>) -> Int32 {
+        check(plexus_poll(fds, nfds_t(count), timeout, probeSkips))
     }
 }
