@@ -44,8 +44,9 @@ int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout
     return timeout ? ppoll(fds, count, timeout, NULL) : poll(fds, count, -1);
 }
 
-// epoll_pwait2 (5.11) takes a timespec; older kernels say ENOSYS once and get
-// epoll_pwait, the timeout rounded up to whole milliseconds so no timer fires early.
+// epoll_pwait2 (5.11) takes a timespec; older kernels (ENOSYS) and seccomp profiles older
+// than it (EPERM) refuse it once and get epoll_wait, the timeout rounded up to whole
+// milliseconds so no timer fires early.
 static int plexus_no_epoll_pwait2;
 
 int plexus_epoll_wait(int epfd, struct epoll_event *events, int max, const struct timespec *timeout) {
@@ -53,7 +54,8 @@ int plexus_epoll_wait(int epfd, struct epoll_event *events, int max, const struc
     if (plexus_is_zero(timeout)) return epoll_wait(epfd, events, max, 0);
     if (!__atomic_load_n(&plexus_no_epoll_pwait2, __ATOMIC_RELAXED)) {
         int n = epoll_pwait2(epfd, events, max, timeout, NULL);
-        if (n >= 0 || errno != ENOSYS) return n;
+        // ENOSYS: a kernel before 5.11; EPERM: a seccomp profile older than the call.
+        if (n >= 0 || (errno != ENOSYS && errno != EPERM)) return n;
         __atomic_store_n(&plexus_no_epoll_pwait2, 1, __ATOMIC_RELAXED);
     }
     long long t = (long long)timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000;

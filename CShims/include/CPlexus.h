@@ -74,8 +74,9 @@ int plexus_accept4(int fd, struct sockaddr *address, socklen_t *length, int flag
 /// poll that found nothing skip that poll.
 int plexus_poll(struct pollfd *fds, nfds_t count, const struct timespec *timeout, int *probe_skips);
 /// Waits on `epfd` without a signal mask: epoll_wait(2) with -1 (no timeout) or 0 (a zero
-/// timeout), epoll_pwait2(2) for any other timeout; on a kernel without it (before 5.11,
-/// ENOSYS) epoll_wait(2) with the timeout rounded up to milliseconds.
+/// timeout), epoll_pwait2(2) for any other timeout; where it is refused (ENOSYS before
+/// 5.11, EPERM under an older seccomp profile) epoll_wait(2) with the timeout rounded up
+/// to milliseconds.
 int plexus_epoll_wait(int epfd, struct epoll_event *events, int max, const struct timespec *timeout);
 ssize_t plexus_preadv2(int fd, const struct iovec *iov, int count, off_t offset, int flags);
 ssize_t plexus_pwritev2(int fd, const struct iovec *iov, int count, off_t offset, int flags);

@@ -99,7 +99,7 @@ public enum BackendName: String, CaseIterable, Sendable, CustomStringConvertible
     /// baselines, as a loop's user makes it, so that io_uring and epoll are compared on the
     /// same pipe. The raw io_uring loop keeps a blocking one, on which its READ parks in
     /// the kernel's poll on every kernel (old ones fail it with EAGAIN on an O_NONBLOCK
-    /// pipe). Through Plexus, io_uring serves a blocking pipe too, ~130 ns per round trip
+    /// pipe). Through Plexus, io_uring serves a blocking pipe too, ~200 ns per round trip
     /// slower (preadv2/pwritev2 with RWF_NOWAIT, where O_NONBLOCK allows read/write).
     var wantsNonBlockingPipe: Bool { self != .rawIoUring }
 

@@ -4,7 +4,8 @@
 // Docker's default profile does, so the fallback from io_uring to epoll can be tested
 // through the real mechanism. PLEXUS_NOURING_ERRNO picks another errno (e.g. 38 = ENOSYS).
 // PLEXUS_NOURING_NO_EPOLL_PWAIT2=1 also makes epoll_pwait2(2) fail with ENOSYS, as on
-// kernels before 5.11, whose epoll backend must fall back to epoll_pwait.
+// kernels before 5.11, whose epoll backend must fall back to epoll_wait; =EPERM with
+// EPERM, as seccomp profiles older than the call do.
 // The filter is inherited across execve; NO_NEW_PRIVS lets an unprivileged user install it.
 #include <errno.h>
 #include <linux/audit.h>
@@ -36,8 +37,13 @@ int main(int argc, char **argv) {
     if (chosen) denied = atoi(chosen);
     // A syscall number no syscall has, unless epoll_pwait2 is to be refused too.
     unsigned noPwait2 = 0xffffffffu;
+    int pwait2Errno = ENOSYS;
     const char *pwait2 = getenv("PLEXUS_NOURING_NO_EPOLL_PWAIT2");
     if (pwait2 && strcmp(pwait2, "1") == 0) noPwait2 = __NR_epoll_pwait2;
+    if (pwait2 && strcmp(pwait2, "EPERM") == 0) {
+        noPwait2 = __NR_epoll_pwait2;
+        pwait2Errno = EPERM;
+    }
 
     struct sock_filter filter[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
@@ -47,7 +53,7 @@ int main(int argc, char **argv) {
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (denied & SECCOMP_RET_DATA)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, noPwait2, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (pwait2Errno & SECCOMP_RET_DATA)),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
     struct sock_fprog program = {.len = sizeof(filter) / sizeof(filter[0]), .filter = filter};

@@ -53,6 +53,42 @@ extension PlexusTests {
             if kind == .ioUring, h.backend.capabilities.isSuperset(of: [.multishotPoll, .cancelByFileDescriptor]) {
                 #expect(h.backend.statistics.wouldBlock - blockedBefore >= 20, "the reads did not wait on the pipe's poll")
             }
+            if let uring = h.backend as? URingBackend {
+                #expect(uring.pipeIsNonBlocking(r) == pipe.nonBlocking, "served as the wrong kind of pipe")
+            }
+        }
+    }
+
+    /// A pipe closed outside Plexus, its read end's number opened again through Plexus as
+    /// a blocking FIFO: the read still waiting under the old pipe ends with EBADF, and the
+    /// new fd is served as what it is (io_uring must not go on with the old pipe's
+    /// O_NONBLOCK, which would make its writes plain write(2)s that can block the loop).
+    @Test(arguments: PipeCase.all)
+    func aPipesNumberOpenedAgainAsABlockingFIFOIsServedAsOne(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w, waiting) = try Self.waitingRead(h, pipe)
+            let fifo = try h.temporaryPath("fifo")
+            #expect(mkfifo(fifo, 0o600) == 0)
+            h.closeNow(r)
+            let opened = try h.perform(.open(FilePath(fifo), flags: O_RDWR))  // O_RDWR: the open does not wait for a peer
+            guard opened.result >= 0 else { Issue.record("open: \(opened)"); return }
+            let reopened = h.own(opened.result)
+            #expect(reopened == r, "the lowest free fd number comes back")
+            #expect(try h.waitFor(waiting).result == -EBADF)
+            if let uring = h.backend as? URingBackend, reopened == r {
+                // Forgotten at the open; else the write below could block the loop for good.
+                let known = uring.pipeIsNonBlocking(reopened)
+                #expect(known == nil, "the old pipe's watch outlived it")
+                if known != nil { return }
+            }
+            // A blocking FIFO with room for 64 KiB: 70000 bytes take what fits, at once.
+            let big = try h.perform(.write(reopened, IOBuffer(bytes: [UInt8](repeating: 1, count: 70_000))))
+            #expect(big.result > 0 && big.result < 70_000, "\(big)")
+            if let uring = h.backend as? URingBackend, reopened == r {
+                #expect(uring.pipeIsNonBlocking(reopened) == false)
+            }
+            h.closeNow(w)
+            #expect(h.backend.pendingCount == 0)
         }
     }
 

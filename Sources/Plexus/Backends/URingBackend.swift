@@ -250,6 +250,13 @@ public final class URingBackend: IOBackend {
     public var pendingCount: Int { table.liveCount }
     /// Standalone deadline timeouts not yet reported back (`State.deadlines`; for tests).
     var standaloneDeadlines: Int { state.pointee.deadlines.count }
+    /// Whether pipe `fd` is served as O_NONBLOCK (read/write), as blocking (preadv2/pwritev2
+    /// with RWF_NOWAIT), or nil when it is no pipe seen so far (`PipeWatch`; for tests).
+    func pipeIsNonBlocking(_ fd: FileDescriptor) -> Bool? {
+        let i = Int(fd.rawValue)
+        guard i >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1 else { return nil }
+        return state.pointee.pipes[i].nonBlocking
+    }
     public var statistics: BackendStatistics {
         var s = state.pointee.statistics
         s.completionQueueOverflows = UInt64(plexus_cq_overflow(ring))
@@ -760,6 +767,7 @@ public final class URingBackend: IOBackend {
         if kind == .receiveMultishot {
             return completeReceive(token, record, res, cqeFlags, body)
         }
+        if res >= 0, kind == .accept || kind == .acceptMultishot || kind == .open { forgetFormer(res) }
         if kind.isMultishot {
             let more = cqeFlags & IORING_CQE_F_MORE != 0
             if res >= 0 {
@@ -997,8 +1005,9 @@ public final class URingBackend: IOBackend {
 
     /// A write to a byte stream goes to the ring only when no earlier one to the same fd is
     /// there; else it waits behind it (io_uring would keep no order between them). A write
-    /// to a pipe is first done at once with pwritev2(RWF_NOWAIT): the kernel takes what
-    /// fits or says EAGAIN, and then the write goes to the ring. Measured in the raw
+    /// to a pipe is first done at once with pwritev2(RWF_NOWAIT) (write(2) if the pipe is
+    /// O_NONBLOCK, see `PipeWatch.nonBlocking`): the kernel takes what fits or says
+    /// EAGAIN, and then the write goes to the ring. Measured in the raw
     /// ping-pong shape (one multishot poll on the read end, preadv2 reads): 935-960 ns per
     /// round trip against 1056-1100 ns with IORING_OP_WRITE, whose submission, pipe write
     /// and task work cost more inside io_uring_enter than the syscall alone. RWF_NOWAIT
@@ -1156,7 +1165,8 @@ public final class URingBackend: IOBackend {
     /// Parks a read of an empty pipe (or one behind parked reads) until the pipe's poll
     /// reports data, arming the poll if it is not. False: the read goes to the ring.
     /// The read's target (`view`) is kept in its scratch's iovec, unused by a read, for the
-    /// preadv2 that `pipeReport` runs: the buffer stays with the parked operation.
+    /// preadv2 (read(2) if the pipe is O_NONBLOCK) that `pipeReport` runs: the buffer stays
+    /// with the parked operation.
     private func parkOnPipe(_ index: Int, _ fd: Int32, _ view: KernelView) -> Bool {
         let i = Int(fd)
         guard !state.pointee.noParking, fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
@@ -1266,6 +1276,17 @@ public final class URingBackend: IOBackend {
             }
         }
         return kept
+    }
+
+    /// A new fd (accepted or opened) has number `fd`: what was known of a former fd of
+    /// that number, closed outside Plexus, no longer holds (a cached O_NONBLOCK would let
+    /// read(2) or write(2) block the loop). Operations still waiting under the former one
+    /// end with EBADF, as the readiness backends end theirs.
+    private func forgetFormer(_ fd: Int32) {
+        forgetPositional(fd)
+        guard Int(fd) < state.pointee.pipes.count, state.pointee.pipes[Int(fd)].stream != 0 else { return }
+        endWaitingOperations(on: fd, result: -EBADF) { _ in true }
+        forgetPipe(fd)
     }
 
     /// Forgets what was known of fd number `fd` (closed; the number may come back as

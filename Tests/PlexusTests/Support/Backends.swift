@@ -65,7 +65,8 @@ enum Backends {
 
 /// A backend and the pipe its pipe tests use. io_uring serves a blocking pipe and an
 /// O_NONBLOCK one by different syscalls (preadv2/pwritev2 with RWF_NOWAIT, or read/write),
-/// so it is tested with both; epoll and poll need O_NONBLOCK.
+/// so it is tested with both; epoll and poll, which take blocking pipes too (one call per
+/// readiness report, ReadinessBackendSmokeTests), are tested here with O_NONBLOCK ones.
 struct PipeCase: Sendable, CustomTestStringConvertible {
     let kind: BackendKind
     let nonBlocking: Bool
