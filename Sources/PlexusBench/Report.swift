@@ -102,6 +102,38 @@ public struct Report: Sendable {
         return r.median.opsPerSecond / base.median.opsPerSecond
     }
 
+    /// The performance goals (README, "Benchmarks") checked against this run: the
+    /// callback adapter at 0.9x of its raw baseline or more, the async adapter at 0.9x of
+    /// the callback adapter or more, no allocation per operation on the callback path and
+    /// at most one on the async path, ping-pong at least as fast on io_uring as on epoll.
+    /// A line per goal whose rows ran.
+    public func goals() -> [String] {
+        func named(_ r: CaseResult, _ x: Double) -> String { "\(r.benchmarkCase.benchmark) \(r.benchmarkCase.backend) \(fixed(x, 2))x" }
+        func share(_ pairs: [(CaseResult, Double)], _ goal: String) -> String? {
+            guard !pairs.isEmpty else { return nil }
+            let below = pairs.filter { $0.1 < 0.9 }
+            return "\(goal): \(pairs.count - below.count) of \(pairs.count) rows"
+                + (below.isEmpty ? "" : "; below: " + below.map { named($0.0, $0.1) }.joined(separator: ", "))
+        }
+        var lines: [String] = []
+        let plexus = results.filter { !$0.benchmarkCase.backend.isRaw }
+        let callbacks = plexus.filter { $0.benchmarkCase.adapter == .callback }
+        let asyncs = plexus.filter { $0.benchmarkCase.adapter == .async }
+        if let line = share(callbacks.compactMap { r in ratio(r).map { (r, $0) } }, "callback at 0.9x of raw or more") { lines.append(line) }
+        if let line = share(asyncs.compactMap { r in asyncRatio(r).map { (r, $0) } }, "async at 0.9x of callback or more") { lines.append(line) }
+        var allocations: [String] = []
+        if let most = callbacks.compactMap(\.median.allocsPerOp).max() { allocations.append("callback at most \(fixed(most, 2)) (goal 0)") }
+        if let most = asyncs.compactMap(\.median.allocsPerOp).max() { allocations.append("async at most \(fixed(most, 2)) (goal 1 at most)") }
+        if !allocations.isEmpty { lines.append("allocations per operation: " + allocations.joined(separator: ", ")) }
+        let pingpong = [Adapter.raw, .callback, .async].compactMap { adapter -> String? in
+            guard let uring = result(.pingPong, .ioUring, adapter), let epoll = result(.pingPong, .epoll, adapter),
+                  epoll.median.opsPerSecond > 0 else { return nil }
+            return "\(adapter) \(fixed(uring.median.opsPerSecond / epoll.median.opsPerSecond, 2))x"
+        }
+        if !pingpong.isEmpty { lines.append("pingpong on io_uring over epoll (goal 1x or more): " + pingpong.joined(separator: ", ")) }
+        return lines
+    }
+
     public func table(allocationsCounted: Bool) -> String {
         let header = ["benchmark", "backend", "adapter", "ops/s", "ns/op", "p50", "p99", "allocs/op", "vs raw", "vs cb"]
         var rows: [[String]] = []
@@ -155,6 +187,8 @@ public struct Report: Sendable {
                     + "(pingpong 2 per round trip, io_uring nop-1 1 per NOP), async/cb can reach " + bounds.joined(separator: ", ") + ".\n"
             }
         }
+        let goalLines = goals()
+        if !goalLines.isEmpty { out += "goals, in this run:\n" + goalLines.map { "  " + $0 + "\n" }.joined() }
         for note in notes { out += note + "\n" }
         return out
     }

@@ -95,6 +95,29 @@ extension PlexusTests {
             #expect(report.table(allocationsCounted: true).contains("pingpong epoll at most 0.75x (measured 0.75x)"))
         }
 
+        @Test func reportChecksTheGoals() throws {
+            func result(_ b: Benchmark, _ backend: BackendName, _ adapter: Adapter, rate: Double, allocs: Double = 0) -> CaseResult {
+                CaseResult(benchmarkCase: BenchmarkCase(b, backend, adapter),
+                           median: Measurement(operations: 10, opsPerSecond: rate, allocsPerOp: allocs), repetitions: [])
+            }
+            var report = Report()
+            report.benchmarks = [.pingPong, .file1]
+            report.results = [
+                result(.pingPong, .rawEpoll, .raw, rate: 1000), result(.pingPong, .epoll, .callback, rate: 600),
+                result(.pingPong, .epoll, .async, rate: 540, allocs: 0.5),
+                result(.pingPong, .rawIoUring, .raw, rate: 700), result(.pingPong, .ioUring, .callback, rate: 690),
+                result(.pingPong, .ioUring, .async, rate: 400),
+                result(.file1, .rawPoll, .raw, rate: 100), result(.file1, .poll, .callback, rate: 95, allocs: 0.01),
+            ]
+            let goals = report.goals()
+            #expect(goals.count == 4, "\(goals)")
+            #expect(goals.contains("callback at 0.9x of raw or more: 2 of 3 rows; below: pingpong epoll 0.60x"))
+            #expect(goals.contains("async at 0.9x of callback or more: 1 of 2 rows; below: pingpong io_uring 0.58x"))
+            #expect(goals.contains("allocations per operation: callback at most 0.01 (goal 0), async at most 0.50 (goal 1 at most)"))
+            #expect(goals.contains("pingpong on io_uring over epoll (goal 1x or more): callback 1.15x, async 0.74x"))
+            #expect(report.table(allocationsCounted: true).contains("goals, in this run:\n  callback at 0.9x"))
+        }
+
         @Test func mallocCounterCountsAllocations() {
             guard MallocCounter.isActive else { return }  // sanitizer build: the sanitizer owns malloc
             let before = MallocCounter.count
