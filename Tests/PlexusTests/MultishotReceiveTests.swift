@@ -41,6 +41,48 @@ extension PlexusTests {
         }
     }
 
+    /// A receive prepared while a multishot receive of the same stream is on waits behind
+    /// it, as every read of a stream waits behind the one before: the multishot one gets
+    /// all the data until it ends, then the receive gets what comes next.
+    @Test(arguments: Backends.kinds)
+    func aReceiveBehindAMultishotReceiveWaitsUntilItEnds(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let group = try h.backend.registerBuffers(count: 8, size: 16)
+            let multishot = h.prepare(.receiveMultishot(a, group))
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            let single = h.prepare(.recv(a, IOBuffer(capacity: 64)))
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            // 8 buffers of 16 bytes hold the 8 messages without a recycle.
+            var sent: [UInt8] = []
+            func received() -> [UInt8] {
+                var bytes: [UInt8] = []
+                for chunk in h.intermediates[multishot] ?? [] {
+                    guard let id = chunk.bufferID, chunk.result > 0 else { continue }
+                    group.withBuffer(id, length: Int(chunk.result)) { bytes.append(contentsOf: $0) }
+                }
+                return bytes
+            }
+            for round in 0..<8 {
+                let text = Array("round \(round);".utf8)
+                sent += text
+                h.writeAll(b, text)
+                try h.runUntil("round \(round) received", within: .seconds(2)) {
+                    received().count >= sent.count || !h.isPending(single)
+                }
+                #expect(h.isPending(single), "\(kind): the receive behind the multishot one took data")
+                guard h.isPending(single) else { return }
+            }
+            #expect(received() == sent)
+            let cancel = h.prepare(.cancel(multishot))
+            #expect(try h.waitFor([multishot, cancel]).map(\.result) == [-ECANCELED, 0])
+            h.writeAll(b, Array("next".utf8))
+            #expect(try h.waitFor(single).bytes == Array("next".utf8))
+        }
+    }
+
     @Test(arguments: Backends.kinds)
     func aStarvedReceiveIsCancelledAndEndsOnce(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in

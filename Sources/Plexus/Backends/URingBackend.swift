@@ -1035,13 +1035,16 @@ public final class URingBackend: IOBackend {
     private static func isStreamRead(_ kind: OperationKind, _ view: KernelView) -> Bool {
         switch kind {
         case .read, .readv: view.offset < 0
-        case .recv, .receiveMessage: true
+        case .recv, .receiveMessage, .receiveMultishot: true
         default: false
         }
     }
 
+    /// A multishot receive counts as the stream's read in the ring until its final
+    /// completion: a receive behind it waits, as it does behind a parked one on epoll and
+    /// poll (else the kernel hands the data to either).
     private static func isReadSide(_ kind: OperationKind) -> Bool {
-        kind == .read || kind == .readv || kind == .recv || kind == .receiveMessage
+        kind == .read || kind == .readv || kind == .recv || kind == .receiveMessage || kind == .receiveMultishot
     }
 
     /// A read of a byte stream waits behind an earlier one in the ring, or (a pipe found
