@@ -108,7 +108,10 @@ public struct Report: Sendable {
     /// at most one on the async path, ping-pong at least as fast on io_uring as on epoll.
     /// A line per goal whose rows ran.
     public func goals() -> [String] {
-        func named(_ r: CaseResult, _ x: Double) -> String { "\(r.benchmarkCase.benchmark) \(r.benchmarkCase.backend) \(fixed(x, 2))x" }
+        // Rounded down, so that a row just under 0.9 never reads "0.90x" in the misses.
+        func named(_ r: CaseResult, _ x: Double) -> String {
+            "\(r.benchmarkCase.benchmark) \(r.benchmarkCase.backend) \(fixed((x * 100).rounded(.down) / 100, 2))x"
+        }
         func share(_ pairs: [(CaseResult, Double)], _ goal: String) -> String? {
             guard !pairs.isEmpty else { return nil }
             let below = pairs.filter { $0.1 < 0.9 }
