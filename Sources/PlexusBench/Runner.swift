@@ -183,6 +183,49 @@ public final class BenchmarkRunner {
             guard let m = try measure(c, duration: settings.duration, warmup: settings.warmup) else { return nil }
             measurements.append(m)
         }
+        return Self.summary(c, measurements)
+    }
+
+    /// Runs `cases` with their repetitions interleaved within each benchmark: the first
+    /// repetition of every case of a benchmark (its baselines, backends and adapters),
+    /// then the second of each, and so on. A machine that slows down for a while then
+    /// slows down every row of the benchmark alike, so the ratios between them, which
+    /// are what the table is read for, hold better than when each case ran its
+    /// repetitions back to back. `progress` is called before each window with the case's
+    /// index in `cases` and the repetition (1-based); `failed` when a case throws, which
+    /// drops it from the later rounds. Results come in the order of `cases`.
+    public func runInterleaved(_ cases: [BenchmarkCase], settings: RunSettings,
+                               progress: (Int, Int) -> Void = { _, _ in },
+                               failed: (BenchmarkCase, any Error) -> Void = { _, _ in }) -> [CaseResult] {
+        var measurements = [[Measurement]](repeating: [], count: cases.count)
+        var dropped = [Bool](repeating: false, count: cases.count)
+        var first = 0
+        while first < cases.count {
+            var end = first
+            while end < cases.count && cases[end].benchmark == cases[first].benchmark { end += 1 }
+            for repetition in 1...max(1, settings.repetitions) {
+                for i in first..<end where !dropped[i] {
+                    progress(i, repetition)
+                    do {
+                        if let m = try measure(cases[i], duration: settings.duration, warmup: settings.warmup) {
+                            measurements[i].append(m)
+                        } else {
+                            dropped[i] = true  // no body
+                        }
+                    } catch {
+                        dropped[i] = true
+                        measurements[i] = []
+                        failed(cases[i], error)
+                    }
+                }
+            }
+            first = end
+        }
+        return cases.indices.compactMap { i in measurements[i].isEmpty ? nil : Self.summary(cases[i], measurements[i]) }
+    }
+
+    /// The medians of a case's repetitions.
+    static func summary(_ c: BenchmarkCase, _ measurements: [Measurement]) -> CaseResult {
         func median(_ values: [Double]) -> Double {
             let sorted = values.sorted()
             return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2

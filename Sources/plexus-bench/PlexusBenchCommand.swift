@@ -11,7 +11,9 @@ struct PlexusBenchCommand: ParsableCommand {
         For each benchmark, each backend runs it through each adapter, next to a raw \
         baseline loop that calls the C shim (liburing, epoll_wait, poll, plain syscalls) \
         directly with no Plexus layer. The table on stdout gives, per benchmark × backend \
-        × adapter, the median over the repetitions of: ops/s, ns/op, p50 and p99 latency \
+        × adapter, the median over the repetitions (interleaved: each benchmark's cases \
+        take turns, one window each, so a slow spell of the machine hits them alike) of: \
+        ops/s, ns/op, p50 and p99 latency \
         (sampled with CLOCK_MONOTONIC; per op, per batch or per turn, as the legend says), \
         malloc-family calls per operation (counted in this process by an interposed \
         malloc, all threads, after warm-up), and ops/s as a ratio to the raw baseline of \
@@ -119,16 +121,13 @@ struct PlexusBenchCommand: ParsableCommand {
         let progress = Progress(enabled: !quiet, total: cases.count, repetitions: settings.repetitions)
         let runner = BenchmarkRunner()
         var failures = 0
-        for (i, c) in cases.enumerated() {
-            do {
-                if let result = try runner.run(c, settings: settings, progress: { rep in progress.show(i + 1, c, rep) }) {
-                    report.results.append(result)
-                }
-            } catch {
+        report.results = runner.runInterleaved(
+            cases, settings: settings,
+            progress: { i, repetition in progress.show(i + 1, cases[i], repetition) },
+            failed: { c, error in
                 failures += 1
                 report.notes.append("\(c): FAILED: \(error)")
-            }
-        }
+            })
         progress.done()
         if !MallocCounterInfo.active {
             report.notes.append("allocations are not counted in this process (sanitizer build): allocs/op shows n/a.")
@@ -145,13 +144,14 @@ enum MallocCounterInfo {
     static var active: Bool { MallocCounter.isActive }
 }
 
-/// The progress line on stderr: rewritten in place on a terminal, one line per case otherwise.
+/// The progress line on stderr: rewritten in place on a terminal; otherwise a line per
+/// case for its first window, then a line per round of a benchmark's windows.
 final class Progress {
     let enabled: Bool
     let total: Int
     let repetitions: Int
     let terminal = isatty(2) != 0
-    var lastCase = -1
+    var lastRound = ""
 
     init(enabled: Bool, total: Int, repetitions: Int) {
         self.enabled = enabled
@@ -164,10 +164,12 @@ final class Progress {
         let text = "[\(index)/\(total)] \(c.benchmark) \(c.backend) \(c.adapter) (run \(repetition)/\(repetitions))"
         if terminal {
             writeStderr("\r\u{1B}[K" + text)
-        } else if index != lastCase {
+        } else if repetition == 1 {
             writeStderr(text + "\n")
+        } else if lastRound != "\(c.benchmark) \(repetition)" {
+            writeStderr("[\(index)/\(total)] \(c.benchmark): every case, run \(repetition)/\(repetitions)\n")
         }
-        lastCase = index
+        lastRound = "\(c.benchmark) \(repetition)"
     }
 
     func done() {

@@ -119,6 +119,22 @@ extension PlexusTests {
             #expect(report.table(allocationsCounted: true).contains("goals, in this run:\n  callback at 0.9x"))
         }
 
+        /// Repetitions take turns within a benchmark (so a slow spell hits its rows alike),
+        /// and results come back in the order of the cases.
+        @Test func repetitionsOfABenchmarksCasesAreInterleaved() throws {
+            let cases = [BenchmarkCase(.nop1, .rawEpoll, .raw), BenchmarkCase(.nop1, .rawPoll, .raw),
+                         BenchmarkCase(.nop32, .rawEpoll, .raw)]
+            var settings = RunSettings.quick
+            settings.repetitions = 2
+            var order: [String] = []
+            let results = BenchmarkRunner().runInterleaved(cases, settings: settings, progress: { i, rep in order.append("\(i).\(rep)") }) { c, error in
+                Issue.record("\(c): \(error)")
+            }
+            #expect(order == ["0.1", "1.1", "0.2", "1.2", "2.1", "2.2"])
+            #expect(results.map(\.benchmarkCase) == cases)
+            #expect(results.allSatisfy { $0.repetitions.count == 2 })
+        }
+
         @Test func mallocCounterCountsAllocations() {
             guard MallocCounter.isActive else { return }  // sanitizer build: the sanitizer owns malloc
             let before = MallocCounter.count
@@ -144,9 +160,8 @@ extension PlexusTests {
         func fullTable() throws {
             var report = Report()
             report.benchmarks = Benchmark.allCases
-            let runner = BenchmarkRunner()
-            for c in Self.cases {
-                if let result = try runner.run(c, settings: RunSettings()) { report.results.append(result) }
+            report.results = BenchmarkRunner().runInterleaved(Self.cases, settings: RunSettings()) { c, error in
+                Issue.record("\(c): \(error)")
             }
             print(report.table(allocationsCounted: MallocCounter.isActive))
         }
