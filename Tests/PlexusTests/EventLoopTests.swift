@@ -33,6 +33,53 @@ extension PlexusTests {
         }
     }
 
+    /// `idleSpin` spins only a loop that waits for other threads alone, and a job or a
+    /// shutdown from another thread ends the spin; a read or a timer the loop waits for
+    /// keeps it from spinning at all. With a spin of 10 s, each step below ends in well
+    /// under that; a spin that held one back would take the full 10 s.
+    @Test(arguments: Backends.kinds)
+    func anIdleSpinNeverHoldsBackJobsIOTimersOrShutdown(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind, idleSpin: .seconds(10))
+        let clock = ContinuousClock()
+        func within5s(_ what: String, _ body: () async throws -> Void) async rethrows {
+            let start = clock.now
+            try await body()
+            #expect(clock.now - start < .seconds(5), "\(kind): \(what) waited for the spin")
+        }
+        // Idle: the loop spins; a job from this thread ends the spin.
+        try await Task.sleep(for: .milliseconds(20))
+        await within5s("a job from another thread") {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                #expect(loop.execute { done.resume() })
+            }
+        }
+        // A read of an empty pipe, fed from here 20 ms later.
+        var pipeFDs: [Int32] = [-1, -1]
+        #expect(plexus_pipe2(&pipeFDs, O_CLOEXEC | O_NONBLOCK) == 0)
+        let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
+        defer { Glibc.close(readEnd); Glibc.close(writeEnd) }
+        try await within5s("a read") {
+            try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, any Error>) in
+                #expect(loop.execute {
+                    loop.read(FileDescriptor(rawValue: readEnd), IOBuffer(capacity: 8)) { result, _ in
+                        done.resume(with: result.map { _ in () })
+                    }
+                })
+                usleep(20_000)
+                #expect(Glibc.write(writeEnd, "x", 1) == 1)
+            }
+        }
+        // A timer 20 ms away.
+        await within5s("a timer") {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                #expect(loop.execute { loop.schedule(after: .milliseconds(20)) { _ in done.resume() } })
+            }
+        }
+        // Idle again, spinning: shutdown ends it.
+        try await Task.sleep(for: .milliseconds(20))
+        await within5s("shutdown") { loop.shutdownAndWait() }
+    }
+
     @Test(arguments: Backends.kinds)
     func hundredThousandTimers(_ kind: BackendKind) throws {
         let loop = try Backends.loop(kind)

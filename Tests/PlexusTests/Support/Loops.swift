@@ -12,9 +12,9 @@ extension Backends {
     }
 
     /// An event loop on `kind` running on its own thread.
-    static func loopThread(_ kind: BackendKind) throws -> EventLoop {
+    static func loopThread(_ kind: BackendKind, idleSpin: Duration = .microseconds(2)) throws -> EventLoop {
         _ = try start(kind)
-        let loop = try EventLoop.startThread(backend: BackendChoice(rawValue: kind.rawValue)!)
+        let loop = try EventLoop.startThread(backend: BackendChoice(rawValue: kind.rawValue)!, idleSpin: idleSpin)
         #expect(loop.backendKind == kind, "asked for \(kind), the loop runs \(loop.backendKind)")
         return loop
     }
