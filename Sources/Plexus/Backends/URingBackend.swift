@@ -969,10 +969,9 @@ public final class URingBackend: IOBackend {
     private func readIfCached(_ view: KernelView) -> Int32? {
         let i = Int(view.fd)
         guard i < state.pointee.positional.count, state.pointee.positional[i] == 1 else { return nil }
-        var iov = iovec(iov_base: view.base, iov_len: view.length)
-        let n = plexus_preadv2(view.fd, &iov, 1, off_t(view.offset), Int32(PLEXUS_RWF_NOWAIT))
+        let n = Sys.readNoWait(view.fd, view.base, view.length, view.offset)
         if n >= 0 { return Int32(n) }
-        if plexus_errno() == EOPNOTSUPP { state.pointee.positional[i] = 3 }
+        if n == -Int(EOPNOTSUPP) { state.pointee.positional[i] = 3 }
         return nil
     }
 
@@ -1132,14 +1131,8 @@ public final class URingBackend: IOBackend {
     private func writeToPipeNow(_ fd: Int32, _ view: KernelView) -> Int32? {
         guard !state.pointee.pipes[Int(fd)].noWaitRefused else { return nil }
         plexus_block_sigpipe()  // a pipe without a reader raises SIGPIPE on this thread
-        let result: Int
-        if state.pointee.pipes[Int(fd)].nonBlocking {
-            result = Sys.write(fd, view.base, view.length)
-        } else {
-            var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: view.base), iov_len: view.length)
-            let n = plexus_pwritev2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
-            result = n >= 0 ? n : -Int(plexus_errno())
-        }
+        let result = state.pointee.pipes[Int(fd)].nonBlocking ? Sys.write(fd, view.base, view.length)
+                                                               : Sys.writeNoWait(fd, view.base, view.length, -1)
         if result >= 0 { return Int32(result) }
         if result == -Int(EPIPE) { return -EPIPE }
         if result == -Int(EOPNOTSUPP) { state.pointee.pipes[Int(fd)].noWaitRefused = true }
@@ -1213,15 +1206,10 @@ public final class URingBackend: IOBackend {
         state.pointee.pipes[i].drained = false
         var delivered = 0
         while let index = state.pointee.pipes[i].parked.first {
-            var iov = table.scratch(index).pointee.vector  // set by parkOnPipe
-            let length = iov.iov_len
-            let result: Int32
-            if state.pointee.pipes[i].nonBlocking {
-                result = Int32(truncatingIfNeeded: Sys.read(fd, iov.iov_base, length))
-            } else {
-                let n = plexus_preadv2(fd, &iov, 1, -1, Int32(PLEXUS_RWF_NOWAIT))
-                result = n >= 0 ? Int32(n) : -plexus_errno()
-            }
+            let target = table.scratch(index).pointee.vector  // set by parkOnPipe
+            let length = target.iov_len
+            let result = Int32(truncatingIfNeeded: state.pointee.pipes[i].nonBlocking
+                ? Sys.read(fd, target.iov_base, length) : Sys.readNoWait(fd, target.iov_base, length, -1))
             if result == -EAGAIN {
                 state.pointee.pipes[i].drained = true
                 break

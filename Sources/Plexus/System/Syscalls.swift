@@ -1,7 +1,8 @@
 import CPlexus
 import Glibc
 
-/// One thin wrapper per system call the readiness backends make.
+/// One thin wrapper per system call the backends make themselves (the readiness
+/// backends' I/O, and what the io_uring backend does at once instead of in the ring).
 ///
 /// Every wrapper returns the call's non-negative result, or `-errno` on failure, so a
 /// result can go straight into a completion. Calls that may be interrupted by a signal
@@ -46,6 +47,28 @@ enum Sys {
     static func pwrite(_ fd: Int32, _ base: UnsafeRawPointer?, _ count: Int, _ offset: Int64) -> Int {
         while true {
             let r = check(Glibc.pwrite(fd, base, count, off_t(offset)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// preadv2(2) of one buffer with RWF_NOWAIT (through the shim): the read happens only
+    /// if it need not wait (EAGAIN otherwise; EOPNOTSUPP where the file cannot say).
+    /// `offset` -1 reads at the file position.
+    @inline(__always)
+    static func readNoWait(_ fd: Int32, _ base: UnsafeMutableRawPointer?, _ count: Int, _ offset: Int64) -> Int {
+        var vector = iovec(iov_base: base, iov_len: count)
+        while true {
+            let r = check(plexus_preadv2(fd, &vector, 1, off_t(offset), Int32(PLEXUS_RWF_NOWAIT)))
+            if r != -Int(EINTR) { return r }
+        }
+    }
+
+    /// pwritev2(2) of one buffer with RWF_NOWAIT (through the shim), as `readNoWait`.
+    @inline(__always)
+    static func writeNoWait(_ fd: Int32, _ base: UnsafeRawPointer?, _ count: Int, _ offset: Int64) -> Int {
+        var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: base), iov_len: count)
+        while true {
+            let r = check(plexus_pwritev2(fd, &vector, 1, off_t(offset), Int32(PLEXUS_RWF_NOWAIT)))
             if r != -Int(EINTR) { return r }
         }
     }
