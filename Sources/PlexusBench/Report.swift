@@ -48,12 +48,17 @@ public struct Report: Sendable {
 
     /// ops/s of the case over ops/s of its raw baseline, when both ran.
     public func ratio(_ r: CaseResult) -> Double? {
+        guard let base = rawBaseline(r), base.median.opsPerSecond > 0 else { return nil }
+        return r.median.opsPerSecond / base.median.opsPerSecond
+    }
+
+    /// The raw baseline row the case is compared with, when it ran.
+    func rawBaseline(_ r: CaseResult) -> CaseResult? {
         let c = r.benchmarkCase
         // The floor row (raw-io_uring async) over the C loop; baselines themselves are the base.
         let baseline: BackendName = c.backend.isRaw ? c.backend : c.backend.baseline
-        guard !(c.backend.isRaw && c.adapter == .raw), let base = result(c.benchmark, baseline, .raw),
-              base.median.opsPerSecond > 0 else { return nil }
-        return r.median.opsPerSecond / base.median.opsPerSecond
+        guard !(c.backend.isRaw && c.adapter == .raw) else { return nil }
+        return result(c.benchmark, baseline, .raw)
     }
 
     /// ops/s of an async NOP over the concurrency runtime's floor (raw-io_uring async)
@@ -108,22 +113,31 @@ public struct Report: Sendable {
     /// at most one on the async path, ping-pong at least as fast on io_uring as on epoll.
     /// A line per goal whose rows ran.
     public func goals() -> [String] {
-        // Rounded down, so that a row just under 0.9 never reads "0.90x" in the misses.
-        func named(_ r: CaseResult, _ x: Double) -> String {
-            "\(r.benchmarkCase.benchmark) \(r.benchmarkCase.backend) \(fixed((x * 100).rounded(.down) / 100, 2))x"
+        // A miss names the row, its ratio (rounded down, so that a row just under 0.9 never
+        // reads "0.90x"), and the time per operation it adds to the row it is compared
+        // with: what the ratio means in absolute terms (a fixed cost per operation weighs
+        // more beside a cheap syscall).
+        func named(_ r: CaseResult, _ x: Double, over base: CaseResult?) -> String {
+            var name = "\(r.benchmarkCase.benchmark) \(r.benchmarkCase.backend) \(fixed((x * 100).rounded(.down) / 100, 2))x"
+            if let base, r.median.opsPerSecond > 0, base.median.opsPerSecond > 0 {
+                name += " (+" + formatNanoseconds(1e9 / r.median.opsPerSecond - 1e9 / base.median.opsPerSecond) + "/op)"
+            }
+            return name
         }
-        func share(_ pairs: [(CaseResult, Double)], _ goal: String) -> String? {
+        func share(_ pairs: [(CaseResult, Double)], _ goal: String, base: (CaseResult) -> CaseResult?) -> String? {
             guard !pairs.isEmpty else { return nil }
             let below = pairs.filter { $0.1 < 0.9 }
             return "\(goal): \(pairs.count - below.count) of \(pairs.count) rows"
-                + (below.isEmpty ? "" : "; below: " + below.map { named($0.0, $0.1) }.joined(separator: ", "))
+                + (below.isEmpty ? "" : "; below: " + below.map { named($0.0, $0.1, over: base($0.0)) }.joined(separator: ", "))
         }
         var lines: [String] = []
         let plexus = results.filter { !$0.benchmarkCase.backend.isRaw }
         let callbacks = plexus.filter { $0.benchmarkCase.adapter == .callback }
         let asyncs = plexus.filter { $0.benchmarkCase.adapter == .async }
-        if let line = share(callbacks.compactMap { r in ratio(r).map { (r, $0) } }, "callback at 0.9x of raw or more") { lines.append(line) }
-        if let line = share(asyncs.compactMap { r in asyncRatio(r).map { (r, $0) } }, "async at 0.9x of callback or more") { lines.append(line) }
+        if let line = share(callbacks.compactMap { r in ratio(r).map { (r, $0) } }, "callback at 0.9x of raw or more",
+                            base: rawBaseline) { lines.append(line) }
+        if let line = share(asyncs.compactMap { r in asyncRatio(r).map { (r, $0) } }, "async at 0.9x of callback or more",
+                            base: { result($0.benchmarkCase.benchmark, $0.benchmarkCase.backend, .callback) }) { lines.append(line) }
         var allocations: [String] = []
         if let most = callbacks.compactMap(\.median.allocsPerOp).max() { allocations.append("callback at most \(fixed(most, 2)) (goal 0)") }
         if let most = asyncs.compactMap(\.median.allocsPerOp).max() { allocations.append("async at most \(fixed(most, 2)) (goal 1 at most)") }

@@ -34,7 +34,8 @@ struct PlexusBenchCommand: ParsableCommand {
         callback body does not (pingpong; nop-1 on io_uring). The last lines check the \
         performance goals against the run: callback at 0.9x of raw or more, async at 0.9x \
         of callback or more, allocations per operation (0 callback, at most 1 async), \
-        pingpong on io_uring at least as fast as on epoll.
+        pingpong on io_uring at least as fast as on epoll; a row that misses is named with \
+        the time per operation it adds to the row it is compared with.
 
         Build with `swift build -c release`: debug builds measure the compiler, not Plexus.
         """
