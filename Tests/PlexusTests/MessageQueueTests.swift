@@ -325,6 +325,29 @@ extension PlexusTests {
         }
     }
 
+    /// A cancelled async consumer's next message is nil even while messages are queued
+    /// (taken at once or after a wait alike), and those messages stay in the queue: close
+    /// hands them back.
+    @Test(arguments: Backends.kinds)
+    func cancelledAsyncConsumerLeavesTheRestQueued(_ backend: BackendKind) async throws {
+        do {
+            let loop = try Backends.loopThread(backend)
+            #expect(loop.backendKind == backend)
+            let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+            for i in 0..<4 { try await queue.send(i) }
+            let got = await Task(executorPreference: loop) { () -> [Int?] in
+                var iterator = queue.makeAsyncIterator()
+                let first = await iterator.next()
+                withUnsafeCurrentTask { $0?.cancel() }
+                let afterCancel = await iterator.next()
+                return [first, afterCancel]
+            }.value
+            #expect(got == [0, nil])
+            #expect(queue.close() == [1, 2, 3])
+            loop.shutdownAndWait()
+        }
+    }
+
     /// Hand-off throughput and latency per backend and consumer; reported, never asserted.
     /// PLEXUS_BENCH_FULL=1 runs the full sizes.
     @Test(arguments: Backends.kinds)
