@@ -159,51 +159,5 @@ extension PlexusTests {
             #expect(h.backend.pendingCount == 0)
         }
     }
-
-    /// Reads that each fill their buffer, of a peer that answers one request at a time and
-    /// then streams: every read gets the next message, in order, in both phases. On poll,
-    /// whose readiness is level-triggered, a read after a full read stops trying recv(2)
-    /// first once such tries keep saying EAGAIN (one try in 8 remains), and tries again
-    /// once data is there: the request phase must not cost an EAGAIN per message.
-    @Test(arguments: Backends.kinds)
-    func fullReadsOfARequestResponsePeerStopTryingOnPoll(_ kind: BackendKind) throws {
-        try Harness.run(kind) { h in
-            #expect(h.backend.kind == kind)
-            let (from, to) = try h.socketPair()
-            func message(_ i: Int) -> [UInt8] { Array("M\(String(i + 1_000_000).dropFirst())".utf8) }  // 7 bytes
-            func expectNext(_ i: Int, _ outcome: Outcome, _ phase: String) {
-                #expect(outcome.result == 7 && outcome.bytes == message(i), "\(kind) \(phase) \(i): \(outcome)")
-            }
-            // Requests: the read is prepared and tried before its message is sent.
-            let rounds = 64
-            let tried = h.backend.statistics.wouldBlock
-            for i in 0..<rounds {
-                let read = h.prepare(.recv(from, IOBuffer(capacity: 7)))
-                try h.submit()
-                #expect(message(i).withUnsafeBytes { Glibc.write(to.rawValue, $0.baseAddress, 7) } == 7)
-                expectNext(i, try h.waitFor(read), "request")
-            }
-            let eagains = h.backend.statistics.wouldBlock - tried
-            if kind == .poll {
-                #expect(eagains <= UInt64(rounds / 8 + 2), "\(eagains) of \(rounds) reads tried recv before their data came")
-            }
-            // Streaming: many messages are there before the reads; each read takes the next,
-            // and on epoll and poll finishes at once (`attempt`): poll's reads try again
-            // from the first read in 8 that finds data.
-            for i in rounds..<(rounds * 3) {
-                #expect(message(i).withUnsafeBytes { Glibc.write(to.rawValue, $0.baseAddress, 7) } == 7)
-            }
-            var atOnce = 0
-            for i in rounds..<(rounds * 3) {
-                let (read, finished) = h.attempt(.recv(from, IOBuffer(capacity: 7)))
-                if finished { atOnce += 1 }
-                expectNext(i, try h.waitFor(read), "stream")
-            }
-            if kind != .ioUring {  // io_uring finishes only cached file reads at once
-                #expect(atOnce >= rounds * 2 - 8, "\(atOnce) of \(rounds * 2) reads of waiting data finished at once")
-            }
-            #expect(h.backend.pendingCount == 0)
-        }
-    }
 }
 }

@@ -173,17 +173,6 @@ struct FDState {
     /// its buffer is empty, so the next read waits for the report instead of trying a
     /// syscall that would say EAGAIN (Tokio's rule over edge-triggered epoll).
     var readDrained = false
-    /// Level-triggered pollers (poll) only, where a read may wait for the report at no
-    /// risk: the last read of this stream filled its buffer, so whether more is there is
-    /// unknown.
-    var lastReadFull = false
-    /// The last read tried right after a full read found nothing (EAGAIN): the peer
-    /// answers requests rather than streams. Such reads then wait for the report, as
-    /// after a short read, except every `retryAfterFull`th, which tries, so that a
-    /// stream that starts flowing again is noticed.
-    var dryAfterFull = false
-    /// Full reads since a read after a full read was last tried.
-    var untriedAfterFull: UInt8 = 0
     /// A read parked on this fd without the poller's rearm, which also proves the fd is
     /// still the one registered; it is in the engine's `unverified` list.
     var unverified = false
@@ -650,16 +639,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             park(index, fd, place, emptied: state.pointee.readDrained && place == .read)
             return
         }
-        // A read right after a full read: what it finds tells whether such reads should try.
-        let afterFull = !Poller.rearmIsASyscall && (kind == .read || kind == .recv) && state.pointee.lastReadFull
         switch attempt(index, kind, mode) {
         case .finished:
-            if afterFull, completions[completions.count - 1].result > 0 { state.pointee.dryAfterFull = false }
+            break
         case .blocked:
-            if afterFull {
-                state.pointee.dryAfterFull = true
-                state.pointee.lastReadFull = false
-            }
             statistics.wouldBlock += 1
             park(index, fd, place, emptied: place == .read)  // EAGAIN: nothing to read now
         case .continuing:
@@ -705,40 +688,14 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         if kind == .accept && result >= 0 { forget(result) }
         if (kind == .read || kind == .recv) && result > 0 {
             let view = infos[index].view
-            let state = fds.pointer(Int(view.fd))
-            if state.pointee.isStream {
-                if Int(result) < view.length {
-                    state.pointee.readDrained = true
-                    state.pointee.lastReadFull = false
-                } else if !Poller.rearmIsASyscall {
-                    noteFullRead(state)
-                }
+            if Int(result) < view.length {
+                let state = fds.pointer(Int(view.fd))
+                if state.pointee.isStream { state.pointee.readDrained = true }
             }
         }
         complete(index, result)
         return .finished
     }
-
-    /// A read of a stream filled its buffer (level-triggered pollers). When reads after
-    /// full reads keep finding nothing, the next one waits for the report instead of
-    /// trying: a request/response peer's next message is not there yet, and the try
-    /// would be a recv(2) that says EAGAIN (plexus-bench echo-1 poll: 2 of 8 syscalls per
-    /// request). A streaming peer's data is there: those reads try, as the last of every
-    /// `retryAfterFull` does, and one that finds data turns the waiting off.
-    @inline(__always)
-    private func noteFullRead(_ state: UnsafeMutablePointer<FDState>) {
-        state.pointee.lastReadFull = true
-        guard state.pointee.dryAfterFull else { return }
-        if state.pointee.untriedAfterFull < Self.retryAfterFull - 1 {
-            state.pointee.untriedAfterFull += 1
-            state.pointee.readDrained = true
-        } else {
-            state.pointee.untriedAfterFull = 0
-        }
-    }
-
-    /// One read in this many after a full read is tried even while they find nothing.
-    static var retryAfterFull: UInt8 { 8 }
 
     /// A multishot receive: recv(2) into free buffers of its group until EAGAIN, end of
     /// file, an error, or no free buffer (then it stays parked until `recycle`).
