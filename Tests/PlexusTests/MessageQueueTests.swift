@@ -348,6 +348,25 @@ extension PlexusTests {
         }
     }
 
+    /// The same once the queue's loop is gone (the consumer then takes messages without
+    /// the loop): a cancelled consumer takes none.
+    @Test(arguments: Backends.kinds)
+    func cancelledAsyncConsumerOfAGoneLoopLeavesTheRestQueued(_ backend: BackendKind) async throws {
+        let loop = try Backends.loopThread(backend)
+        #expect(loop.backendKind == backend)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        for i in 0..<4 { try await queue.send(i) }
+        loop.shutdownAndWait()
+        let got = await Task { () -> [Int?] in
+            var iterator = queue.makeAsyncIterator()
+            let first = await iterator.next()
+            withUnsafeCurrentTask { $0?.cancel() }
+            return [first, await iterator.next()]
+        }.value
+        #expect(got == [0, nil])
+        #expect(queue.close() == [1, 2, 3])
+    }
+
     /// Hand-off throughput and latency per backend and consumer; reported, never asserted.
     /// PLEXUS_BENCH_FULL=1 runs the full sizes.
     @Test(arguments: Backends.kinds)
