@@ -348,6 +348,37 @@ extension PlexusTests {
         }
     }
 
+    /// An async consumer that takes one message at a time from a producer that waits for
+    /// each receipt is signalled only when it waits: a send while it runs leaves no signal
+    /// behind. (Each message sent while it ran used to signal the loop, and the stale
+    /// signal later resumed it for an empty ring: about one signal per message.)
+    @Test(arguments: Backends.kinds)
+    func anAsyncConsumerIsSignalledOnlyWhenItWaits(_ backend: BackendKind) async throws {
+        let loop = try Backends.loopThread(backend)
+        #expect(loop.backendKind == backend)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        let received = Atomic<Int>(0)
+        let consumer = Task(executorPreference: loop) { () -> [Int] in
+            var all: [Int] = []
+            for await m in queue {
+                all.append(m)
+                received.store(all.count, ordering: .releasing)
+            }
+            return all
+        }
+        let count = 2_000
+        for i in 0..<count {
+            try await queue.send(i)
+            while received.load(ordering: .acquiring) <= i { sched_yield() }
+        }
+        #expect(queue.close().isEmpty)
+        #expect(await consumer.value == Array(0..<count))
+        let (signals, waits) = await Task(executorPreference: loop) { (queue.wakeUpsSent, queue.batchCount) }.value
+        // One signal per wait, and the close's.
+        #expect(signals <= waits + 2, "\(signals) signals for \(waits) waits and \(count) messages")
+        loop.shutdownAndWait()
+    }
+
     /// The same once the queue's loop is gone (the consumer then takes messages without
     /// the loop): a cancelled consumer takes none.
     @Test(arguments: Backends.kinds)

@@ -74,7 +74,8 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     private var senders = Ring<Sender>(capacity: 4)
     private var nextSenderID: UInt64 = 0
     /// The coalescing flag. True from the send that found the queue idle (and woke the
-    /// consumer) until the consumer takes the lock and finds the ring empty. Invariant:
+    /// consumer) until the consumer finds the ring empty: the callback consumer when a
+    /// batch took everything, the async consumer when it is about to wait. Invariant:
     /// `!wakePending` implies `ring.isEmpty`, so a send that sees it set knows that a
     /// wake-up is on its way or that the consumer will look at the ring again.
     private var wakePending = false
@@ -90,6 +91,8 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     private(set) var highWaterMark = 0
     /// Times the consumer took a batch, and messages taken.
     private(set) var batchCount = 0
+    /// Sends that signalled the consumer's loop (for tests).
+    private(set) var wakeUpsSent = 0
 
     // MARK: State owned by the loop thread
 
@@ -247,6 +250,7 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         if ring.count > highWaterMark { highWaterMark = ring.count }
         if wakePending { return nil }
         wakePending = true
+        wakeUpsSent += 1
         return loop
     }
 
@@ -409,7 +413,10 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
             return nil
         }
         admitWaitingSendersLocked()
-        if ring.isEmpty { wakePending = false }
+        // `wakePending` stays set even when this emptied the ring: the async consumer
+        // looks at the ring again before it waits, and clears it then (`receiveOnLoop`),
+        // so a send meanwhile needs no signal. Cleared here, every message sent while the
+        // consumer runs would leave a signal job behind that later resumes it for nothing.
         lock.unlock()
         resumeAdmittedSenders()
         return message
