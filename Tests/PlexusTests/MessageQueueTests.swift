@@ -379,6 +379,33 @@ extension PlexusTests {
         loop.shutdownAndWait()
     }
 
+    /// An async consumer that took the message which emptied the ring and then left (its
+    /// loop ended) leaves the wake-up flag set, so later sends signal nobody: a callback
+    /// consumer that attaches then still gets every message, because attaching looks at
+    /// the ring itself.
+    @Test(arguments: Backends.kinds)
+    func aConsumerAttachingAfterAnAsyncOneLeftGetsWhatCameMeanwhile(_ backend: BackendKind) async throws {
+        let loop = try Backends.loopThread(backend)
+        #expect(loop.backendKind == backend)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        #expect(queue.trySend(0).isSent)
+        let first = await Task(executorPreference: loop) { () -> Int? in
+            for await m in queue { return m }
+            return nil
+        }.value
+        #expect(first == 0)
+        let signalsBefore = await Task(executorPreference: loop) { queue.wakeUpsSent }.value
+        for i in 1...3 { #expect(queue.trySend(i).isSent) }
+        let signalsAfter = await Task(executorPreference: loop) { queue.wakeUpsSent }.value
+        #expect(signalsAfter == signalsBefore, "the sends after the async consumer left signalled")
+        let got = Mutex<[Int]>([])
+        #expect(loop.execute { queue.onMessage { m in got.withLock { $0.append(m) } } })
+        try await QueueTestSupport.waitUntil { got.withLock { $0.count } == 3 }
+        #expect(got.withLock { $0 } == [1, 2, 3])
+        #expect(queue.close().isEmpty)
+        loop.shutdownAndWait()
+    }
+
     /// The same once the queue's loop is gone (the consumer then takes messages without
     /// the loop): a cancelled consumer takes none.
     @Test(arguments: Backends.kinds)
