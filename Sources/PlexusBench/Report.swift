@@ -95,16 +95,20 @@ public struct Report: Sendable {
     public func asyncBound(_ r: CaseResult) -> Double? {
         let c = r.benchmarkCase
         guard c.adapter == .async, let n = Self.unavoidableSuspensions(c), let s = suspensionFloorNanoseconds,
-              let callback = result(c.benchmark, c.backend, .callback), callback.median.opsPerSecond > 0 else { return nil }
+              let callback = callbackRow(r), callback.median.opsPerSecond > 0 else { return nil }
         let cb = callback.median.nsPerOp
         return cb / (cb + Double(n) * s)
     }
 
     /// ops/s of an async case over ops/s of the callback case on the same backend.
     public func asyncRatio(_ r: CaseResult) -> Double? {
-        let c = r.benchmarkCase
-        guard c.adapter == .async, let base = result(c.benchmark, c.backend, .callback), base.median.opsPerSecond > 0 else { return nil }
+        guard r.benchmarkCase.adapter == .async, let base = callbackRow(r), base.median.opsPerSecond > 0 else { return nil }
         return r.median.opsPerSecond / base.median.opsPerSecond
+    }
+
+    /// The callback row of the case's benchmark and backend, when it ran.
+    func callbackRow(_ r: CaseResult) -> CaseResult? {
+        result(r.benchmarkCase.benchmark, r.benchmarkCase.backend, .callback)
     }
 
     /// The performance goals (README, "Benchmarks") checked against this run: the
@@ -137,7 +141,7 @@ public struct Report: Sendable {
         if let line = share(callbacks.compactMap { r in ratio(r).map { (r, $0) } }, "callback at 0.9x of raw or more",
                             base: rawBaseline) { lines.append(line) }
         if let line = share(asyncs.compactMap { r in asyncRatio(r).map { (r, $0) } }, "async at 0.9x of callback or more",
-                            base: { result($0.benchmarkCase.benchmark, $0.benchmarkCase.backend, .callback) }) { lines.append(line) }
+                            base: callbackRow) { lines.append(line) }
         var allocations: [String] = []
         if let most = callbacks.compactMap(\.median.allocsPerOp).max() { allocations.append("callback at most \(fixed(most, 2)) (goal 0)") }
         if let most = asyncs.compactMap(\.median.allocsPerOp).max() { allocations.append("async at most \(fixed(most, 2)) (goal 1 at most)") }
