@@ -325,27 +325,27 @@ extension PlexusTests {
         }
     }
 
-    /// A cancelled async consumer's next message is nil even while messages are queued
-    /// (taken at once or after a wait alike), and those messages stay in the queue: close
-    /// hands them back.
-    @Test(arguments: Backends.kinds)
-    func cancelledAsyncConsumerLeavesTheRestQueued(_ backend: BackendKind) async throws {
-        do {
-            let loop = try Backends.loopThread(backend)
-            #expect(loop.backendKind == backend)
-            let queue = MessageQueue<Int>(capacity: 8, loop: loop)
-            for i in 0..<4 { try await queue.send(i) }
-            let got = await Task(executorPreference: loop) { () -> [Int?] in
-                var iterator = queue.makeAsyncIterator()
-                let first = await iterator.next()
-                withUnsafeCurrentTask { $0?.cancel() }
-                let afterCancel = await iterator.next()
-                return [first, afterCancel]
-            }.value
-            #expect(got == [0, nil])
-            #expect(queue.close() == [1, 2, 3])
-            loop.shutdownAndWait()
+    /// A cancelled async consumer's next message is nil even while messages are queued,
+    /// with its loop running (taken at once or after a wait alike) or gone (then taken
+    /// without the loop), and those messages stay in the queue: close hands them back.
+    @Test(arguments: Backends.kinds, [false, true])
+    func cancelledAsyncConsumerLeavesTheRestQueued(_ backend: BackendKind, loopGone: Bool) async throws {
+        let loop = try Backends.loopThread(backend)
+        #expect(loop.backendKind == backend)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        for i in 0..<4 { try await queue.send(i) }
+        if loopGone { loop.shutdownAndWait() }
+        let consume = { () async -> [Int?] in
+            var iterator = queue.makeAsyncIterator()
+            let first = await iterator.next()
+            withUnsafeCurrentTask { $0?.cancel() }
+            return [first, await iterator.next()]
         }
+        let got = loopGone ? await Task { await consume() }.value
+                           : await Task(executorPreference: loop) { await consume() }.value
+        #expect(got == [0, nil], "loop gone: \(loopGone)")
+        #expect(queue.close() == [1, 2, 3], "loop gone: \(loopGone)")
+        if !loopGone { loop.shutdownAndWait() }
     }
 
     /// An async consumer that takes one message at a time from a producer that waits for
@@ -374,13 +374,13 @@ extension PlexusTests {
         #expect(queue.close().isEmpty)
         #expect(await consumer.value == Array(0..<count))
         let (signals, waits) = await Task(executorPreference: loop) { (queue.wakeUpsSent, queue.batchCount) }.value
-        // One signal per wait, and the close's.
+        // One signal per wait; the bound allows two more.
         #expect(signals <= waits + 2, "\(signals) signals for \(waits) waits and \(count) messages")
         loop.shutdownAndWait()
     }
 
     /// An async consumer that took the message which emptied the ring and then left (its
-    /// loop ended) leaves the wake-up flag set, so later sends signal nobody: a callback
+    /// `for await` ended) leaves the wake-up flag set, so later sends signal nobody: a callback
     /// consumer that attaches then still gets every message, because attaching looks at
     /// the ring itself.
     @Test(arguments: Backends.kinds)
@@ -404,25 +404,6 @@ extension PlexusTests {
         #expect(got.withLock { $0 } == [1, 2, 3])
         #expect(queue.close().isEmpty)
         loop.shutdownAndWait()
-    }
-
-    /// The same once the queue's loop is gone (the consumer then takes messages without
-    /// the loop): a cancelled consumer takes none.
-    @Test(arguments: Backends.kinds)
-    func cancelledAsyncConsumerOfAGoneLoopLeavesTheRestQueued(_ backend: BackendKind) async throws {
-        let loop = try Backends.loopThread(backend)
-        #expect(loop.backendKind == backend)
-        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
-        for i in 0..<4 { try await queue.send(i) }
-        loop.shutdownAndWait()
-        let got = await Task { () -> [Int?] in
-            var iterator = queue.makeAsyncIterator()
-            let first = await iterator.next()
-            withUnsafeCurrentTask { $0?.cancel() }
-            return [first, await iterator.next()]
-        }.value
-        #expect(got == [0, nil])
-        #expect(queue.close() == [1, 2, 3])
     }
 
     /// Hand-off throughput and latency per backend and consumer; reported, never asserted.

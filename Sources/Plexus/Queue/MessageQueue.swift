@@ -383,20 +383,20 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// Takes the next message for the async consumer (loop thread; hops there if needed).
     /// Returns nil once the queue is closed and empty, or when the task is cancelled.
     func receive() async -> Message? {
-        guard let loop = self.loop else { return Task.isCancelled ? nil : lock.withLock { ring.pop() } }
-        if !loop.inLoop {
-            // A loop that is gone runs no tasks: take what is left without hopping.
-            if lock.withLock({ loopGone }) { return Task.isCancelled ? nil : lock.withLock { ring.pop() } }
-            return await withTaskExecutorPreference(loop) { await self.receiveOnLoop() }
+        // Without a loop, or with one that is gone (it runs no tasks), what is left is
+        // taken here, without hopping.
+        guard let loop = self.loop, loop.inLoop || !lock.withLock({ loopGone }) else {
+            return Task.isCancelled ? nil : lock.withLock { ring.pop() }
         }
+        if !loop.inLoop { return await withTaskExecutorPreference(loop) { await self.receiveOnLoop() } }
         return await receiveOnLoop()
     }
 
     /// The next queued message, without suspending, for the async consumer on the loop
     /// thread; nil when none is queued, when called from elsewhere, or when the task is
-    /// cancelled, and then `receive` decides. A message is
-    /// usually there, and this way it costs no async call: each would take a frame from
-    /// the task allocator (plexus-bench mq-handoff async).
+    /// cancelled, and then `receive` decides. A message is usually there, and this way it
+    /// costs no async call: each would take a frame from the task allocator (plexus-bench
+    /// mq-handoff async).
     @inline(__always)
     func receiveQueued() -> Message? {
         guard let loop = self.loop, loop.inLoop, !Task.isCancelled else { return nil }
