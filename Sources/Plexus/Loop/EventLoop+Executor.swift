@@ -25,9 +25,10 @@ extension EventLoop: SerialExecutor, TaskExecutor {
     func enqueueOnLoop(_ job: LoopJob) {
         if inLoop {
             localJobs.append(job)
-        } else {
-            _ = remote.push(.task(job))
+        } else if remote.push(.task(job)) {
             wakeForRemoteJob()
+        } else {
+            orphans.adopt([job], of: self)  // run() has returned
         }
     }
 
@@ -40,7 +41,7 @@ extension EventLoop: SerialExecutor, TaskExecutor {
     }
 
     public func checkIsolated() {
-        precondition(inLoop, "not on the loop thread")
+        precondition(inLoop || orphans.isCurrentThread, "not on the loop thread")
     }
 
     func runTask(_ job: LoopJob) {
@@ -74,6 +75,6 @@ final class LoopSerialExecutor: SerialExecutor, @unchecked Sendable {
     }
 
     func checkIsolated() {
-        precondition(loop.inLoop, "not on the loop thread")
+        precondition(loop.inLoop || loop.orphans.isCurrentThread, "not on the loop thread")
     }
 }

@@ -29,6 +29,8 @@ public final class EventLoop: @unchecked Sendable {
     /// The face actors see (see EventLoop+Executor.swift); it holds the loop unowned.
     private(set) lazy var serialExecutor = LoopSerialExecutor(loop: self)
     let asyncSlots = AsyncSlots()
+    /// Runs the task jobs that reach the loop after `run()` returned.
+    let orphans = OrphanJobs()
     /// 0 running, 1 about to sleep or asleep in the backend's wait, 2 shutting down.
     private let sleepState = Atomic<Int>(0)
     private let stopRequested = Atomic<Bool>(false)
@@ -138,6 +140,17 @@ public final class EventLoop: @unchecked Sendable {
         running = false
         stopped = true
         loopThreadID.store(0, ordering: .relaxed)
+        // From now on no job queued here would run: what came since the shutdown's last
+        // drain, and what comes later (`enqueueOnLoop`), runs on another thread.
+        var late: [LoopJob] = []
+        for job in remote.finish() {
+            switch job {
+            case .task(let task): late.append(task)
+            case .closure(let body): body()  // accepted before the close: it still runs
+            case .signal: break  // a request for a turn; there is none to give
+            }
+        }
+        orphans.adopt(late, of: self)
     }
 
     /// Yields the CPU until a job comes from another thread, `shutdown` is called or
@@ -336,7 +349,8 @@ public final class EventLoop: @unchecked Sendable {
 
     // MARK: Timers
 
-    /// Calls `callback` with `.fired` after `delay`, or with `.cancelled`.
+    /// Calls `callback` with `.fired` after `delay`, or with `.cancelled` (at once when the
+    /// loop's `run()` has returned, as for every `schedule`).
     ///
     /// The delay counts from the loop's next clock reading, taken when the callbacks
     /// running now return (or, outside the loop's callbacks, at the start of the next
@@ -345,6 +359,7 @@ public final class EventLoop: @unchecked Sendable {
     @discardableResult
     public func schedule(after delay: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
+        if _slowPath(finished) { return refuse(callback) }
         return timers.schedule(after: delay.nanosecondsClamped, callback)
     }
 
@@ -352,6 +367,7 @@ public final class EventLoop: @unchecked Sendable {
     @discardableResult
     public func schedule(at deadline: Deadline, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
+        if _slowPath(finished) { return refuse(callback) }
         return timers.schedule(at: deadline.nanoseconds, interval: 0, callback)
     }
 
@@ -359,8 +375,17 @@ public final class EventLoop: @unchecked Sendable {
     @discardableResult
     public func scheduleRepeating(every interval: Duration, _ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
         assertInLoop()
+        if _slowPath(finished) { return refuse(callback) }
         let ns = max(interval.nanosecondsClamped, 1)
         return timers.schedule(at: Deadline.now.nanoseconds &+ ns, interval: ns, callback)
+    }
+
+    /// `run()` has returned, so nothing would ever fire a timer: its callback runs now, on
+    /// the caller's thread, once, with `.cancelled`. The handle names no timer (`cancel`
+    /// returns false for it).
+    private func refuse(_ callback: consuming @escaping (TimerEvent) throws -> Void) -> TimerHandle {
+        invoke(kind: .timeout, token: nil) { try callback(.cancelled) }
+        return TimerHandle(index: .max, generation: 0)
     }
 
     /// Cancels a timer; its callback runs with `.cancelled` (at once, on this thread).

@@ -17,6 +17,7 @@ final class RemoteQueue: @unchecked Sendable {
     private var incoming: [Job] = []
     private var running: [Job] = []
     private var closed = false
+    private var finished = false
     private let queued = Atomic<Int>(0)
     /// Task jobs queued from other threads so far (`taskPushes`).
     private var taskJobsPushed = 0
@@ -27,9 +28,10 @@ final class RemoteQueue: @unchecked Sendable {
     }
 
     /// Queues `job`; false once the queue is closed (tasks are always taken: a task
-    /// that was started must be able to finish).
+    /// that was started must be able to finish), and for any job once it is finished.
     func push(_ job: Job) -> Bool {
         lock.withLock {
+            if finished { return false }
             if closed, case .closure = job { return false }  // tasks and signals still run
             incoming.append(job)
             if case .task = job { taskJobsPushed &+= 1 }
@@ -47,6 +49,18 @@ final class RemoteQueue: @unchecked Sendable {
     /// Stops taking closures; those already queued still run.
     func close() {
         lock.withLock { closed = true }
+    }
+
+    /// Takes no job any more (the loop's `run()` returns) and hands back what is still
+    /// queued: the task jobs that came after the shutdown's last drain.
+    func finish() -> [Job] {
+        lock.withLock {
+            finished = true
+            let rest = incoming
+            incoming.removeAll()
+            queued.store(0, ordering: .sequentiallyConsistent)
+            return rest
+        }
     }
 
     /// Runs every job queued so far, in order (on the calling thread: the loop's).

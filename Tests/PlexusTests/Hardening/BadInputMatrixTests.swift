@@ -264,7 +264,7 @@ extension PlexusTests {
         /// Every callback operation on a loop that has shut down: each callback runs once,
         /// with a typed ECANCELED naming its operation, and buffers come back.
         @Test(arguments: Backends.kinds)
-        func `submitted after loop shutdown: every callback once, typed ECANCELED, nothing started`(kind: BackendKind) throws {
+        func `submitted after loop shutdown: every callback once, typed ECANCELED, nothing started, timers cancelled`(kind: BackendKind) throws {
             var p: [Int32] = [0, 0]
             #expect(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
             defer { Glibc.close(p[0]); Glibc.close(p[1]) }
@@ -272,6 +272,7 @@ extension PlexusTests {
             let results = Box<[String: [Result<Int, PlexusError>]]>([:])
             let buffersBack = Box(0)
             let opened = Box<[Int32]>([])
+            let timerEvents = Box<[String: [TimerEvent]]>([:])
             do {
                 // The real case: the loop's thread has finished; nobody will ever wait again.
                 let loop = try Backends.loopThread(kind)
@@ -293,10 +294,22 @@ extension PlexusTests {
                     if case .success(let fd) = $0 { opened.value.append(fd.rawValue) }
                     record("open")($0.map { Int($0.rawValue) })
                 }
+                // Timers end once too, with .cancelled: nothing will ever fire them.
+                for (name, schedule) in [("schedule(after:)", { loop.schedule(after: .milliseconds(1), $0) }),
+                                         ("schedule(at:)", { loop.schedule(at: Deadline.now, $0) }),
+                                         ("scheduleRepeating", { loop.scheduleRepeating(every: .milliseconds(1), $0) })]
+                    as [(String, (@escaping (TimerEvent) throws -> Void) -> TimerHandle)] {
+                    let handle = schedule { timerEvents.value[name, default: []].append($0) }
+                    #expect(loop.cancel(handle) == false, "\(name): a timer of a stopped loop has already ended")
+                }
                 // Bounded: the callbacks must run without anyone turning the loop.
                 let deadline = Deadline.now + .seconds(1)
                 while results.value.values.map(\.count).reduce(0, +) < 10 && Deadline.now < deadline { usleep(1000) }
                 #expect(loop.pendingOperations == 0, "operations left pending in a stopped loop: \(loop.pendingOperations)")
+                #expect(loop.pendingTimers == 0, "timers left pending in a stopped loop: \(loop.pendingTimers)")
+            }
+            for name in ["schedule(after:)", "schedule(at:)", "scheduleRepeating"] {
+                #expect(timerEvents.value[name] == [.cancelled], "\(name) after shutdown on \(kind)")
             }
             for fd in opened.value { Glibc.close(fd) }
             let names = ["nop", "read", "write", "recv", "send", "accept", "poll", "timeout", "fsync", "open"]
