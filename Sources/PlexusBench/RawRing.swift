@@ -163,3 +163,45 @@ final class RawPoll {
         return Int(n)
     }
 }
+
+/// The ready queue of the raw-epoll and raw-poll NOP baselines: what a readiness loop
+/// written by hand keeps for work that completes without a syscall. A fixed ring of
+/// (user data, result) entries, pushed when the NOP is queued and handed to a closure,
+/// in order, when the loop's turn completes them, as `RawRing.reap` hands over CQEs.
+final class RawReadyQueue {
+    private let entries: UnsafeMutablePointer<(UInt64, Int32)>
+    private let mask: Int
+    @exclusivity(unchecked) private var head = 0
+    @exclusivity(unchecked) private var tail = 0
+
+    /// `capacity` is rounded up to a power of two.
+    init(capacity: Int) {
+        var size = 1
+        while size < capacity { size <<= 1 }
+        entries = .allocate(capacity: size)
+        mask = size - 1
+    }
+
+    deinit { entries.deallocate() }
+
+    /// Queues one entry; the baselines never queue more than the capacity.
+    @inline(__always)
+    func push(_ userData: UInt64, _ result: Int32) {
+        precondition(tail - head <= mask, "raw ready queue full")
+        entries[tail & mask] = (userData, result)
+        tail &+= 1
+    }
+
+    /// Hands every queued entry's (user data, result) to `body`, oldest first; returns how many.
+    @inline(__always)
+    func drain(_ body: (UInt64, Int32) throws -> Void) rethrows -> Int {
+        let n = tail - head
+        while head != tail {
+            let (userData, result) = entries[head & mask]
+            head &+= 1
+            try body(userData, result)
+        }
+        return n
+    }
+}
+

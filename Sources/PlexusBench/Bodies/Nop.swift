@@ -9,9 +9,11 @@ import Plexus
 //   callback  `batch` × loop.nop { }, then loop.runOnce until every callback ran.
 // Baselines (the least the mechanism must do for a NOP):
 //   raw-io_uring  `batch` × io_uring_prep_nop, one io_uring_submit_and_wait(batch), reap.
-//   raw-epoll     a readiness loop has no NOP syscall: a NOP is an entry in its ready queue,
-//                 completed by the loop's next turn, which is one zero-timeout epoll_wait
-//                 (on an epoll set holding one idle eventfd, like a loop's wake-up fd) per batch.
+//   raw-epoll     a readiness loop has no NOP syscall: a NOP is an entry in its ready queue
+//                 (`RawReadyQueue`), completed by the loop's next turn, which is one
+//                 zero-timeout epoll_wait (on an epoll set holding one idle eventfd, like a
+//                 loop's wake-up fd) per batch, then each entry handed to a closure in order,
+//                 as raw-io_uring hands each CQE to one.
 //   raw-poll      the same with one zero-timeout poll on that one fd per batch.
 // Checked: every NOP completes exactly once, with result 0.
 
@@ -64,11 +66,14 @@ final class RawReadinessNop: BenchmarkBody {
     let idleFD: Int32
     let epoll: RawEpoll?
     let poll: RawPoll?
+    let ready: RawReadyQueue
     @exclusivity(unchecked) var submitted = 0
     @exclusivity(unchecked) var completed = 0
+    @exclusivity(unchecked) var bad = 0
 
     init(batch: Int, epoll useEpoll: Bool) throws {
         self.batch = batch
+        ready = RawReadyQueue(capacity: batch)
         idleFD = try makeEventFD(nonBlocking: true)
         if useEpoll {
             epoll = try RawEpoll()
@@ -82,16 +87,19 @@ final class RawReadinessNop: BenchmarkBody {
     }
 
     func step() throws -> Int {
-        submitted += batch  // queued
-        let ready = try epoll?.wait(timeoutNanoseconds: 0) ?? poll!.wait(timeoutNanoseconds: 0)
-        if ready != 0 { throw BenchmarkError.wrong("the idle eventfd became ready") }
-        completed += batch  // the turn completes the queue
-        return batch
+        for i in 0..<batch { ready.push(UInt64(i), 0) }
+        submitted += batch
+        let events = try epoll?.wait(timeoutNanoseconds: 0) ?? poll!.wait(timeoutNanoseconds: 0)
+        if events != 0 { throw BenchmarkError.wrong("the idle eventfd became ready") }
+        // The turn completes the queue.
+        let n = ready.drain { _, result in if result != 0 { bad += 1 } }
+        completed += n
+        return n
     }
 
     func finish() throws {
         Glibc.close(idleFD)
-        if completed != submitted { throw BenchmarkError.wrong("\(completed)/\(submitted) NOPs") }
+        if bad > 0 || completed != submitted { throw BenchmarkError.wrong("\(completed)/\(submitted) NOPs, \(bad) failed") }
     }
 }
 
