@@ -31,7 +31,7 @@ struct PlexusBenchCommand: ParsableCommand {
         floor (one awaited NOP through a bare TaskExecutor over a raw ring), the async NOP's \
         target; the lines under the table give each async nop-1 over it, and the best \
         async/callback ratio the runtime allows where the async body must suspend and the \
-        callback body does not (pingpong; nop-1 on io_uring). The last lines check the \
+        callback body does not (pingpong; nop-1 and nop-32 on io_uring). The last lines check the \
         performance goals against the run: callback at 0.9x of raw or more, async at 0.9x \
         of callback or more, allocations per operation (0 callback, at most 1 async), \
         pingpong on io_uring at least as fast as on epoll; a row that misses is named with \

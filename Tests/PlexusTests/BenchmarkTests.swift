@@ -92,6 +92,11 @@ extension PlexusTests {
             // Two suspensions per round trip on top of the callback's 1500 ns: 1500 / 2000.
             #expect(abs(try #require(report.asyncBound(pingAsync)) - 0.75) < 1e-9)
             #expect(report.asyncBound(result(.nop1, .epoll, .async, nsPerOp: 100)) == nil, "an epoll NOP need not suspend")
+            // Each of nop-32's tasks suspends once per io_uring NOP: 100 / (100 + 250).
+            report.results.append(result(.nop32, .ioUring, .callback, nsPerOp: 100))
+            let nop32Bound = try #require(report.asyncBound(result(.nop32, .ioUring, .async, nsPerOp: 400)))
+            #expect(abs(nop32Bound - 100.0 / 350.0) < 1e-9)
+            #expect(report.asyncBound(result(.nop32, .poll, .async, nsPerOp: 100)) == nil, "a poll NOP need not suspend")
             #expect(report.table(allocationsCounted: true).contains("pingpong epoll at most 0.75x (measured 0.75x)"))
         }
 
