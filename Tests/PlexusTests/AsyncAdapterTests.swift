@@ -296,45 +296,6 @@ extension PlexusTests {
             #expect(left == 1)
         }
     }
-
-    /// A task whose executor is the loop, suspended elsewhere (Task.sleep) while the loop
-    /// shuts down, still runs to its end once it resumes: its loop operation then fails
-    /// with ECANCELED. Before, its job was queued on the finished loop, which never ran
-    /// it: the task hung, and kept the loop and its fds alive. An actor pinned to the
-    /// finished loop still runs its methods too, one at a time.
-    @Test(arguments: Backends.kinds)
-    func tasksOfAFinishedLoopRunToTheirEnd(_ kind: BackendKind) async throws {
-        let loop = try Backends.loopThread(kind)
-        let started = Semaphore()
-        let ended = Countdown(1)
-        let task = Task(executorPreference: loop) { () -> Errno? in
-            started.signal()
-            try? await Task.sleep(for: .milliseconds(50))
-            defer { ended.done() }
-            do {
-                _ = try await loop.nop()
-                return nil
-            } catch {
-                return (error as? PlexusError)?.errno
-            }
-        }
-        started.wait()
-        loop.shutdownAndWait()
-        // Bounded waits, so a regression fails instead of hanging the suite.
-        try #require(ended.wait(seconds: 5), "\(kind): the task never resumed")
-        #expect(await task.value == .canceled, "\(kind)")
-
-        let actor = LoopPinnedReader(loop)
-        let calls = Countdown(4)
-        let callers = (0..<4).map { _ in
-            Task { () -> Bool in
-                defer { calls.done() }
-                return await actor.nopCancelled()
-            }
-        }
-        try #require(calls.wait(seconds: 5), "\(kind): an actor call never ran")
-        for caller in callers { #expect(await caller.value, "\(kind)") }
-    }
 }
 }
 
@@ -371,35 +332,5 @@ actor LoopPinnedReader {
             onLoop = onLoop && loop.inLoop
         }
         return (onLoop, bytes)
-    }
-
-    /// A loop NOP after the loop finished: true when it failed with ECANCELED and no other
-    /// call of this actor ran meanwhile.
-    private var inside = false
-    func nopCancelled() async -> Bool {
-        precondition(!inside, "two calls of one actor ran at once")
-        inside = true
-        defer { inside = false }
-        do {
-            _ = try await loop.nop()
-            return false
-        } catch {
-            return (error as? PlexusError)?.errno == .canceled
-        }
-    }
-}
-
-/// Counts `done()` calls down from `count`; `wait` gives up after a while instead of hanging.
-final class Countdown: Sendable {
-    private let left: Atomic<Int>
-    init(_ count: Int) { left = Atomic(count) }
-    func done() { left.subtract(1, ordering: .sequentiallyConsistent) }
-    /// True once every `done()` came, false after `seconds` without.
-    func wait(seconds: Int) -> Bool {
-        for _ in 0..<seconds * 100 {
-            if left.load(ordering: .sequentiallyConsistent) <= 0 { return true }
-            usleep(10_000)
-        }
-        return left.load(ordering: .sequentiallyConsistent) <= 0
     }
 }

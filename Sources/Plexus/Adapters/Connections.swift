@@ -8,8 +8,9 @@ extension EventLoop {
     /// One multishot accept feeds the sequence (native on io_uring, emulated on epoll and
     /// poll). At most `bufferLimit` accepted fds wait for the consumer: when that many are
     /// waiting the accept is cancelled and further connections wait in the kernel's
-    /// backlog, so a slow consumer does not make memory or fds grow. Ending the loop (or
-    /// cancelling the task) cancels the accept and closes the fds nobody took.
+    /// backlog, so a slow consumer does not make memory or fds grow. Shutting the loop
+    /// down ends the sequence (after the fds already accepted); cancelling the task
+    /// cancels the accept; the fds nobody took are closed.
     public func connections(_ listener: FileDescriptor, bufferLimit: Int = 64) -> Connections {
         Connections(loop: self, listener: listener, bufferLimit: max(bufferLimit, 1))
     }
@@ -73,7 +74,8 @@ final class AcceptStream: @unchecked Sendable {
     }
 
     func next() async throws -> FileDescriptor? {
-        if !loop.inLoop {
+        // A loop whose run() returned runs nothing of ours again: end here, without a hop.
+        if !loop.inLoop && !loop.hasFinished {
             return try await withTaskExecutorPreference(loop) { try await self.next() }
         }
         while true {
@@ -105,6 +107,12 @@ final class AcceptStream: @unchecked Sendable {
 
     private func arm() {
         guard token == nil else { return }
+        // A loop shutting down cancels every accept: re-arming would only be cancelled
+        // again (and keep its shutdown from ending). The stream ends instead.
+        if loop.isShuttingDown {
+            finished = true
+            return
+        }
         token = loop.acceptMultishot(listener) { [self] result in
             switch result {
             case .success(let fd):
@@ -116,8 +124,13 @@ final class AcceptStream: @unchecked Sendable {
                 }
             case .failure(let error):
                 token = nil
+                // ECANCELED is the pause this stream asked for, unless the loop shuts down.
+                if error.errno != .canceled {
+                    failure = error
+                } else if !pausing || loop.isShuttingDown {
+                    finished = true
+                }
                 pausing = false
-                if error.errno != .canceled { failure = error }
             }
             wake()
         }

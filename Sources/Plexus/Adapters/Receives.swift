@@ -29,7 +29,8 @@ extension EventLoop {
     /// One multishot receive fills a group of `bufferCount` buffers of `bufferSize` bytes
     /// (a provided buffer ring on io_uring, emulated on epoll and poll). A buffer goes back
     /// to the kernel only when the consumer takes its chunk, so a slow consumer pauses the
-    /// receive instead of letting memory grow. Ending the loop cancels the receive.
+    /// receive instead of letting memory grow. Shutting the loop down cancels the receive
+    /// and ends the sequence (after the chunks already received).
     public func receives(_ fd: FileDescriptor, bufferCount: Int = 16, bufferSize: Int = 16384) -> Receives {
         Receives(loop: self, fd: fd, bufferCount: bufferCount, bufferSize: bufferSize)
     }
@@ -89,7 +90,8 @@ final class ReceiveStream: @unchecked Sendable {
     }
 
     func next() async throws -> [UInt8]? {
-        if !loop.inLoop {
+        // A loop whose run() returned runs nothing of ours again: end here, without a hop.
+        if !loop.inLoop && !loop.hasFinished {
             return try await withTaskExecutorPreference(loop) { try await self.next() }
         }
         while true {
@@ -121,6 +123,11 @@ final class ReceiveStream: @unchecked Sendable {
 
     private func start() throws {
         guard token == nil, !ended else { return }
+        // A loop shutting down cancels every receive: the stream ends instead of starting one.
+        if loop.isShuttingDown {
+            ended = true
+            return
+        }
         let group = try self.group ?? loop.registerBuffers(count: bufferCount, size: bufferSize)
         self.group = group
         token = loop.receiveMultishot(fd, into: group) { [self] completion in

@@ -27,7 +27,8 @@ public final class EventLoop: @unchecked Sendable {
     @exclusivity(unchecked) var localJobs: [LoopJob] = []
     @exclusivity(unchecked) private var runningJobs: [LoopJob] = []
     /// The face actors see (see EventLoop+Executor.swift); it holds the loop unowned.
-    private(set) lazy var serialExecutor = LoopSerialExecutor(loop: self)
+    /// Made in `init`, not lazily: actors on any thread ask for it.
+    private(set) var serialExecutor: LoopSerialExecutor!
     let asyncSlots = AsyncSlots()
     /// Runs the task jobs that reach the loop after `run()` returned.
     let orphans = OrphanJobs()
@@ -42,8 +43,12 @@ public final class EventLoop: @unchecked Sendable {
     @exclusivity(unchecked) private var stopped = false
     /// Set when `run()` has returned: nobody will wait on the backend again.
     @exclusivity(unchecked) private var finished = false
+    /// `finished`, for any thread (`hasFinished`).
+    private let finishedForAll = Atomic<Bool>(false)
     @exclusivity(unchecked) private var wakeToken: Token?
     @exclusivity(unchecked) private var shutdownObservers: [any LoopShutdownObserver] = []
+    /// The shutdown has told its observers; a later one is told when it registers.
+    @exclusivity(unchecked) private var observersTold = false
 
     /// How another loop's thread wakes this loop when it sleeps: IORING_OP_MSG_RING when
     /// both loops run io_uring, else an eventfd write. MSG_RING is the default because it
@@ -81,6 +86,7 @@ public final class EventLoop: @unchecked Sendable {
             let line = "plexus: unhandled callback error: \(error)\n"
             _ = line.utf8CString.withUnsafeBufferPointer { Glibc.write(2, $0.baseAddress, $0.count - 1) }
         }
+        serialExecutor = LoopSerialExecutor(loop: self)
     }
 
     deinit {
@@ -140,6 +146,7 @@ public final class EventLoop: @unchecked Sendable {
         running = false
         stopped = true
         loopThreadID.store(0, ordering: .relaxed)
+        finishedForAll.store(true, ordering: .releasing)
         // From now on no job queued here would run: what came since the shutdown's last
         // drain, and what comes later (`enqueueOnLoop`), runs on another thread.
         var late: [LoopJob] = []
@@ -340,6 +347,10 @@ public final class EventLoop: @unchecked Sendable {
 
     /// True once `shutdown` was called.
     public var isShuttingDown: Bool { stopRequested.load(ordering: .acquiring) }
+
+    /// True once `run()` has returned (any thread): no loop thread will run anything of
+    /// this loop again, so code that would hop to it runs where it is instead.
+    var hasFinished: Bool { finishedForAll.load(ordering: .acquiring) }
 
     /// Pending operations (the loop's own eventfd read included). Loop thread only (or
     /// after `run` returned): it reads the backend's unsynchronized counter.
@@ -618,6 +629,9 @@ public final class EventLoop: @unchecked Sendable {
     /// the jobs queued before it ran and before operations and timers are cancelled.
     func onShutdown(_ observer: any LoopShutdownObserver) {
         assertInLoop()
+        // Past the point where observers are told (a job that ran late in the shutdown):
+        // this one is told now.
+        if observersTold { observer.loopWillShutDown(); return }
         shutdownObservers.append(observer)
     }
 
@@ -626,6 +640,7 @@ public final class EventLoop: @unchecked Sendable {
         let observers = shutdownObservers
         shutdownObservers.removeAll()
         for observer in observers { observer.loopWillShutDown() }
+        observersTold = true
         runRemoteJobs()
         for callback in timers.removeAll() {
             invoke(kind: .timeout, token: nil) { try callback(.cancelled) }

@@ -8,19 +8,20 @@ import Synchronization
 /// (in `Task.sleep`, on another actor, in a continuation another thread resumes). When it
 /// resumes, its job comes to the loop, and no loop thread will run it: the task would
 /// never finish, and whoever awaits it would hang. Such jobs run here instead, one at a
-/// time and in order, on a thread started for them that ends when none is left. The
-/// task's loop operations there end at once with -ECANCELED, as they do from any thread
-/// once the loop is shutting down, so the task runs to its end.
+/// time, on a thread started for them that ends when none is left. The task's loop
+/// operations there end at once with -ECANCELED, as they do from any thread once the
+/// loop is shutting down, so the task runs to its end.
+///
+/// That thread holds the loop while it runs jobs: a loop whose tasks outlive it is freed
+/// (and its fds closed) when they end, not when `shutdownAndWait` returns.
 final class OrphanJobs: @unchecked Sendable {
-    private struct State {
-        var jobs: [LoopJob] = []
-        var next = 0
-        var draining = false
-    }
-
-    private let state = Mutex(State())
+    private let lock = Lock()
+    private var incoming: [LoopJob] = []
+    private var draining = false
     /// The pthread_t of the thread running the jobs now, 0 when none (`isCurrentThread`).
     private let runner = Atomic<UInt>(0)
+    /// Threads started here that still hold the loop (tests wait for 0).
+    private let threadsHoldingTheLoop = Atomic<Int>(0)
 
     /// True on the thread running the orphaned jobs: an actor pinned to the finished
     /// loop is isolated there.
@@ -29,25 +30,38 @@ final class OrphanJobs: @unchecked Sendable {
         return id != 0 && pthread_t(id) == pthread_self()
     }
 
+    /// No thread of this loop's orphaned jobs is running or holds the loop.
+    var isIdle: Bool { threadsHoldingTheLoop.load(ordering: .acquiring) == 0 }
+
+    /// Jobs the queue holds without growing: for tests that check it stays bounded while
+    /// jobs keep coming.
+    var capacity: Int { lock.withLock { incoming.capacity } }
+
     /// Queues `jobs` and starts a thread for them unless one is running.
     func adopt(_ jobs: [LoopJob], of loop: EventLoop) {
         guard !jobs.isEmpty else { return }
-        let start = state.withLock {
-            $0.jobs.append(contentsOf: jobs)
-            if $0.draining { return false }
-            $0.draining = true
+        let start = lock.withLock {
+            incoming.append(contentsOf: jobs)
+            if draining { return false }
+            draining = true
             return true
         }
         if start { startThread(loop) }
     }
 
     private func startThread(_ loop: EventLoop) {
+        threadsHoldingTheLoop.add(1, ordering: .relaxed)
         let context = Unmanaged.passRetained(loop).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { raw in
-            let loop = Unmanaged<EventLoop>.fromOpaque(raw!).takeRetainedValue()
-            _ = plexus_set_thread_name("plexus-orphans")
-            loop.orphans.drain(loop)
+            let orphans: OrphanJobs = {
+                let loop = Unmanaged<EventLoop>.fromOpaque(raw!).takeRetainedValue()
+                _ = plexus_set_thread_name("plexus-orphans")
+                loop.orphans.drain(loop)
+                return loop.orphans
+            }()
+            // The loop is released above; only now is this thread done with it.
+            orphans.threadsHoldingTheLoop.subtract(1, ordering: .releasing)
             return nil
         }, context)
         if rc == 0 {
@@ -56,26 +70,30 @@ final class OrphanJobs: @unchecked Sendable {
             // No thread to be had: run them on this one rather than never.
             Unmanaged<EventLoop>.fromOpaque(context).release()
             drain(loop)
+            threadsHoldingTheLoop.subtract(1, ordering: .releasing)
         }
     }
 
-    /// Runs queued jobs until none is left; the jobs they enqueue on the loop come here too.
+    /// Runs queued jobs until none is left; the jobs they enqueue on the loop come here
+    /// too. Takes them a batch at a time, swapping two arrays, so a stream of jobs that
+    /// never lets the queue run empty (an actor and a task calling each other) keeps it
+    /// at the size of one batch.
     private func drain(_ loop: EventLoop) {
         runner.store(UInt(pthread_self()), ordering: .relaxed)
-        while let job = take() { loop.runTask(job) }
-    }
-
-    private func take() -> LoopJob? {
-        state.withLock {
-            guard $0.next < $0.jobs.count else {
-                $0.jobs.removeAll()
-                $0.next = 0
-                $0.draining = false
-                runner.store(0, ordering: .relaxed)
-                return nil
+        var batch: [LoopJob] = []
+        while true {
+            let more = lock.withLock {
+                guard !incoming.isEmpty else {
+                    draining = false
+                    runner.store(0, ordering: .relaxed)
+                    return false
+                }
+                swap(&incoming, &batch)
+                return true
             }
-            $0.next += 1
-            return $0.jobs[$0.next - 1]
+            guard more else { return }
+            for job in batch { loop.runTask(job) }
+            batch.removeAll(keepingCapacity: true)
         }
     }
 }

@@ -342,6 +342,8 @@ private final class ConnectState: @unchecked Sendable {
 extension EventLoop {
     /// Runs `body` on the loop in a later turn (so a callback never runs inside the call
     /// that registered it), also when the loop shuts down first; errors go to `errorHandler`.
+    /// On a loop whose `run()` has returned there is no later turn: it runs at once, as
+    /// the callbacks of operations submitted then do.
     func invokeLater(_ body: @escaping () throws -> Void) {
         schedule(after: .zero) { _ in try body() }
     }
