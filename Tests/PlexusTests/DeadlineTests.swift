@@ -74,5 +74,79 @@ extension PlexusTests {
         #expect(outcome.0 == .timedOut)
         #expect(outcome.1 == 2)
     }
+
+    /// A loop on `kind`, a TCP listener nobody connects to and a socket pair nobody
+    /// writes to: what the sequence tests below wait on.
+    static func withIdleSockets(_ kind: BackendKind,
+                                _ body: (EventLoop, StreamListener, StreamConnection) async throws -> Void) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        let listener = try StreamListener.tcp(port: 0, on: loop)
+        defer { Glibc.close(listener.fd.rawValue) }
+        let (a, b) = try StreamConnection.pair(on: loop)
+        defer { Glibc.close(a.fd.rawValue); Glibc.close(b.fd.rawValue) }
+        try await body(loop, listener, a)
+    }
+
+    /// Iterates `connections` of `listener` (accept) or `receives` of `socket` to the end.
+    static func iterate(_ accept: Bool, _ loop: EventLoop, _ listener: StreamListener, _ socket: StreamConnection) async throws {
+        if accept {
+            for try await c in listener.connections() { Glibc.close(c.fd.rawValue) }
+        } else {
+            for try await _ in loop.receives(socket.fd) {}
+        }
+    }
+
+    /// `withTimeout` covers the sequences too: iterating `connections` (no client) or
+    /// `receives` (no data) under a 60 ms timeout throws ETIMEDOUT naming the multishot
+    /// operation, and leaves nothing pending. Before, both waited forever on every
+    /// backend: their `next()` parks on a continuation no single operation covers.
+    @Test(arguments: Backends.kinds)
+    func sequencesUnderATimeoutThrowETIMEDOUT(_ kind: BackendKind) async throws {
+        try await Self.withIdleSockets(kind) { loop, listener, a in
+            let work = Task(executorPreference: loop) { () -> [String] in
+                var got: [String] = []
+                for accept in [true, false] {
+                    let start = Deadline.now
+                    do {
+                        try await loop.withTimeout(.milliseconds(60)) { try await Self.iterate(accept, loop, listener, a) }
+                        got.append("\(accept ? "accept" : "recv"): ended without error")
+                    } catch let error as PlexusError {
+                        let early = Deadline.now < start + .milliseconds(60)
+                        got.append("\(error.operation) \(error.errno == .timedOut ? "ETIMEDOUT" : "\(error.errno)")\(early ? " early" : "")")
+                    } catch {
+                        got.append("\(accept ? "accept" : "recv"): \(error)")
+                    }
+                }
+                return got
+            }
+            // Bounded: a sequence that ignores the timeout is cancelled after 3 s, and fails.
+            let watchdog = Task { try? await Task.sleep(for: .seconds(3)); work.cancel() }
+            let outcomes = await work.value
+            watchdog.cancel()
+            #expect(outcomes == ["accept(multishot) ETIMEDOUT", "recv(multishot) ETIMEDOUT"], "\(kind)")
+            try await loop.sleep(for: .milliseconds(5))  // the cancelled multishots' completions
+            let (operations, timers) = await Task(executorPreference: loop) { (loop.pendingOperations, loop.pendingTimers) }.value
+            #expect(operations == 1, "\(kind): only the loop's wake-up read is left")
+            #expect(timers == 0, "\(kind)")
+        }
+    }
+
+    /// A task cancelled while it waits in `connections` or `receives` gets
+    /// CancellationError, as one cancelled before it asked does (before, the waiting one
+    /// saw the sequence end, as if its listener had closed).
+    @Test(arguments: Backends.kinds)
+    func sequencesCancelledWhileWaitingThrowCancellationError(_ kind: BackendKind) async throws {
+        try await Self.withIdleSockets(kind) { loop, listener, a in
+            let waiting = [true, false].map { accept in
+                Task(executorPreference: loop) { () -> String in
+                    do { try await Self.iterate(accept, loop, listener, a); return "ended" } catch { return "\(type(of: error))" }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(20))  // both wait in next()
+            for task in waiting { task.cancel() }
+            for task in waiting { #expect(await task.value == "CancellationError", "\(kind)") }
+        }
+    }
 }
 }

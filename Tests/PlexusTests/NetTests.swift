@@ -333,6 +333,53 @@ extension PlexusTests {
             try await b.close()
         }
 
+        /// Writing nothing succeeds with 0 through every `*All` helper, async and callback
+        /// alike (before, the callback forms failed with EINVAL while the async ones
+        /// returned), and an empty UDP datagram, legal and meaningful, is sent and arrives
+        /// (before, sendmsg of no bytes was refused with EINVAL).
+        @Test(arguments: Backends.kinds)
+        func `writing nothing succeeds; an empty datagram is sent`(kind: BackendKind) async throws {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            let (a, b) = try StreamConnection.pair(on: loop)
+            let path = NetTests.temporaryPath("empty-\(kind)")
+            defer { unlink(path) }
+            let results = Box<[String: Result<Int, PlexusError>]>([:])
+            let done = Semaphore()
+            _ = loop.execute {
+                a.writeAll(IOBuffer(capacity: 0)) { result, _ in results.value["writeAll"] = result; done.signal() }
+                var empty = IOVector(capacity: 1)
+                empty.append(IOBuffer(capacity: 0))
+                a.writevAll(empty) { result, _ in results.value["writevAll"] = result; done.signal() }
+                File.open(FilePath(path), .readWrite, options: [.create, .truncate], on: loop) { opened in
+                    guard case .success(let file) = opened else { results.value["open"] = opened.map { _ in 0 }; done.signal(); return }
+                    file.writeAll(IOBuffer(capacity: 0), at: 0) { result, _ in
+                        results.value["File.writeAll"] = result
+                        file.close { _ in done.signal() }
+                    }
+                }
+            }
+            for _ in 0..<3 { done.wait() }
+            for name in ["writeAll", "writevAll", "File.writeAll"] {
+                #expect((try? results.value[name]?.get()) == 0, "\(kind) \(name): \(String(describing: results.value[name]))")
+            }
+            let asyncCount = try await a.writeAll(IOBuffer(capacity: 0)).count
+            #expect(asyncCount == 0)
+            try await a.close()
+            try await b.close()
+
+            let receiver = try DatagramSocket.udp(on: loop)
+            let sender = try DatagramSocket.udp(on: loop)
+            let sent = try await sender.send(IOBuffer(capacity: 0), to: try receiver.localAddress()).count
+            #expect(sent == 0)
+            let got = try await receiver.receive(into: IOBuffer(capacity: 16))
+            #expect(got.count == 0, "an empty datagram arrives as one")
+            let from = got.message.address?.port, senderPort = try sender.localAddress().port
+            #expect(from == senderPort, "from \(String(describing: got.message.address)), sender port \(String(describing: senderPort))")
+            try await sender.close()
+            try await receiver.close()
+        }
+
         // MARK: Files
 
         @Test(arguments: Backends.kinds)

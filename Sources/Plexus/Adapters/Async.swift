@@ -247,6 +247,15 @@ extension EventLoop {
         return try await EventLoop.$currentDeadline.withValue(min(deadline, outer ?? deadline)) { try await body() }
     }
 
+    /// For a sequence's waiting `next()` (`connections`, `receives`), which no single
+    /// operation covers: a loop timer that calls `fire` at the deadline `withDeadline` set
+    /// for the current task, if any; ETIMEDOUT for `kind` now if it has passed.
+    func timerForCurrentDeadline(_ kind: OperationKind, _ fire: @escaping () -> Void) throws(PlexusError) -> TimerHandle? {
+        guard Self.deadlinesInUse.load(ordering: .relaxed), let deadline = Self.currentDeadline else { return nil }
+        if Deadline.now >= deadline { throw PlexusError(kind, result: -ETIMEDOUT) }
+        return schedule(at: deadline) { event in if event == .fired { fire() } }
+    }
+
     /// `withDeadline(.now + timeout, body)`.
     public func withTimeout<R>(_ timeout: Duration, _ body: () async throws -> R) async throws -> R {
         try await withDeadline(Deadline.now + timeout, body)

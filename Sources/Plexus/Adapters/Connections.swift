@@ -59,6 +59,8 @@ final class AcceptStream: @unchecked Sendable {
     private var finished = false
     /// The accept is being cancelled because enough fds wait.
     private var pausing = false
+    /// The deadline of the waiting `next()` passed.
+    private var timedOut = false
     private var waiter: UnsafeContinuation<Void, Never>?
 
     init(loop: EventLoop, listener: FileDescriptor, bufferLimit: Int) {
@@ -86,14 +88,20 @@ final class AcceptStream: @unchecked Sendable {
                 return fd
             }
             if let failure { self.failure = nil; finished = true; throw failure }
-            if finished { return nil }
             if Task.isCancelled { stop(); throw CancellationError() }
+            if finished { return nil }
             arm()
+            if finished { continue }
+            let timer = try loop.timerForCurrentDeadline(.acceptMultishot) { [self] in
+                timedOut = true
+                wake()
+            }
             await withTaskCancellationHandler {
                 await withUnsafeContinuation { continuation in
                     // Between the checks above and here the loop may have run (an executor
                     // switch is a suspension point): look again before parking.
-                    if self.head < self.ready.count || self.failure != nil || self.finished || self.token == nil {
+                    if self.head < self.ready.count || self.failure != nil || self.finished || self.token == nil
+                        || self.timedOut {
                         continuation.resume()
                     } else {
                         self.waiter = continuation
@@ -101,6 +109,11 @@ final class AcceptStream: @unchecked Sendable {
                 }
             } onCancel: {
                 self.loop.execute { self.stop() }
+            }
+            if let timer { loop.timers.discard(timer) }
+            if timedOut {
+                timedOut = false
+                throw PlexusError(.acceptMultishot, result: -ETIMEDOUT)
             }
         }
     }

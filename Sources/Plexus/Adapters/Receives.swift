@@ -80,6 +80,8 @@ final class ReceiveStream: @unchecked Sendable {
     private var failure: PlexusError?
     private var ended = false
     private var stopped = false
+    /// The deadline of the waiting `next()` passed.
+    private var timedOut = false
     private var waiter: UnsafeContinuation<Void, Never>?
 
     init(loop: EventLoop, fd: FileDescriptor, bufferCount: Int, bufferSize: Int) {
@@ -104,12 +106,17 @@ final class ReceiveStream: @unchecked Sendable {
                 return bytes
             }
             if let failure { self.failure = nil; ended = true; throw failure }
-            if ended { release(); return nil }
             if Task.isCancelled { stop(); throw CancellationError() }
+            if ended { release(); return nil }
             try start()
+            if ended { continue }
+            let timer = try loop.timerForCurrentDeadline(.receiveMultishot) { [self] in
+                timedOut = true
+                waiter.take()?.resume()
+            }
             await withTaskCancellationHandler {
                 await withUnsafeContinuation { continuation in
-                    if self.head < self.chunks.count || self.failure != nil || self.ended {
+                    if self.head < self.chunks.count || self.failure != nil || self.ended || self.timedOut {
                         continuation.resume()
                     } else {
                         self.waiter = continuation
@@ -117,6 +124,11 @@ final class ReceiveStream: @unchecked Sendable {
                 }
             } onCancel: {
                 self.loop.execute { self.stop() }
+            }
+            if let timer { loop.timers.discard(timer) }
+            if timedOut {
+                timedOut = false
+                throw PlexusError(.receiveMultishot, result: -ETIMEDOUT)
             }
         }
     }

@@ -32,7 +32,7 @@ extension Operation {
         case .recv(let fd, let b, let flags):
             v.set(fd, b.spareRegion, nil); v.flags = flags; self = .recv(fd, b, flags: flags)
         case .sendMessage(let fd, let m, let flags):
-            v.set(fd, m.buffer.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL)
+            v.set(fd, m.buffer.readableRegion, nil, emptyAllowed: true); v.flags = flags | Int32(MSG_NOSIGNAL)
             Self.fillMessage(scratch, m.buffer.readableRegion, address: m.address)
             self = .sendMessage(fd, m, flags: flags)
         case .receiveMessage(let fd, let m, let flags):
@@ -90,8 +90,13 @@ extension Operation {
     /// a received message learns its sender from `scratch`. Inline, so that a result
     /// with nothing to apply (0, an error) costs no call.
     @inline(__always)
-    mutating func apply(result: Int32, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
-        if result > 0 { apply(transferred: Int(result), scratch: scratch) }
+    mutating func apply(result: Int32, kind: OperationKind, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        if result > 0 {
+            apply(transferred: Int(result), scratch: scratch)
+        } else if result == 0 && kind == .receiveMessage {
+            // An empty datagram has a sender too.
+            applyToVectorOrMessage(transferred: 0, scratch: scratch)
+        }
     }
 
     private mutating func apply(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
@@ -167,11 +172,14 @@ struct KernelView {
         if fd.rawValue < 0 { invalid = -EBADF }
     }
 
-    mutating func set(_ fd: FileDescriptor, _ region: UnsafeMutableRawBufferPointer, _ offset: Int64?) {
+    /// `emptyAllowed`: a sendmsg of no bytes is a datagram of its own (on a datagram
+    /// socket), not a mistake; every other operation given no room is EINVAL.
+    mutating func set(_ fd: FileDescriptor, _ region: UnsafeMutableRawBufferPointer, _ offset: Int64?,
+                      emptyAllowed: Bool = false) {
         setFD(fd)
         base = region.baseAddress
         length = min(region.count, Operation.maxTransfer)
-        check(region.count, offset)
+        check(emptyAllowed ? 1 : region.count, offset)
     }
 
     mutating func setVector(_ fd: FileDescriptor, _ iov: UnsafeMutablePointer<iovec>, _ count: Int, _ total: Int, _ offset: Int64?) {

@@ -525,7 +525,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             dropTimer(index)
         }
         // Applied in the record, then moved out once into the completion.
-        table.record(index).pointee.operation!.apply(result: c.result, scratch: table.scratch(index))
+        table.record(index).pointee.operation!.apply(result: c.result, kind: kind, scratch: table.scratch(index))
         return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
                           kind: kind, operation: table.remove(index))
     }

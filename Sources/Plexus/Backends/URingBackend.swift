@@ -915,7 +915,7 @@ public final class URingBackend: IOBackend {
             if Self.writes(kind) { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
             if Self.isReadSide(kind) { streamReadDone(record.pointee.fd, stamp: record.pointee.next) }
         }
-        record.pointee.operation!.apply(result: result, scratch: scratch)
+        record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
         if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)

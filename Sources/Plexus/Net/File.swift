@@ -80,6 +80,9 @@ public struct File: Sendable {
                 writeAll(loop, fd, buffer, offset: offset.map { $0 + Int64(n) }, written: written + n, callback)
             case .success(let n):
                 try callback(.success(written + n), buffer)
+            case .failure(let error) where error.errno == .invalidArgument && buffer.isEmpty && (offset ?? 0) >= 0:
+                // Nothing to write (a write of no bytes is EINVAL): done, as the async writeAll is.
+                try callback(.success(written), buffer)
             case .failure(let error):
                 try callback(.failure(error), buffer)
             }

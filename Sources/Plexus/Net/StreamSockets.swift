@@ -227,6 +227,9 @@ public struct StreamConnection: SocketHandle {
                 sendAll(loop, fd, buffer, sent: sent + n, callback)
             case .success(let n):
                 try callback(.success(sent + n), buffer)
+            case .failure(let error) where error.errno == .invalidArgument && buffer.isEmpty:
+                // Nothing to send (a send of no bytes is EINVAL): done, as the async writeAll is.
+                try callback(.success(sent), buffer)
             case .failure(let error):
                 try callback(.failure(error), buffer)
             }
@@ -261,6 +264,8 @@ public struct StreamConnection: SocketHandle {
                 writevAll(loop, fd, vector, sent: sent + n, callback)
             case .success(let n):
                 try callback(.success(sent + n), vector)
+            case .failure(let error) where error.errno == .invalidArgument && vector.totalCount == 0:
+                try callback(.success(sent), vector)  // nothing to write, as for writeAll
             case .failure(let error):
                 try callback(.failure(error), vector)
             }
