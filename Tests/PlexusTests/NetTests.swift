@@ -495,6 +495,10 @@ extension PlexusTests {
             #expect(SocketAddress(host: "::1", port: 1) == SocketAddress(ipv6: "::1", port: 1))
             #expect(SocketAddress(host: "localhost", port: 1) == nil, "no name lookup")
             #expect(SocketAddress(unixPath: "/tmp/x")?.unixPath == "/tmp/x")
+            #expect(SocketAddress(unixPath: "") == nil, "an empty path would bind an abstract name")
+            #expect(SocketAddress(unixPath: "\0abstract") == nil, "a NUL byte is no path")
+            #expect(SocketAddress(unixPath: "/tmp/a\0b") == nil, "a NUL byte would cut the path short")
+            #expect(SocketAddress(unixPath: String(repeating: "x", count: 108)) == nil, "longer than sun_path")
             #expect(a.unixPath == nil)
         }
 

@@ -276,7 +276,9 @@ extension EventLoop {
         try await transfer(perform(.write(fd, buffer, offset: offset)))
     }
 
-    /// Writes every readable byte of `buffer`, resubmitting after short writes.
+    /// Writes every readable byte of `buffer`, resubmitting after short writes. An error
+    /// part-way is thrown and the unwritten rest goes with the buffer: how much was
+    /// written is then unknown. Call `write` in a loop to keep it.
     nonisolated(nonsending) public func writeAll(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil) async throws -> IOBuffer {
         var buffer = buffer
         var position = offset

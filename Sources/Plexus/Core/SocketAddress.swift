@@ -98,12 +98,14 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
     }
 
-    /// A Unix domain socket path; nil if it does not fit in `sun_path`.
+    /// A Unix domain socket path; nil if it is empty, holds a NUL byte, or does not fit
+    /// in `sun_path`. (An empty path would bind an autobound abstract name, and a NUL
+    /// would cut the path short or, first, name the abstract namespace: neither is a path.)
     public init?(unixPath path: String) {
         var sun = sockaddr_un()
         sun.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: sun.sun_path) else { return nil }
+        guard !bytes.isEmpty, !bytes.contains(0), bytes.count < MemoryLayout.size(ofValue: sun.sun_path) else { return nil }
         withUnsafeMutableBytes(of: &sun.sun_path) { raw in
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0

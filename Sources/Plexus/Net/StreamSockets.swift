@@ -298,6 +298,8 @@ public struct StreamConnection: SocketHandle {
     }
 
     /// Sends every readable byte, resubmitting after short writes; returns the emptied buffer.
+    /// An error part-way (a reset, a deadline) is thrown and the unsent rest goes with the
+    /// buffer: how much the peer got is then unknown. Call `write` in a loop to keep it.
     public func writeAll(_ buffer: consuming IOBuffer) async throws -> IOBuffer {
         var buffer = buffer
         while !buffer.isEmpty {
