@@ -136,6 +136,61 @@ extension PlexusTests {
         try await Self.expectIdle(loop, kind)
     }
 
+    /// A task that keeps yielding through the shutdown ends once it stops. Before, the
+    /// shutdown spun 10000 rounds on its jobs, reported "callbacks keep submitting during
+    /// shutdown", and dropped the last one: the task never ended and kept the loop's fds.
+    @Test(arguments: Backends.kinds)
+    func aTaskYieldingThroughTheShutdownEnds(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        let errors = Box<[String]>([])
+        _ = await Task(executorPreference: loop) { loop.errorHandler = { errors.value.append("\($0)") } }.value
+        let stop = Atomic<Bool>(false)
+        let started = Countdown(1), ended = Countdown(1)
+        let spinner = Task(executorPreference: loop) {
+            started.done()
+            while !stop.load(ordering: .sequentiallyConsistent) { await Task.yield() }
+            ended.done()
+        }
+        try #require(await started.wait(seconds: 5))
+        loop.shutdownAndWait()
+        stop.store(true, ordering: .sequentiallyConsistent)
+        try #require(await ended.wait(seconds: 5), "\(kind): the yielding task never ended")
+        await spinner.value
+        #expect(errors.value.isEmpty, "\(kind): \(errors.value)")
+        try await Self.expectIdle(loop, kind)
+    }
+
+    /// A callback consumer that attaches to a message queue while the loop shuts down
+    /// (from a task the shutdown's cancel resumed) still gets the queued messages and
+    /// its onClosed. Before, its request for a turn came after the shutdown's last drain
+    /// and was dropped: nothing delivered, onClosed never called.
+    @Test(arguments: Backends.kinds)
+    func aConsumerAttachingDuringTheShutdownGetsTheEnd(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        let queue = MessageQueue<Int>(capacity: 4, loop: loop)
+        for i in 1...3 { #expect(queue.trySend(i).isSent) }
+        let got = Box<[Int]>([])
+        let closed = Countdown(1)
+        let parked = Countdown(1)
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0, &fds) == 0)
+        defer { Glibc.close(fds[0]); Glibc.close(fds[1]) }
+        let readEnd = FileDescriptor(rawValue: fds[0])
+        let task = Task(executorPreference: loop) {
+            parked.done()
+            do { _ = try await loop.read(readEnd, into: IOBuffer(capacity: 16)) } catch {}  // the shutdown cancels it
+            queue.onMessage({ got.value.append($0) }, onClosed: { closed.done() })
+        }
+        try #require(await parked.wait(seconds: 5))
+        try await Task.sleep(for: .milliseconds(20))  // the read waits
+        loop.shutdownAndWait()
+        await task.value
+        #expect(await closed.wait(seconds: 5), "\(kind): onClosed never ran")
+        #expect(got.value == [1, 2, 3], "\(kind)")
+        #expect(queue.close().isEmpty)
+        try await Self.expectIdle(loop, kind)
+    }
+
     /// Waits until no thread of the loop's orphaned jobs holds the loop, so the loop's
     /// fds close when the test drops it (the suite's fd check runs after each test).
     static func expectIdle(_ loop: EventLoop, _ kind: BackendKind) async throws {

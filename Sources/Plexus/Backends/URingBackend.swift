@@ -1,5 +1,6 @@
 import CPlexus
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// The io_uring backend: native completions through liburing.
@@ -16,6 +17,9 @@ public final class URingBackend: IOBackend {
     public let capabilities: Capabilities
     /// The IORING_SETUP_* flags the ring was created with.
     public let setupFlags: UInt32
+    /// The ring is enabled, for other threads: a ring created R_DISABLED answers
+    /// IORING_OP_MSG_RING with EBADFD (on the sender's ring) until its first submit.
+    let takesRingMessages = Atomic<Bool>(false)
 
     private let ring: UnsafeMutablePointer<io_uring>
     private let table = OperationTable()
@@ -228,6 +232,7 @@ public final class URingBackend: IOBackend {
         cqeBatch = Int(ring.pointee.cq.ring_entries)
         cqes = .allocate(capacity: cqeBatch)
         state.pointee.enabled = flags & IORING_SETUP_R_DISABLED == 0
+        takesRingMessages.store(state.pointee.enabled, ordering: .releasing)
     }
 
     deinit {
@@ -417,6 +422,7 @@ public final class URingBackend: IOBackend {
         let r = plexus_enable_rings(ring)
         guard r == 0 else { throw PlexusError(operation: "io_uring_enable_rings", errno: Errno(rawValue: -r)) }
         state.pointee.enabled = true
+        takesRingMessages.store(true, ordering: .releasing)
     }
 
     /// An SQE, flushing a full SQ to the kernel first; nil only if the kernel takes nothing.

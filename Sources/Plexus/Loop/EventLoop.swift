@@ -145,19 +145,25 @@ public final class EventLoop: @unchecked Sendable {
         finished = true
         running = false
         stopped = true
-        loopThreadID.store(0, ordering: .relaxed)
-        finishedForAll.store(true, ordering: .releasing)
-        // From now on no job queued here would run: what came since the shutdown's last
-        // drain, and what comes later (`enqueueOnLoop`), runs on another thread.
+        // From now on no job queued here would run. What came since the shutdown's last
+        // drain runs now, still on this thread: a closure accepted before the close, a
+        // signal (a message queue's consumer with messages left or its end to announce).
+        // Task jobs, those too and any left in `localJobs` (a task that kept yielding past
+        // the shutdown's rounds), and every one enqueued from now on (`enqueueOnLoop`)
+        // run on another thread, once this one is done (`OrphanJobs.release`).
         var late: [LoopJob] = []
         for job in remote.finish() {
             switch job {
             case .task(let task): late.append(task)
-            case .closure(let body): body()  // accepted before the close: it still runs
-            case .signal: break  // a request for a turn; there is none to give
+            case .closure(let body): body()
+            case .signal(let target): target.loopSignalled()
             }
         }
-        orphans.adopt(late, of: self)
+        late.append(contentsOf: localJobs)
+        localJobs.removeAll()
+        loopThreadID.store(0, ordering: .relaxed)
+        finishedForAll.store(true, ordering: .releasing)
+        orphans.release(late, of: self)
     }
 
     /// Yields the CPU until a job comes from another thread, `shutdown` is called or
@@ -512,8 +518,11 @@ public final class EventLoop: @unchecked Sendable {
     private func wakeThroughRing() -> Bool {
         guard let raw = plexus_current_loop() else { return false }
         let sender = Unmanaged<EventLoop>.fromOpaque(raw).takeUnretainedValue()
+        // A ring not yet enabled (created R_DISABLED, before its loop's first wait) would
+        // refuse the message with EBADFD on the sender's ring, and the wake-up would be
+        // lost: the eventfd then.
         guard sender !== self, let from = sender.backend as? URingBackend,
-              let to = backend as? URingBackend else { return false }
+              let to = backend as? URingBackend, to.takesRingMessages.load(ordering: .acquiring) else { return false }
         return from.postWake(toRing: to.ringFD)
     }
 
@@ -647,9 +656,11 @@ public final class EventLoop: @unchecked Sendable {
         }
         stopped = true
         // Callbacks may submit again while being cancelled; cancel until nothing is left.
+        // Task jobs still queued once no operation or timer is (a task that keeps
+        // yielding) are not waited for: `run()` hands them to another thread.
         var rounds = 0
         runLocalJobs()
-        while backend.pendingCount > 0 || timers.count > 0 || !localJobs.isEmpty {
+        while backend.pendingCount > 0 || timers.count > 0 {
             // Start what was accepted first: a close then really closes (a close is never
             // cancelled, on any backend), and everything else is in flight to be cancelled.
             _ = try? backend.submit()

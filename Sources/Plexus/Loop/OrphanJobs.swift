@@ -18,6 +18,9 @@ final class OrphanJobs: @unchecked Sendable {
     private let lock = Lock()
     private var incoming: [LoopJob] = []
     private var draining = false
+    /// Until `run()` has handed over what it still had (`release`), jobs only queue: no
+    /// job may run here while the loop thread still runs its last ones.
+    private var held = true
     /// The pthread_t of the thread running the jobs now, 0 when none (`isCurrentThread`).
     private let runner = Atomic<UInt>(0)
     /// Threads started here that still hold the loop (tests wait for 0).
@@ -37,12 +40,26 @@ final class OrphanJobs: @unchecked Sendable {
     /// jobs keep coming.
     var capacity: Int { lock.withLock { incoming.capacity } }
 
-    /// Queues `jobs` and starts a thread for them unless one is running.
+    /// Queues `jobs` and starts a thread for them unless one is running (or `run()` has
+    /// not released the queue yet).
     func adopt(_ jobs: [LoopJob], of loop: EventLoop) {
         guard !jobs.isEmpty else { return }
         let start = lock.withLock {
             incoming.append(contentsOf: jobs)
-            if draining { return false }
+            if held || draining { return false }
+            draining = true
+            return true
+        }
+        if start { startThread(loop) }
+    }
+
+    /// Called once by `run()` as it returns, with the jobs the loop thread did not run:
+    /// from now on queued jobs run here.
+    func release(_ jobs: [LoopJob], of loop: EventLoop) {
+        let start = lock.withLock {
+            incoming.append(contentsOf: jobs)
+            held = false
+            if draining || incoming.isEmpty { return false }
             draining = true
             return true
         }
