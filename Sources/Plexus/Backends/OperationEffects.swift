@@ -179,7 +179,7 @@ struct KernelView {
         setFD(fd)
         base = region.baseAddress
         length = min(region.count, Operation.maxTransfer)
-        check(emptyAllowed ? 1 : region.count, offset)
+        check(region.count, offset, emptyAllowed: emptyAllowed)
     }
 
     mutating func setVector(_ fd: FileDescriptor, _ iov: UnsafeMutablePointer<iovec>, _ count: Int, _ total: Int, _ offset: Int64?) {
@@ -190,12 +190,12 @@ struct KernelView {
         check(total, offset)
     }
 
-    private mutating func check(_ total: Int, _ offset: Int64?) {
+    private mutating func check(_ total: Int, _ offset: Int64?, emptyAllowed: Bool = false) {
         if let offset {
             if offset < 0 { invalid = invalid ?? -EINVAL }
             self.offset = offset
         }
-        if total == 0 { invalid = invalid ?? -EINVAL }
+        if total == 0 && !emptyAllowed { invalid = invalid ?? -EINVAL }
     }
 }
 

@@ -17,9 +17,13 @@ public final class URingBackend: IOBackend {
     public let capabilities: Capabilities
     /// The IORING_SETUP_* flags the ring was created with.
     public let setupFlags: UInt32
-    /// The ring is enabled, for other threads: a ring created R_DISABLED answers
-    /// IORING_OP_MSG_RING with EBADFD (on the sender's ring) until its first submit.
+    /// The ring is enabled: R_DISABLED rings are enabled by the first thread that
+    /// submits, which becomes the single issuer, whichever thread created the backend.
+    /// Atomic because other threads read it too: a ring not yet enabled answers
+    /// IORING_OP_MSG_RING with EBADFD (on the sender's ring).
     let takesRingMessages = Atomic<Bool>(false)
+    /// `takesRingMessages`, on the ring's own thread.
+    private var enabled: Bool { takesRingMessages.load(ordering: .relaxed) }
 
     private let ring: UnsafeMutablePointer<io_uring>
     private let table = OperationTable()
@@ -48,9 +52,6 @@ public final class URingBackend: IOBackend {
         var starved: [UInt16: [Token]] = [:]
         /// Buffers of each group handed to callers and not yet recycled.
         var outstanding: [UInt16: Int] = [:]
-        /// R_DISABLED rings are enabled by the first thread that submits: it becomes the
-        /// single issuer, whichever thread created the backend.
-        var enabled = false
         /// Per fd number: reads of empty pipes (`parkOnPipe`) and the order of a byte
         /// stream's reads and writes (`orderedRead`, `orderedWrite`).
         var pipes = PipeWatches()
@@ -231,12 +232,11 @@ public final class URingBackend: IOBackend {
         state.pointee.immediate.reserveCapacity(64)
         cqeBatch = Int(ring.pointee.cq.ring_entries)
         cqes = .allocate(capacity: cqeBatch)
-        state.pointee.enabled = flags & IORING_SETUP_R_DISABLED == 0
-        takesRingMessages.store(state.pointee.enabled, ordering: .releasing)
+        takesRingMessages.store(flags & IORING_SETUP_R_DISABLED == 0, ordering: .releasing)
     }
 
     deinit {
-        if state.pointee.enabled { cancelAll { _ in } }
+        if enabled { cancelAll { _ in } }
         // A ring never enabled never ran anything: its records only need their buffers freed.
         for index in table.liveIndices() { release(index); _ = table.remove(index) }
         for (id, entry) in state.pointee.bufferRings {
@@ -368,7 +368,7 @@ public final class URingBackend: IOBackend {
     }
 
     public func cancelAll(_ body: (consuming Completion) -> Void) {
-        if !state.pointee.enabled { try? enableIfNeeded() }
+        if !enabled { try? enableIfNeeded() }
         drainBacklog()
         endStarved { _ in true }
         for fd in 0..<state.pointee.pipes.count where state.pointee.pipes[fd].kind == 1 || state.pointee.pipes[fd].stream == 1 {
@@ -398,7 +398,7 @@ public final class URingBackend: IOBackend {
     /// as if a completion arrived. Submitted at once; on this ring the success CQE is
     /// skipped. False when the kernel lacks MSG_RING or the SQ is full.
     func postWake(toRing target: Int32) -> Bool {
-        guard capabilities.contains(.messageRing), state.pointee.enabled, let sqe = io_uring_get_sqe(ring) else {
+        guard capabilities.contains(.messageRing), enabled, let sqe = io_uring_get_sqe(ring) else {
             return false
         }
         io_uring_prep_msg_ring(sqe, target, 0, Token.ringWake.rawValue, 0)
@@ -414,14 +414,13 @@ public final class URingBackend: IOBackend {
 
     @inline(__always)
     private func enableIfNeeded() throws(PlexusError) {
-        if _slowPath(!state.pointee.enabled) { try enableRings() }
+        if _slowPath(!enabled) { try enableRings() }
     }
 
     @inline(never)
     private func enableRings() throws(PlexusError) {
         let r = plexus_enable_rings(ring)
         guard r == 0 else { throw PlexusError(operation: "io_uring_enable_rings", errno: Errno(rawValue: -r)) }
-        state.pointee.enabled = true
         takesRingMessages.store(true, ordering: .releasing)
     }
 
@@ -431,7 +430,7 @@ public final class URingBackend: IOBackend {
         if let sqe = io_uring_get_sqe(ring) { return sqe }
         state.pointee.statistics.submissionQueueFull &+= 1
         plexus_block_sigpipe()
-        if state.pointee.enabled { _ = io_uring_submit(ring) }
+        if enabled { _ = io_uring_submit(ring) }
         return io_uring_get_sqe(ring)
     }
 

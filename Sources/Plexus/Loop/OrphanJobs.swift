@@ -43,23 +43,20 @@ final class OrphanJobs: @unchecked Sendable {
     /// Queues `jobs` and starts a thread for them unless one is running (or `run()` has
     /// not released the queue yet).
     func adopt(_ jobs: [LoopJob], of loop: EventLoop) {
-        guard !jobs.isEmpty else { return }
-        let start = lock.withLock {
-            incoming.append(contentsOf: jobs)
-            if held || draining { return false }
-            draining = true
-            return true
-        }
-        if start { startThread(loop) }
+        queue(jobs, of: loop, releasing: false)
     }
 
     /// Called once by `run()` as it returns, with the jobs the loop thread did not run:
     /// from now on queued jobs run here.
     func release(_ jobs: [LoopJob], of loop: EventLoop) {
+        queue(jobs, of: loop, releasing: true)
+    }
+
+    private func queue(_ jobs: [LoopJob], of loop: EventLoop, releasing: Bool) {
         let start = lock.withLock {
             incoming.append(contentsOf: jobs)
-            held = false
-            if draining || incoming.isEmpty { return false }
+            if releasing { held = false }
+            if held || draining || incoming.isEmpty { return false }
             draining = true
             return true
         }
