@@ -191,6 +191,35 @@ extension PlexusTests {
         try await Self.expectIdle(loop, kind)
     }
 
+    /// A callback consumer attaching to a queue whose loop has finished gets what is left
+    /// and its onClosed at once, before `onMessage` returns. Before, its request for a turn
+    /// was refused by the finished loop and dropped: nothing delivered, onClosed never called.
+    @Test(arguments: Backends.kinds)
+    func aConsumerAttachingAfterTheLoopFinishedGetsTheRestAndTheEnd(_ kind: BackendKind) async throws {
+        let loop = try Backends.loopThread(kind)
+        let queue = MessageQueue<Int>(capacity: 4, loop: loop)
+        for i in 1...3 { #expect(queue.trySend(i).isSent) }
+        loop.shutdownAndWait()
+        #expect(queue.isClosed, "\(kind): the shutdown closes the queue")
+        let got = Box<[Int]>([])
+        let ended = Box(false)
+        queue.onMessage({ got.value.append($0) }, onClosed: { ended.value = true })
+        #expect(got.value == [1, 2, 3], "\(kind)")
+        #expect(ended.value, "\(kind): onClosed never ran")
+        #expect(queue.close().isEmpty)
+        try await Self.expectIdle(loop, kind)
+    }
+
+    /// shutdownAndWait() on the loop's own thread would wait for itself forever: it stops
+    /// the process with a message instead (run in a child process).
+    @Test func shutdownAndWaitOnTheLoopThreadStopsWithAMessage() async {
+        await #expect(processExitsWith: .failure) {
+            let loop = try EventLoop.startThread(name: "plexus-exit-test")
+            loop.execute { loop.shutdownAndWait() }
+            sleep(10)  // the child ends long before: the precondition stops it
+        }
+    }
+
     /// Waits until no thread of the loop's orphaned jobs holds the loop, so the loop's
     /// fds close when the test drops it (the suite's fd check runs after each test).
     static func expectIdle(_ loop: EventLoop, _ kind: BackendKind) async throws {

@@ -238,7 +238,10 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// Shuts down a loop started with `startThread` and waits until its thread is done.
+    /// Not from the loop's own thread (a callback, a task on the loop): it would wait for
+    /// itself; call `shutdown()` there.
     public func shutdownAndWait() {
+        precondition(!inLoop, "shutdownAndWait() on the loop's own thread would wait for itself forever; call shutdown() there")
         shutdown()
         threadFinished.wait()
         threadFinished.signal()  // a second caller does not block
@@ -256,9 +259,12 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Queues `target.loopSignalled()` to run on the loop thread, waking the loop only if
     /// it sleeps. Callable from any thread; allocates nothing once the queue has grown.
-    func signal(_ target: any LoopSignalTarget) {
-        _ = remote.push(.signal(target))
+    /// False once `run()` has returned: nothing will run it then.
+    @discardableResult
+    func signal(_ target: any LoopSignalTarget) -> Bool {
+        guard remote.push(.signal(target)) else { return false }
         wakeForRemoteJob()
+        return true
     }
 
     // MARK: Submitting

@@ -281,7 +281,9 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
 
     /// Consumes the queue a batch at a time: each call gets every message that was queued
     /// when the consumer woke (at most `capacity`), oldest first. The array is reused for
-    /// the next batch; keeping it costs a copy, nothing else.
+    /// the next batch; keeping it costs a copy, nothing else. On a queue whose loop's
+    /// `run()` has returned, what is left and then `onClosed` are delivered at once, on
+    /// the calling thread, before this returns.
     public func onBatch(_ body: @escaping ([Message]) -> Void, onClosed: (() -> Void)? = nil) {
         guard let loop else { preconditionFailure("the consumer's loop is gone") }
         loop.assertInLoop()
@@ -289,8 +291,10 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
             precondition(!consumer.isAttached, "MessageQueue has a consumer already (single consumer)")
             consumer = .callback(body, onClosed: onClosed)
         }
-        // Messages may have been waiting for a consumer; their wake-up was spent.
-        loop.signal(self)
+        // Messages may have been waiting for a consumer; their wake-up was spent. A loop
+        // whose `run()` has returned takes no signal: the queue is closed then (its
+        // shutdown closed it), and what is left and the end are delivered now, here.
+        if !loop.signal(self) { consumerTurn() }
     }
 
     /// Detaches the callback consumer (loop thread). Messages stay queued for the next
