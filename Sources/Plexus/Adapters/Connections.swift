@@ -59,14 +59,13 @@ final class AcceptStream: @unchecked Sendable {
     private var finished = false
     /// The accept is being cancelled because enough fds wait.
     private var pausing = false
-    /// The deadline of the waiting `next()` passed.
-    private var timedOut = false
-    private var waiter: UnsafeContinuation<Void, Never>?
+    private let wait: SequenceWait
 
     init(loop: EventLoop, listener: FileDescriptor, bufferLimit: Int) {
         self.loop = loop
         self.listener = listener
         self.bufferLimit = bufferLimit
+        wait = SequenceWait(loop: loop, kind: .acceptMultishot)
     }
 
     deinit {
@@ -92,29 +91,8 @@ final class AcceptStream: @unchecked Sendable {
             if finished { return nil }
             arm()
             if finished { continue }
-            let timer = try loop.timerForCurrentDeadline(.acceptMultishot) { [self] in
-                timedOut = true
-                wake()
-            }
-            await withTaskCancellationHandler {
-                await withUnsafeContinuation { continuation in
-                    // Between the checks above and here the loop may have run (an executor
-                    // switch is a suspension point): look again before parking.
-                    if self.head < self.ready.count || self.failure != nil || self.finished || self.token == nil
-                        || self.timedOut {
-                        continuation.resume()
-                    } else {
-                        self.waiter = continuation
-                    }
-                }
-            } onCancel: {
-                self.loop.execute { self.stop() }
-            }
-            if let timer { loop.timers.discard(timer) }
-            if timedOut {
-                timedOut = false
-                throw PlexusError(.acceptMultishot, result: -ETIMEDOUT)
-            }
+            try await wait.park(unless: { head < ready.count || failure != nil || finished || token == nil },
+                                onCancel: { self.stop() })
         }
     }
 
@@ -145,7 +123,7 @@ final class AcceptStream: @unchecked Sendable {
                 }
                 pausing = false
             }
-            wake()
+            wait.wake()
         }
     }
 
@@ -153,10 +131,6 @@ final class AcceptStream: @unchecked Sendable {
     func stop() {
         finished = true
         if let t = token { loop.cancel(t, discardingDescriptors: false) }
-        wake()
-    }
-
-    private func wake() {
-        waiter.take()?.resume()
+        wait.wake()
     }
 }

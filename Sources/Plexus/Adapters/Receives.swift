@@ -80,15 +80,14 @@ final class ReceiveStream: @unchecked Sendable {
     private var failure: PlexusError?
     private var ended = false
     private var stopped = false
-    /// The deadline of the waiting `next()` passed.
-    private var timedOut = false
-    private var waiter: UnsafeContinuation<Void, Never>?
+    private let wait: SequenceWait
 
     init(loop: EventLoop, fd: FileDescriptor, bufferCount: Int, bufferSize: Int) {
         self.loop = loop
         self.fd = fd
         self.bufferCount = bufferCount
         self.bufferSize = bufferSize
+        wait = SequenceWait(loop: loop, kind: .receiveMultishot)
     }
 
     func next() async throws -> [UInt8]? {
@@ -110,26 +109,8 @@ final class ReceiveStream: @unchecked Sendable {
             if ended { release(); return nil }
             try start()
             if ended { continue }
-            let timer = try loop.timerForCurrentDeadline(.receiveMultishot) { [self] in
-                timedOut = true
-                waiter.take()?.resume()
-            }
-            await withTaskCancellationHandler {
-                await withUnsafeContinuation { continuation in
-                    if self.head < self.chunks.count || self.failure != nil || self.ended || self.timedOut {
-                        continuation.resume()
-                    } else {
-                        self.waiter = continuation
-                    }
-                }
-            } onCancel: {
-                self.loop.execute { self.stop() }
-            }
-            if let timer { loop.timers.discard(timer) }
-            if timedOut {
-                timedOut = false
-                throw PlexusError(.receiveMultishot, result: -ETIMEDOUT)
-            }
+            try await wait.park(unless: { head < chunks.count || failure != nil || ended },
+                                onCancel: { self.stop() })
         }
     }
 
@@ -153,7 +134,7 @@ final class ReceiveStream: @unchecked Sendable {
                 }
                 if stopped { release() }
             }
-            waiter.take()?.resume()
+            wait.wake()
         }
     }
 
@@ -163,7 +144,7 @@ final class ReceiveStream: @unchecked Sendable {
         stopped = true
         ended = true
         if let token { loop.cancel(token) } else { release() }
-        waiter.take()?.resume()
+        wait.wake()
     }
 
     private func release() {
