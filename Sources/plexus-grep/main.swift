@@ -19,19 +19,39 @@ struct Line: Sendable {
     let bytes: [UInt8]
 }
 
-func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+/// write(2) until every byte is written; the errno when a write fails.
+@discardableResult
+func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32? {
     var left = bytes
     while !left.isEmpty {
         let n = Glibc.write(fd, left.baseAddress, left.count)
         if n < 0 && plexus_errno() == EINTR { continue }
-        if n <= 0 { return }
+        if n < 0 { return plexus_errno() }
         left = UnsafeRawBufferPointer(rebasing: left[n...])
     }
+    return nil
 }
 
 func writeLine(_ fd: Int32, _ text: String) {
     var line = text + "\n"
-    line.withUTF8 { writeAll(fd, UnsafeRawBufferPointer($0)) }
+    _ = line.withUTF8 { writeAll(fd, UnsafeRawBufferPointer($0)) }
+}
+
+/// Ends the program when stdout cannot take the output. The loops' threads block SIGPIPE
+/// (a closed socket must not kill a server), so a reader that went away (`| head`) shows
+/// as EPIPE: end as grep does then, killed by SIGPIPE, without a message. Any other
+/// error is reported, with grep's status for trouble, 2.
+func outputFailed(_ errno: Int32) -> Never {
+    if errno == EPIPE {
+        signal(SIGPIPE, SIG_DFL)
+        var pipeSignal = sigset_t()
+        sigemptyset(&pipeSignal)
+        sigaddset(&pipeSignal, SIGPIPE)
+        pthread_sigmask(SIG_UNBLOCK, &pipeSignal, nil)
+        raise(SIGPIPE)
+    }
+    writeLine(2, "plexus-grep: write error: \(String(cString: strerror(errno)))")
+    exit(2)
 }
 
 func usage(_ code: Int32) -> Never {
@@ -193,7 +213,7 @@ printer.execute {
             output.append(UInt8(ascii: "\n"))
         }
         // One write per batch, straight to stdout (it may be a tty or a file).
-        output.withUnsafeBytes { writeAll(1, $0) }
+        if let errno = output.withUnsafeBytes({ writeAll(1, $0) }) { outputFailed(errno) }
         output.removeAll(keepingCapacity: true)
     }, onClosed: {
         finished.post()

@@ -218,7 +218,10 @@ enum RESP {
             }
             return out.append("*0\r\n")
         }
-        let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[command.name.prefix(64)]), as: UTF8.self)
+        // A CR or LF from the client inside the error line would end it early and put
+        // every later reply out of step: control bytes become spaces, as Redis does.
+        let printable = b[command.name.prefix(64)].map { $0 < 0x20 || $0 == 0x7f ? UInt8(ascii: " ") : $0 }
+        let name = String(decoding: printable, as: UTF8.self)
         return out.append("-ERR unknown command '\(name)'\r\n")
     }
 

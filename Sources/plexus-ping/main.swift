@@ -132,13 +132,20 @@ for listener in listeners {
         loop.execute { acceptConnections(listener) }
     case .async:
         Task(executorPreference: loop) {
-            do {
-                for try await connection in listener.connections() {
-                    try? connection.setNoDelay()
-                    Task(executorPreference: loop) { await serveAsync(connection) }
+            // An error (EMFILE) ends the sequence: accept again after a pause, as the
+            // callback path does. The sequence ends without one when the loop shuts down.
+            while true {
+                do {
+                    for try await connection in listener.connections() {
+                        try? connection.setNoDelay()
+                        Task(executorPreference: loop) { await serveAsync(connection) }
+                    }
+                    return
+                } catch {
+                    if loop.isShuttingDown { return }
+                    writeLine(2, "plexus-ping: accept: \(error)")
+                    do { try await loop.sleep(for: .milliseconds(100)) } catch { return }
                 }
-            } catch {
-                writeLine(2, "plexus-ping: accept: \(error)")
             }
         }
     }

@@ -59,6 +59,12 @@ extension PlexusTests {
             let expected = "$5\r\nhello\r\n$2\r\nhi\r\n-ERR unknown command 'FLUSHALL'\r\n"
             #expect(try client.receive(expected.utf8.count) == expected)
 
+            // A command name holding CR LF: the error line names it with spaces instead, so
+            // the next reply still starts on a line of its own.
+            try client.send("*1\r\n$4\r\nA\r\nB\r\nPING\r\n")
+            let unknown = "-ERR unknown command 'A  B'\r\n+PONG\r\n"
+            #expect(try client.receive(unknown.utf8.count) == unknown)
+
             // A message bigger than the session's buffers, sent in pieces.
             let big = String(repeating: "z", count: 100_000)
             try client.send("*2\r\n$4\r\nPING\r\n$100000\r\n" + big + "\r\n")
@@ -88,6 +94,28 @@ extension PlexusTests {
             #expect(ping.stdout == "PONG\n", "\(ping)")
             let echo = try runChild([Self.redisCli!, "-p", String(server.port), "PING", "plexus"], within: .seconds(20))
             #expect(echo.stdout == "plexus\n", "\(echo)")
+        }
+
+        /// Out of fds (EMFILE) for a while, plexus-ping goes on accepting once some are
+        /// free again, with either adapter. Before, the async adapter's accept loop ended
+        /// at the first error and no later connection was ever served.
+        @Test(arguments: Backends.kinds, adapters)
+        func `plexus-ping accepts again after running out of fds`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            let server = try PingServer(kind: kind, adapter: adapter, loops: 1, fdLimit: 32)
+            defer { server.stop() }
+            // More connections than the server has fds: its accepts fail with EMFILE.
+            var crowd: [BlockingClient] = []
+            for _ in 0..<48 { crowd.append(try BlockingClient(port: server.port)) }
+            usleep(200_000)
+            for client in crowd { client.close() }
+            usleep(300_000)  // the server's fds close; the callback adapter pauses 100 ms
+            let client = try BlockingClient(port: server.port)
+            defer { client.close() }
+            try client.send("PING\r\n")
+            #expect(try client.receive(7) == "+PONG\r\n")
+            #expect(readWholeFile(server.directory + "/stderr").contains("Too many open files"),
+                    "the server never ran out of fds: the test proves nothing")
         }
 
         // MARK: plexus-grep
@@ -130,6 +158,23 @@ extension PlexusTests {
             let empty = try runChild([grep, "x"], setting: ["PLEXUS_BACKEND": kind.rawValue])
             #expect(empty.exitCode == 1, "\(empty)")
         }
+
+        /// When the reader of its output goes away (`| head -1`), plexus-grep ends as grep
+        /// does, killed by SIGPIPE (status 141 in a shell). Before, its loop threads, which
+        /// block SIGPIPE, took the EPIPE for nothing and read the whole input (exit 0).
+        @Test(arguments: Backends.kinds)
+        func `plexus-grep ends by SIGPIPE when its reader leaves`(kind: BackendKind) throws {
+            _ = try Backends.start(kind)
+            let grep = try builtExecutable("plexus-grep")
+            let file = "/tmp/plexus-grep-\(getpid())-pipe.txt"
+            defer { unlink(file) }
+            // Far more than a pipe holds, so plexus-grep writes after head has left.
+            try (1...200_000).map { "line \($0)" }.joined(separator: "\n").write(toFile: file, atomically: false, encoding: .utf8)
+            let run = try runChild(["/bin/bash", "-c", #""$0" line "$1" | head -1; echo "status ${PIPESTATUS[0]}" >&2"#, grep, file],
+                                   setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(run.stdout == "line 1\n", "\(run)")
+            #expect(run.stderr.hasSuffix("status 141\n"), "\(run)")
+        }
     }
 }
 
@@ -139,14 +184,17 @@ private struct PingServer {
     let port: UInt16
     let directory: String
 
-    init(kind: BackendKind, adapter: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    /// `fdLimit`: started through bash with `ulimit -n` set to it.
+    init(kind: BackendKind, adapter: String, loops: Int = 2, fdLimit: Int? = nil,
+         sourceLocation: SourceLocation = #_sourceLocation) throws {
         let executable = try builtExecutable("plexus-ping", sourceLocation: sourceLocation)
         port = try Self.freePort()
         directory = try makeOutputDirectory("plexus-ping")
         var environment = ProcessInfo.processInfo.environment
         environment["PLEXUS_BACKEND"] = kind.rawValue
-        pid = try spawnChild([executable, "--port", String(port), "--loops", "2", "--adapter", adapter],
-                             environment: environment, outputIn: directory)
+        var arguments = [executable, "--port", String(port), "--loops", String(loops), "--adapter", adapter]
+        if let fdLimit { arguments = ["/bin/bash", "-c", "ulimit -n \(fdLimit) && exec \"$@\"", "bash"] + arguments }
+        pid = try spawnChild(arguments, environment: environment, outputIn: directory)
 
         // Up when a connect succeeds (at most 10 s).
         for _ in 0..<1000 {
