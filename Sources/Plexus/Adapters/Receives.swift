@@ -31,6 +31,11 @@ extension EventLoop {
     /// to the kernel only when the consumer takes its chunk, so a slow consumer pauses the
     /// receive instead of letting memory grow. Shutting the loop down cancels the receive
     /// and ends the sequence (after the chunks already received).
+    ///
+    /// Leaving the loop early (`break`, a throw, the task's cancellation) cancels the
+    /// receive and drops the chunks it had already read from the socket and the consumer
+    /// had not taken, up to `bufferCount` of them: those bytes are gone from the socket.
+    /// To read on after leaving, use one sequence for the socket's whole life.
     public func receives(_ fd: FileDescriptor, bufferCount: Int = 16, bufferSize: Int = 16384) -> Receives {
         Receives(loop: self, fd: fd, bufferCount: bufferCount, bufferSize: bufferSize)
     }

@@ -57,10 +57,12 @@ public protocol IOBackend: AnyObject {
     func registerBuffers(count: Int, size: Int) throws(PlexusError) -> BufferGroup
 
     /// Makes buffer `id` of `group` available again after its bytes were read; a
-    /// multishot receive paused for want of buffers resumes.
+    /// multishot receive paused for want of buffers resumes. A buffer that is not out
+    /// (recycled already) is left alone.
     func recycle(_ group: BufferGroup, id: UInt16)
 
-    /// Releases a group no pending operation uses any more (io_uring unregisters its ring).
+    /// Releases a group (io_uring unregisters its ring). A multishot receive still using
+    /// it ends with -EINVAL once it needs a buffer.
     func unregisterBuffers(_ group: BufferGroup)
 
     /// Counters for tests and benchmarks.

@@ -13,6 +13,9 @@ struct OperationRecord: ~Copyable {
     /// The operation's fd, -1 if it has none (kept here for per-fd queues and cancels).
     var fd: Int32 = -1
     var state: State = .free
+    /// io_uring only: a cancel of it was prepared. A multishot receive the kernel ends for
+    /// want of buffers before the cancel reaches it then ends cancelled, not parked.
+    var cancelRequested = false
 
     enum State: UInt8 {
         case free
@@ -104,7 +107,7 @@ struct OperationTable {
         // and plain fields only, and assigning would destroy its nil `Operation?` through
         // the runtime's value witnesses.
         r.initialize(to: OperationRecord(operation: operation, generation: generation, next: Self.none,
-                                         kind: kind, fd: fd, state: .prepared))
+                                         kind: kind, fd: fd, state: .prepared, cancelRequested: false))
         return Token(index: UInt32(index), generation: generation)
     }
 

@@ -358,8 +358,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         _ = submit()  // blocks SIGPIPE on this thread
         var limit: UInt64? = nil
         if let timeout {
-            let (sum, overflow) = Deadline.now.nanoseconds.addingReportingOverflow(timeout.nanosecondsClamped)
-            limit = overflow ? .max : sum
+            limit = Deadline.now.nanoseconds.addingSaturated(timeout.nanosecondsClamped)
         }
         while true {
             var interrupted = false
@@ -566,8 +565,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             var deadline: UInt64 = 0
             switch consume operation {
             case .timeout(let duration):
-                let (sum, overflow) = Deadline.now.nanoseconds.addingReportingOverflow(duration.nanosecondsClamped)
-                deadline = overflow ? .max : sum
+                deadline = Deadline.now.nanoseconds.addingSaturated(duration.nanosecondsClamped)
                 operation = .timeout(duration)
             case .deadline(let d):
                 deadline = d.nanoseconds
@@ -700,9 +698,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// A multishot receive: recv(2) into free buffers of its group until EAGAIN, end of
     /// file, an error, or no free buffer (then it stays parked until `recycle`).
     private func receiveChunks(_ index: Int, _ mode: FDState.Mode) -> Attempt {
-        let groupID = table.record(index).pointee.operation.bufferGroup!.id
+        let group = table.record(index).pointee.operation.bufferGroup!
+        let groupID = group.id
         let fd = infos[index].view.fd
-        guard pools[groupID] != nil else {  // the group was unregistered under it
+        guard pools[groupID]?.group == group else {  // the group was unregistered under it
             complete(index, -EINVAL)
             return .finished
         }
@@ -711,9 +710,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 if !pools[groupID]!.starved.contains(index) { pools[groupID]!.starved.append(index) }
                 return .blocked
             }
-            let group = pools[groupID]!.group
             let n = Sys.recv(fd, group.address(of: id), group.size, Int32(MSG_DONTWAIT))
             if n > 0 {
+                group.handOut(id)
                 completeMore(index, Int32(n), bufferID: id)
                 if mode == .blockingSocket || mode == .blocking { return .continuing }
                 continue
@@ -730,8 +729,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             throw PlexusError(operation: "registerBuffers", errno: .invalidArgument,
                               message: "a buffer group needs a power-of-two count up to 32768 and a positive size")
         }
-        let group = BufferGroup(id: nextGroup, count: count, size: size)
-        nextGroup &+= 1
+        guard let id = BufferGroup.freeID(from: nextGroup, inUse: { pools[$0] != nil }) else {
+            throw PlexusError(operation: "registerBuffers", errno: .fileExists, message: "all 65536 buffer group ids are in use")
+        }
+        let group = BufferGroup(id: id, count: count, size: size)
+        nextGroup = id &+ 1
         pools[group.id] = ProvidedPool(group: group, free: (0..<UInt16(count)).reversed().map { $0 })
         return group
     }
@@ -744,6 +746,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         guard pools[group.id]?.group == group, Int(id) < group.count else {
             preconditionFailure("buffer \(id) does not belong to a group of this backend")
         }
+        guard group.takeBack(id) else { return }  // not out: it is free already
         pools[group.id]!.free.append(id)
         // Receives that ran dry go on (edge-triggered epoll would not report the data again).
         let starved = pools[group.id]!.starved

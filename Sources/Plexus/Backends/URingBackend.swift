@@ -50,8 +50,6 @@ public final class URingBackend: IOBackend {
         var bufferRings: [UInt16: (ring: UnsafeMutablePointer<io_uring_buf_ring>, group: BufferGroup)] = [:]
         var nextGroup: UInt16 = 0
         var starved: [UInt16: [Token]] = [:]
-        /// Buffers of each group handed to callers and not yet recycled.
-        var outstanding: [UInt16: Int] = [:]
         /// Per fd number: reads of empty pipes (`parkOnPipe`) and the order of a byte
         /// stream's reads and writes (`orderedRead`, `orderedWrite`).
         var pipes = PipeWatches()
@@ -70,6 +68,8 @@ public final class URingBackend: IOBackend {
         var deadlineSequence: UInt32 = 0
         /// Ids whose TIMEOUT found no SQE (submit failed): armed on the next submit.
         var unarmedDeadlines: [UInt32] = []
+        /// Fds with a close prepared and not completed, and how many closes.
+        var closing: [Int32: Int] = [:]
     }
 
     /// How reads of one pipe go. An IORING_OP_READ of an empty pipe is the kernel's slow
@@ -537,6 +537,13 @@ public final class URingBackend: IOBackend {
             state.pointee.immediate.append((index, invalid))
             return
         }
+        if _slowPath(!state.pointee.closing.isEmpty), kind != .close, view.fd >= 0, state.pointee.closing[view.fd] != nil {
+            // Prepared after a close of its fd that has not completed: in the ring it could
+            // take the file before the close runs and then wait on it forever. The fd is
+            // closed for its caller already, as on epoll and poll.
+            state.pointee.immediate.append((index, -EBADF))
+            return
+        }
         if kind == .cancel, let target = record.pointee.operation.cancelTarget {
             guard let targetRecord = table.live(target) else {
                 state.pointee.immediate.append((index, -ENOENT))
@@ -553,6 +560,7 @@ public final class URingBackend: IOBackend {
                 state.pointee.immediate.append((index, 0))
                 return
             }
+            targetRecord.pointee.cancelRequested = true
         }
         if kind == .receiveMultishot && !capabilities.contains(.multishotReceive) {
             state.pointee.immediate.append((index, -EOPNOTSUPP))
@@ -637,6 +645,7 @@ public final class URingBackend: IOBackend {
         case .cancel:
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
+            state.pointee.closing[view.fd, default: 0] += 1
             forgetPositional(view.fd)
             endStarved { table.record($0).pointee.fd == view.fd }
             endWaitingOperations(on: view.fd, result: -ECANCELED) { _ in true }
@@ -804,7 +813,16 @@ public final class URingBackend: IOBackend {
         let bufferID: UInt16? = cqeFlags & IORING_CQE_F_BUFFER != 0 ? UInt16(truncatingIfNeeded: cqeFlags >> 16) : nil
         if res == -ENOBUFS && !more {
             let group = record.pointee.operation.bufferGroup!
-            if state.pointee.outstanding[group.id, default: 0] < group.count {
+            if state.pointee.bufferRings[group.id]?.group != group {
+                // Its group was unregistered under it: the kernel has no buffers for it now.
+                return finish(token.index, result: -EINVAL, flags: [], body)
+            }
+            if record.pointee.cancelRequested {
+                // A cancel is on its way to the kernel, which ended the receive first (it
+                // was re-armed by a recycle in the same turn): it ends here, cancelled.
+                return finish(token.index, result: -ECANCELED, flags: [], body)
+            }
+            if group.outstanding < group.count {
                 // Buffers came back between the kernel running dry and this CQE: go on now,
                 // or no later recycle would ever wake it.
                 state.pointee.statistics.multishotRearms &+= 1
@@ -823,9 +841,7 @@ public final class URingBackend: IOBackend {
             var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
             flags.insert(.more)
             state.pointee.statistics.completed &+= 1
-            if bufferID != nil, let group = record.pointee.operation.bufferGroup {
-                state.pointee.outstanding[group.id, default: 0] += 1
-            }
+            if let bufferID, let group = record.pointee.operation.bufferGroup { group.handOut(bufferID) }
             body(Completion(token: token, result: res, flags: flags, kind: .receiveMultishot, operation: nil,
                             bufferID: bufferID))
             return 1
@@ -838,16 +854,16 @@ public final class URingBackend: IOBackend {
         return finish(token.index, result: res, flags: [], body)  // end of file (0) or an error
     }
 
-    /// Ends the starved multishot receives `matching` picks with -ECANCELED (they have
-    /// nothing in the kernel to cancel).
-    private func endStarved(_ matching: (Int) -> Bool) {
-        for (group, tokens) in state.pointee.starved {
+    /// Ends the starved multishot receives `matching` picks (of every group, or of one)
+    /// with `result`: they have nothing in the kernel to cancel.
+    private func endStarved(result: Int32 = -ECANCELED, inGroup only: UInt16? = nil, _ matching: (Int) -> Bool) {
+        for (group, tokens) in state.pointee.starved where only == nil || only == group {
             var kept: [Token] = []
             for token in tokens {
                 guard let record = table.live(token), record.pointee.state == .awaitingBuffers else { continue }
                 if matching(token.index) {
                     record.pointee.state = .inFlight
-                    state.pointee.immediate.append((token.index, -ECANCELED))
+                    state.pointee.immediate.append((token.index, result))
                 } else {
                     kept.append(token)
                 }
@@ -865,12 +881,15 @@ public final class URingBackend: IOBackend {
             throw PlexusError(operation: "io_uring_register_buf_ring", errno: .notSupported,
                               message: "this kernel has no provided buffer rings (Linux 5.19+)")
         }
-        let id = state.pointee.nextGroup
+        guard let id = BufferGroup.freeID(from: state.pointee.nextGroup, inUse: { state.pointee.bufferRings[$0] != nil }) else {
+            throw PlexusError(operation: "io_uring_register_buf_ring", errno: .fileExists,
+                              message: "all 65536 buffer group ids are in use")
+        }
         var error: Int32 = 0
         guard let br = plexus_setup_buf_ring(ring, UInt32(count), Int32(id), &error) else {
             throw PlexusError(operation: "io_uring_register_buf_ring", errno: Errno(rawValue: -error))
         }
-        state.pointee.nextGroup &+= 1
+        state.pointee.nextGroup = id &+ 1
         let group = BufferGroup(id: id, count: count, size: size)
         let mask = io_uring_buf_ring_mask(UInt32(count))
         for bid in 0..<count {
@@ -885,18 +904,18 @@ public final class URingBackend: IOBackend {
         guard let entry = state.pointee.bufferRings[group.id], entry.group == group else { return }
         _ = plexus_free_buf_ring(ring, entry.ring, UInt32(group.count), Int32(group.id))
         state.pointee.bufferRings[group.id] = nil
-        state.pointee.starved[group.id] = nil
-        state.pointee.outstanding[group.id] = nil
+        // Receives parked for its buffers would wait forever: they end, as on epoll and poll.
+        endStarved(result: -EINVAL, inGroup: group.id) { _ in true }
     }
 
     public func recycle(_ group: BufferGroup, id: UInt16) {
         guard let entry = state.pointee.bufferRings[group.id], entry.group == group, Int(id) < group.count else {
             preconditionFailure("buffer \(id) does not belong to a group of this backend")
         }
+        guard group.takeBack(id) else { return }  // not out: it is in the ring already
         io_uring_buf_ring_add(entry.ring, group.address(of: id), UInt32(group.size), id,
                               io_uring_buf_ring_mask(UInt32(group.count)), 0)
         io_uring_buf_ring_advance(entry.ring, 1)
-        state.pointee.outstanding[group.id, default: 1] -= 1
         // Receives that ran dry resume now that there is a buffer.
         if let waiting = state.pointee.starved.removeValue(forKey: group.id) {
             for token in waiting {
@@ -922,12 +941,20 @@ public final class URingBackend: IOBackend {
         }
         record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
+        if _slowPath(kind == .close) { closed(record.pointee.fd) }
         if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)
         let operation = table.remove(index)
         state.pointee.statistics.completed &+= 1
         body(Completion(token: token, result: result, flags: flags, kind: kind, operation: operation))
         return 1
+    }
+
+    /// A close of `fd` completed: operations prepared on it from now on go to the kernel.
+    @inline(never)
+    private func closed(_ fd: Int32) {
+        guard let count = state.pointee.closing[fd] else { return }
+        state.pointee.closing[fd] = count > 1 ? count - 1 : nil
     }
 
     /// Frees what the record borrowed from the C heap.

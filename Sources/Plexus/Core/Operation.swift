@@ -198,8 +198,10 @@ public struct Deadline: Comparable, Hashable, Sendable {
         return Deadline(nanoseconds: UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec))
     }
 
+    /// Saturates: a deadline past the end of UInt64 nanoseconds (585 years) is `.max`,
+    /// which never comes, instead of wrapping into the past.
     public static func + (d: Deadline, duration: Duration) -> Deadline {
-        Deadline(nanoseconds: d.nanoseconds &+ duration.nanosecondsClamped)
+        Deadline(nanoseconds: d.nanoseconds.addingSaturated(duration.nanosecondsClamped))
     }
 
     public static func < (a: Deadline, b: Deadline) -> Bool { a.nanoseconds < b.nanoseconds }
@@ -207,6 +209,16 @@ public struct Deadline: Comparable, Hashable, Sendable {
     /// Time left until the deadline from `now` (zero if passed).
     func remaining(from now: Deadline) -> UInt64 {
         nanoseconds > now.nanoseconds ? nanoseconds - now.nanoseconds : 0
+    }
+}
+
+extension UInt64 {
+    /// `self + other`, or `.max` where that overflows: for deadlines and timer periods, so
+    /// one too far off never comes rather than wrapping into the past and coming at once.
+    @inline(__always)
+    func addingSaturated(_ other: UInt64) -> UInt64 {
+        let (sum, overflow) = addingReportingOverflow(other)
+        return overflow ? .max : sum
     }
 }
 

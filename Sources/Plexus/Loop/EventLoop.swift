@@ -171,7 +171,7 @@ public final class EventLoop: @unchecked Sendable {
     /// eventfd write).
     @inline(never)
     private func spinBeforeSleep() {
-        let end = Deadline.now.nanoseconds &+ idleSpin.nanosecondsClamped
+        let end = Deadline.now.nanoseconds.addingSaturated(idleSpin.nanosecondsClamped)
         while !remote.hasJobs && !stopRequested.load(ordering: .relaxed) {
             sched_yield()
             if Deadline.now.nanoseconds >= end { return }
@@ -400,7 +400,7 @@ public final class EventLoop: @unchecked Sendable {
         assertInLoop()
         if _slowPath(finished) { return refuse(callback) }
         let ns = max(interval.nanosecondsClamped, 1)
-        return timers.schedule(at: Deadline.now.nanoseconds &+ ns, interval: ns, callback)
+        return timers.schedule(at: Deadline.now.nanoseconds.addingSaturated(ns), interval: ns, callback)
     }
 
     /// `run()` has returned, so nothing would ever fire a timer: its callback runs now, on

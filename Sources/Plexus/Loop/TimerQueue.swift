@@ -118,8 +118,7 @@ final class TimerQueue {
     func settle(now: UInt64) {
         for i in 0..<unsettledCount where isLive(unsettled[i]) {
             var entry = unsettled[i]
-            let (deadline, overflow) = now.addingReportingOverflow(entry.deadline)
-            entry.deadline = overflow ? .max : deadline
+            entry.deadline = now.addingSaturated(entry.deadline)
             push(entry)
         }
         unsettledCount = 0
@@ -195,7 +194,7 @@ final class TimerQueue {
                 return callback
             }
             sequence &+= 1
-            replaceMin(Entry(deadline: max(top.deadline &+ interval, now), sequence: sequence,
+            replaceMin(Entry(deadline: max(top.deadline.addingSaturated(interval), now), sequence: sequence,
                              index: top.index, generation: top.generation))
             return slot.pointee.callback
         }
