@@ -49,6 +49,16 @@ public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Where the async rows' latency samples mean something else than `latencyUnit`: the
+    /// batch is 32 tasks there, and a sample is one task's await.
+    public var asyncLatencyNote: String? {
+        switch self {
+        case .nop32, .file32:
+            "async rows: per await of one of the 32 tasks: a turn of the batch when it waits, one op when the result is there at once (NOPs on epoll and poll, page-cached reads)"
+        default: nil
+        }
+    }
+
     /// Adapters this benchmark has bodies for, on a Plexus backend.
     public var adapters: [Adapter] {
         switch self {

@@ -190,6 +190,10 @@ public struct Report: Sendable {
         }
         out += "\nlatency samples: "
         out += benchmarks.filter(\.isImplemented).map { "\($0) \($0.latencyUnit)" }.joined(separator: "; ")
+        let asyncNotes = benchmarks.filter { b in
+            b.asyncLatencyNote != nil && results.contains { $0.benchmarkCase.benchmark == b && $0.benchmarkCase.adapter == .async }
+        }
+        for b in asyncNotes { out += ". \(b) \(b.asyncLatencyNote!)" }
         out += ".\nvs raw: ops/s over the raw baseline of the same mechanism. vs cb: async ops/s over callback ops/s on the same backend. allocs/op: malloc-family calls per op in the timed window, all threads"
         out += allocationsCounted ? ".\n" : " (not counted in this process: sanitizer build).\n"
         let floors = results.compactMap { r in floorRatio(r).map { "\(r.benchmarkCase.backend) \(fixed($0, 2))x" } }

@@ -84,6 +84,8 @@ struct PlexusBenchCommand: ParsableCommand {
     }
 
     func run() throws {
+        // Opened first, so that a path that cannot be written fails now, not after the run.
+        let jsonFile = try json.map { try OutputFile(path: $0) }
         let settings = RunSettings(duration: try parseDuration(duration, "--duration"),
                                    warmup: try parseDuration(warmup, "--warmup"), repetitions: repetitions)
         let chosenBenchmarks = try selection(benchmarks, Benchmark.self, "--benchmarks")
@@ -108,6 +110,7 @@ struct PlexusBenchCommand: ParsableCommand {
             for b in Benchmark.allCases {
                 print("  \(b.rawValue.padding(12)) \(b.summary)")
                 if b.isImplemented { print("  \("".padding(12)) latency sampled \(b.latencyUnit)") }
+                if let note = b.asyncLatencyNote { print("  \("".padding(12)) \(note)") }
             }
             print("backends that start here: \(usable.map(\.rawValue).joined(separator: ", "))")
             for note in report.notes { print(note) }
@@ -119,6 +122,9 @@ struct PlexusBenchCommand: ParsableCommand {
 
         let plan = Plan(benchmarks: chosenBenchmarks, backends: usable, adapters: chosenAdapters)
         let cases = plan.cases
+        guard !cases.isEmpty else {
+            throw ValidationError("nothing to run: no benchmark of --benchmarks \(benchmarks) has a row for --adapters \(adapters) on --backends \(backends) here")
+        }
         let progress = Progress(enabled: !quiet, total: cases.count, repetitions: settings.repetitions)
         let runner = BenchmarkRunner()
         var failures = 0
@@ -134,9 +140,7 @@ struct PlexusBenchCommand: ParsableCommand {
             report.notes.append("allocations are not counted in this process (sanitizer build): allocs/op shows n/a.")
         }
         print(report.table(allocationsCounted: MallocCounterInfo.active), terminator: "")
-        if let json {
-            try writeFile(json, report.json())
-        }
+        try jsonFile?.write(report.json())
         if failures > 0 { throw ExitCode(1) }
     }
 }
@@ -190,19 +194,41 @@ func writeStderr(_ text: String) {
     }
 }
 
-func writeFile(_ path: String, _ contents: String) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { throw ValidationError("cannot open \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    var contents = contents
-    try contents.withUTF8 { bytes in
-        var offset = 0
-        while offset < bytes.count {
-            let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
-            guard n > 0 else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
-            offset += n
-        }
+/// The --json file: open(2)ed (created or truncated) before the run, written after it.
+final class OutputFile {
+    let path: String
+    private let fd: Int32
+
+    init(path: String) throws(OutputError) {
+        self.path = path
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw OutputError(action: "open", path: path, errno: errno) }
     }
+
+    deinit { close(fd) }
+
+    func write(_ contents: String) throws(OutputError) {
+        var contents = contents
+        let failed: Int32? = contents.withUTF8 { bytes in
+            var offset = 0
+            while offset < bytes.count {
+                let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { return n < 0 ? errno : EIO }
+                offset += n
+            }
+            return nil
+        }
+        if let failed { throw OutputError(action: "write", path: path, errno: failed) }
+    }
+}
+
+/// A failure to write the results: not a usage error, so no usage text; exit status 1.
+struct OutputError: Error, CustomStringConvertible {
+    let action: String
+    let path: String
+    let errno: Int32
+    var description: String { "cannot \(action) \(path): \(String(cString: strerror(errno)))" }
 }
 
 /// "200ms", "0.5s", "1s", "500us", or plain seconds ("0.2").
@@ -215,8 +241,10 @@ func parseDuration(_ text: String, _ option: String) throws -> Duration {
         scale = factor
         break
     }
-    guard let value = Double(number), value > 0, value * scale < 3600 else {
-        throw ValidationError("\(option): '\(text)' is not a duration like 200ms, 0.5s or 1s")
+    // Decimal digits and a point only: Double() also reads hex ("0x10") and exponents.
+    guard number.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }), let value = Double(number),
+          value * scale >= 1e-6, value * scale < 3600 else {
+        throw ValidationError("\(option): '\(text)' is not a duration like 200ms, 0.5s or 1s (from 1us to under an hour)")
     }
     return .nanoseconds(Int64(value * scale * 1e9))
 }
@@ -229,7 +257,8 @@ func selection<T: RawRepresentable & CaseIterable>(_ text: String, _: T.Type, _ 
         guard let value = T(rawValue: name) else {
             throw ValidationError("\(option): unknown '\(name)'; valid: all, \(T.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        chosen.append(value)
+        // A name given twice is one selection: one row, one JSON record.
+        if !chosen.contains(where: { $0.rawValue == name }) { chosen.append(value) }
     }
     guard !chosen.isEmpty else { throw ValidationError("\(option) is empty") }
     return chosen

@@ -163,6 +163,36 @@ extension PlexusTests {
             #expect(report.table(allocationsCounted: true).contains("nop-1"))
         }
 
+        /// plexus-bench as a user runs it (the debug build beside the tests): input it cannot
+        /// use is refused before anything runs, with exit 64 and what is wrong, and an
+        /// unwritable --json path with exit 1 and the errno, not after the whole table.
+        @Test func plexusBenchRefusesWhatItCannotUseBeforeItRuns() throws {
+            let bench = try builtExecutable("plexus-bench")
+            let quick = ["--duration", "10ms", "--warmup", "1ms", "--repetitions", "1", "--quiet"]
+            for (arguments, complaint) in [(["--duration", "0.1ns"], "--duration"), (["--warmup", "0x10ms"], "--warmup"),
+                                           (["--benchmarks", "mq-handoff", "--adapters", "raw"], "nothing to run")] {
+                let run = try runChild([bench] + quick + arguments)
+                #expect(run.exitCode == 64 && run.stderr.contains(complaint), "\(arguments): \(run)")
+                #expect(run.stdout.isEmpty, "\(arguments): ran anyway")
+            }
+            let unwritable = try runChild([bench] + quick + ["--benchmarks", "nop-1", "--json", "/nonexistent-dir/out.json"])
+            #expect(unwritable.exitCode == 1 && unwritable.stderr.contains("cannot open /nonexistent-dir/out.json: No such file"),
+                    "\(unwritable)")
+            #expect(unwritable.stdout.isEmpty, "ran before it found the path unwritable")
+        }
+
+        /// A name listed twice is one selection: one row and one JSON record per case.
+        @Test func plexusBenchRunsANameListedTwiceOnce() throws {
+            let bench = try builtExecutable("plexus-bench")
+            let path = "/tmp/plexus-bench-\(getpid())-twice.json"
+            defer { unlink(path) }
+            let run = try runChild([bench, "--duration", "10ms", "--warmup", "1ms", "--repetitions", "1", "--quiet",
+                                    "--benchmarks", "nop-1,nop-1", "--backends", "raw-epoll,raw-epoll", "--json", path])
+            #expect(run.exitCode == 0, "\(run)")
+            #expect(run.stdout.components(separatedBy: "raw-epoll").count - 1 == 1, "\(run.stdout)")
+            #expect(readWholeFile(path).components(separatedBy: "\"benchmark\"").count - 1 == 1, "\(readWholeFile(path))")
+        }
+
         @Test(.enabled(if: PlexusTests.BenchmarkTests.full, "set PLEXUS_BENCH_FULL=1 to run the full table"))
         func fullTable() throws {
             var report = Report()
