@@ -59,6 +59,22 @@ public final class LatencySampler {
     }
 }
 
+extension Optional where Wrapped == LatencySampler {
+    /// For the async workloads' loops: a clock reading before unit `i` when it is to be
+    /// timed (the first, with a sampler), else 0.
+    @inline(__always)
+    func startTiming(_ i: Int) -> UInt64 {
+        if i == 0, self != nil { return monotonicNanoseconds() }
+        return 0
+    }
+
+    /// Records the time since `start`, if `startTiming` took a reading.
+    @inline(__always)
+    func stopTiming(_ start: UInt64) {
+        if start != 0 { self!.record(monotonicNanoseconds() &- start) }
+    }
+}
+
 /// What a benchmark reports when it cannot run or its result is wrong.
 public struct BenchmarkError: Error, CustomStringConvertible, Sendable {
     public let message: String

@@ -96,9 +96,18 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
         workers = tasks
     }
 
-    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+        for unitIndex in 0..<times {
+            let start = sampler.startTiming(unitIndex)
+            try await unit(worker)
+            sampler.stopTiming(start)
+        }
+        return times
+    }
+
+    @inline(__always)
+    nonisolated(nonsending) private func unit(_ worker: Int) async throws {
         tally.count(try await loop.nop())
-        return 1
     }
 
     func check() throws { try tally.check() }
@@ -179,9 +188,18 @@ final class FloorNop: AsyncWorkload, @unchecked Sendable {
 
     init() throws { loop = try FloorExecutor() }
 
-    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+        for unitIndex in 0..<times {
+            let start = sampler.startTiming(unitIndex)
+            try await unit(worker)
+            sampler.stopTiming(start)
+        }
+        return times
+    }
+
+    @inline(__always)
+    nonisolated(nonsending) private func unit(_ worker: Int) async throws {
         tally.count(Int(await loop.nop()))
-        return 1
     }
 
     func check() throws { try tally.check() }
@@ -238,8 +256,18 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
         }
     }
 
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+        for unitIndex in 0..<times {
+            let start = sampler.startTiming(unitIndex)
+            try await unit(worker)
+            sampler.stopTiming(start)
+        }
+        return times
+    }
+
     /// The reader: one round trip.
-    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+    @inline(__always)
+    nonisolated(nonsending) private func unit(_ worker: Int) async throws {
         guard writeResult == 1 else { throw BenchmarkError.wrong("write returned \(writeResult)") }
         letWriterGo(sequence)
         let got = try await loop.read(FileDescriptor(rawValue: readFD), into: readBuffer.take()!)
@@ -249,7 +277,6 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
         buffer.clear()
         readBuffer = consume buffer
         try check(read: count, byte: byte)
-        return 1
     }
 
     func workersDone() { letWriterGo(nil) }
@@ -324,8 +351,18 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
         connections = pairs.map { AsyncEchoConnection(pair: $0) }
     }
 
+    nonisolated(nonsending) func work(_ i: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+        for unitIndex in 0..<times {
+            let start = sampler.startTiming(unitIndex)
+            try await unit(i)
+            sampler.stopTiming(start)
+        }
+        return times
+    }
+
     /// The client of connection `i`: one request, send then receive the whole echo.
-    nonisolated(nonsending) func work(_ i: Int) async throws -> Int {
+    @inline(__always)
+    nonisolated(nonsending) private func unit(_ i: Int) async throws {
         let c = connections[i]
         c.sequence &+= 1
         let sequence = c.sequence
@@ -345,7 +382,6 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
         stats.completed(sentAt: sentAt, now: monotonicNanoseconds())
         reply.clear()
         c.clientRecv = consume reply
-        return 1
     }
 
     /// The server of connection `i`: echoes until the client's end is shut down.
@@ -394,7 +430,17 @@ final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
         super.init(file: fd, depth: depth)
     }
 
-    nonisolated(nonsending) func work(_ worker: Int) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+        for unitIndex in 0..<times {
+            let start = sampler.startTiming(unitIndex)
+            try await unit(worker)
+            sampler.stopTiming(start)
+        }
+        return times
+    }
+
+    @inline(__always)
+    nonisolated(nonsending) private func unit(_ worker: Int) async throws {
         let slot = slots[worker]
         let offset = nextOffset()
         let got = try await loop.read(FileDescriptor(rawValue: fd), into: slot.buffer.take()!, offset: offset)
@@ -404,7 +450,6 @@ final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
         buffer.clear()
         slot.buffer = consume buffer
         reads += 1
-        return 1
     }
 
     func check() throws {}
