@@ -220,8 +220,9 @@ struct QueuedCompletion {
 struct ProvidedPool {
     let group: BufferGroup
     var free: [UInt16]
-    /// Multishot receives parked for want of a buffer, by record index.
-    var starved: [Int] = []
+    /// Multishot receives parked for want of a buffer. Tokens, not indices: one may end
+    /// (cancelled, closed) and its slot go to another operation before the next recycle.
+    var starved: [Token] = []
 }
 
 /// One timeout in the heap; stale entries (cancelled, slot reused) are skipped by generation.
@@ -633,8 +634,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             || state.pointee.readDrained && (kind == .read || kind == .recv)
         let queueHead = place == .read ? state.pointee.readHead : state.pointee.writeHead
         if waitFirst || queueHead != OperationTable.none {
-            // Wait for readiness first, or keep FIFO order behind the parked ones.
-            park(index, fd, place, emptied: state.pointee.readDrained && place == .read)
+            // Wait for readiness first, or keep FIFO order behind the parked ones. A short
+            // read only suggests the buffer is empty (a unix socket's read also stops at a
+            // message carrying fds): the poller confirms it (`unconfirmed`).
+            let drained = state.pointee.readDrained && place == .read
+            park(index, fd, place, emptied: drained, unconfirmed: drained)
             return
         }
         switch attempt(index, kind, mode) {
@@ -686,7 +690,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         if kind == .accept && result >= 0 { forget(result) }
         if (kind == .read || kind == .recv) && result > 0 {
             let view = infos[index].view
-            if Int(result) < view.length {
+            // (A peek leaves the bytes where they were.)
+            if Int(result) < view.length && !(kind == .recv && view.flags & Int32(MSG_PEEK) != 0) {
                 let state = fds.pointer(Int(view.fd))
                 if state.pointee.isStream { state.pointee.readDrained = true }
             }
@@ -707,7 +712,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
         while true {
             guard let id = pools[groupID]!.free.popLast() else {
-                if !pools[groupID]!.starved.contains(index) { pools[groupID]!.starved.append(index) }
+                let token = Token(index: UInt32(index), generation: table.record(index).pointee.generation)
+                if !pools[groupID]!.starved.contains(token) { pools[groupID]!.starved.append(token) }
                 return .blocked
             }
             let n = Sys.recv(fd, group.address(of: id), group.size, Int32(MSG_DONTWAIT))
@@ -752,8 +758,13 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let starved = pools[group.id]!.starved
         guard !starved.isEmpty else { return }
         pools[group.id]!.starved.removeAll()
-        for index in starved where infos[index].place == .read {
-            let fd = infos[index].view.fd
+        for token in starved {
+            // Still that receive, parked at the head of its fd's reads: a read behind it,
+            // or one that took its slot, must not be tried without a readiness report (a
+            // blocking fd's read(2) would block the loop).
+            guard table.live(token) != nil, infos[token.index].place == .read else { continue }
+            let fd = infos[token.index].view.fd
+            guard fds[Int(fd)].readHead == UInt32(token.index) else { continue }
             if retry(fd, .read) { refreshInterest(fd, rearm: false) }
         }
     }
@@ -939,8 +950,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     // MARK: Parking
 
     /// `emptied`: the fd's read side is known to have nothing to read, and no read report
-    /// came since (a short read of a stream, or EAGAIN just now).
-    private func park(_ index: Int, _ fd: Int32, _ place: RecordPlace, emptied: Bool = false) {
+    /// came since (a short read of a stream, or EAGAIN just now). `unconfirmed`: known only
+    /// from a short read, which may have left bytes behind: if the fd is busy (no rearm
+    /// below otherwise), the poller is asked again, so bytes already there are reported.
+    private func park(_ index: Int, _ fd: Int32, _ place: RecordPlace, emptied: Bool = false, unconfirmed: Bool = false) {
         let state = fds.pointer(Int(fd))
         let wasIdle = state.pointee.isIdle
         let record = table.record(index)
@@ -981,7 +994,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
         // A fresh report is needed when the fd was idle (its last edge may have gone
         // unused), for readiness operations, and whenever the fd is waited on first.
-        let rearm = wasIdle || place == .poll || mode == .blocking || mode == .blockingSocket
+        let rearm = wasIdle || unconfirmed || place == .poll || mode == .blocking || mode == .blockingSocket
         refreshInterest(fd, rearm: rearm)
     }
 
@@ -1172,9 +1185,13 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             dropTimer(index)
         case .read, .write, .poll:
             let fd = info.pointee.view.fd
-            unlink(index, fd, info.pointee.place)
+            let place = info.pointee.place
+            unlink(index, fd, place)
             complete(index, -ECANCELED)
-            refreshInterest(fd, rearm: false)
+            // A read behind the cancelled one gets a fresh report: the cancelled one may
+            // have taken the last edge without meeting EAGAIN (a multishot receive out of
+            // buffers), and no new edge comes for bytes already there.
+            refreshInterest(fd, rearm: place == .read && fds[Int(fd)].readHead != OperationTable.none)
         }
         return 0
     }

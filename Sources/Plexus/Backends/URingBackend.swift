@@ -68,7 +68,7 @@ public final class URingBackend: IOBackend {
         var deadlineSequence: UInt32 = 0
         /// Ids whose TIMEOUT found no SQE (submit failed): armed on the next submit.
         var unarmedDeadlines: [UInt32] = []
-        /// Fds with a close prepared and not completed, and how many closes.
+        /// Fds with a close prepared and not completed: the close's record index.
         var closing: [Int32: Int] = [:]
     }
 
@@ -645,7 +645,10 @@ public final class URingBackend: IOBackend {
         case .cancel:
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
-            state.pointee.closing[view.fd, default: 0] += 1
+            state.pointee.closing[view.fd] = index
+            // Operations on the fd prepared before the close and still waiting for SQ
+            // space are pending on it like the others: the close cancels them.
+            endBacklogged(on: view.fd, result: -ECANCELED)
             forgetPositional(view.fd)
             endStarved { table.record($0).pointee.fd == view.fd }
             endWaitingOperations(on: view.fd, result: -ECANCELED) { _ in true }
@@ -941,7 +944,7 @@ public final class URingBackend: IOBackend {
         }
         record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
-        if _slowPath(kind == .close) { closed(record.pointee.fd) }
+        if _slowPath(kind == .close) { closed(record.pointee.fd, by: index) }
         if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)
         let operation = table.remove(index)
@@ -950,11 +953,22 @@ public final class URingBackend: IOBackend {
         return 1
     }
 
-    /// A close of `fd` completed: operations prepared on it from now on go to the kernel.
+    /// The close in record `index` of `fd` completed: operations prepared on the fd from
+    /// now on go to the kernel (unless a later close of it is still on its way).
     @inline(never)
-    private func closed(_ fd: Int32) {
-        guard let count = state.pointee.closing[fd] else { return }
-        state.pointee.closing[fd] = count > 1 ? count - 1 : nil
+    private func closed(_ fd: Int32, by index: Int) {
+        if state.pointee.closing[fd] == index { state.pointee.closing[fd] = nil }
+    }
+
+    /// Ends the operations on `fd` waiting in the backlog for SQ space with `result`.
+    private func endBacklogged(on fd: Int32, result: Int32) {
+        guard !state.pointee.backlog.isEmpty else { return }
+        state.pointee.backlog.removeAll { index in
+            let record = table.record(index)
+            guard record.pointee.fd == fd, record.pointee.kind != .close else { return false }
+            state.pointee.immediate.append((index, result))
+            return true
+        }
     }
 
     /// Frees what the record borrowed from the C heap.

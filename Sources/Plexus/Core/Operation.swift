@@ -35,7 +35,8 @@ public enum Operation: ~Copyable, Sendable {
     /// connect(2); completes when the connection is established or failed.
     case connect(FileDescriptor, SocketAddress)
     /// Readiness as an operation: completes with the ready `PollEvents` bits.
-    /// Multishot completes on every readiness edge until cancelled.
+    /// Multishot completes on every readiness edge until cancelled (on the poll backend,
+    /// which has no edges, on every turn of the loop while the fd stays ready).
     case poll(FileDescriptor, PollEvents, multishot: Bool = false)
     /// Completes with 0 after `duration` (CLOCK_MONOTONIC), or -ECANCELED.
     case timeout(Duration)
