@@ -745,7 +745,17 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     func unregisterBuffers(_ group: BufferGroup) {
-        if pools[group.id]?.group == group { pools[group.id] = nil }
+        guard let pool = pools[group.id], pool.group == group else { return }
+        pools[group.id] = nil
+        // Receives parked for its buffers would wait for a recycle that cannot come (on
+        // epoll no new edge comes either): they end, as on io_uring.
+        for token in pool.starved {
+            guard table.live(token) != nil, infos[token.index].place == .read else { continue }
+            let fd = infos[token.index].view.fd
+            unlink(token.index, fd, .read)
+            complete(token.index, -EINVAL)
+            refreshInterest(fd, rearm: fds[Int(fd)].readHead != OperationTable.none)
+        }
     }
 
     func recycle(_ group: BufferGroup, id: UInt16) {

@@ -560,6 +560,14 @@ public final class URingBackend: IOBackend {
                 state.pointee.immediate.append((index, 0))
                 return
             }
+            if let waiting = state.pointee.backlog.firstIndex(of: target.index) {
+                // Still waiting for SQ space: nothing of it is in the kernel, which would
+                // see this cancel first and answer ENOENT.
+                state.pointee.backlog.remove(at: waiting)
+                state.pointee.immediate.append((target.index, -ECANCELED))
+                state.pointee.immediate.append((index, 0))
+                return
+            }
             targetRecord.pointee.cancelRequested = true
         }
         if kind == .receiveMultishot && !capabilities.contains(.multishotReceive) {
@@ -1101,8 +1109,12 @@ public final class URingBackend: IOBackend {
         // Already counted in readsInRing (from `waitingReads`, or from the backlog).
         if record.pointee.state == .inFlight { return false }
         guard let i = watch(fd), state.pointee.pipes[i].stream == 1 else { return false }
-        if state.pointee.pipes[i].readsInRing > 0 || !state.pointee.pipes[i].waitingReads.isEmpty {
-            // (A read with a deadline waits too; `prepare(_:deadline:)` times it apart.)
+        let parksToo = kind == .read && !state.pointee.noParking
+        if state.pointee.pipes[i].readsInRing > 0 || !state.pointee.pipes[i].waitingReads.isEmpty
+            || !state.pointee.pipes[i].parked.isEmpty && !parksToo {
+            // (A read with a deadline waits too; `prepare(_:deadline:)` times it apart.
+            // One that cannot park on the pipe waits behind the parked ones: in the ring
+            // it would take their bytes.)
             record.pointee.state = .awaitingPipe
             state.pointee.pipes[i].waitingReads.append(index)
             state.pointee.statistics.wouldBlock &+= 1
@@ -1124,9 +1136,11 @@ public final class URingBackend: IOBackend {
     /// the pipe's poll (when `parking` and the pipe was found empty) or goes to the ring.
     private func startWaitingReads(_ fd: Int32, parking: Bool) {
         let i = Int(fd)
-        while state.pointee.pipes[i].readsInRing == 0, !state.pointee.pipes[i].waitingReads.isEmpty {
-            let index = state.pointee.pipes[i].waitingReads.removeOldest()
+        while state.pointee.pipes[i].readsInRing == 0, let index = state.pointee.pipes[i].waitingReads.first {
             let record = table.record(index)
+            // Behind reads parked on the pipe, only another parking read may go on.
+            if !state.pointee.pipes[i].parked.isEmpty && !(parking && record.pointee.kind == .read) { break }
+            _ = state.pointee.pipes[i].waitingReads.removeOldest()
             record.pointee.state = .prepared
             if parking, record.pointee.kind == .read,
                parkOnPipe(index, fd, record.pointee.operation!.kernelView(scratch: table.scratch(index))) { continue }
@@ -1267,11 +1281,13 @@ public final class URingBackend: IOBackend {
                 return delivered
             }
             _ = state.pointee.pipes[i].parked.removeOldest()
-            let short = result > 0 && Int(result) < length
-            if short { state.pointee.pipes[i].drained = true }
+            // A short read suggests the pipe is empty, but the next parked read still
+            // tries: at end of file every read gets its 0 now, and the writer's close
+            // woke the poll only once (it meets EAGAIN, above, when the pipe is empty).
+            state.pointee.pipes[i].drained = result > 0 && Int(result) < length
             delivered += finish(index, result: result, flags: [], body)
-            if result <= 0 || short { break }
         }
+        resumeWaitingReads(fd)
         if !state.pointee.pipes[i].parked.isEmpty && !state.pointee.pipes[i].armed {
             // The kernel ended the poll (CQ overflow; or this fd number is no pipe any
             // more, whose poll reports once): what still waits goes to the ring, so an
@@ -1279,6 +1295,14 @@ public final class URingBackend: IOBackend {
             requeuePipeReads(fd)
         }
         return delivered
+    }
+
+    /// Starts what waited behind the parked reads of `fd` once none is left parked.
+    private func resumeWaitingReads(_ fd: Int32) {
+        let i = Int(fd)
+        guard i < state.pointee.pipes.count, state.pointee.pipes[i].parked.isEmpty,
+              !state.pointee.pipes[i].waitingReads.isEmpty else { return }
+        startWaitingReads(fd, parking: true)
     }
 
     /// Sends the parked reads of `fd` to the ring as ordinary reads.
@@ -1298,6 +1322,7 @@ public final class URingBackend: IOBackend {
         state.pointee.pipes[i].parked = endMatching(state.pointee.pipes[i].parked, result, matching)
         state.pointee.pipes[i].waitingWrites = endMatching(state.pointee.pipes[i].waitingWrites, result, matching)
         state.pointee.pipes[i].waitingReads = endMatching(state.pointee.pipes[i].waitingReads, result, matching)
+        resumeWaitingReads(fd)
     }
 
     /// Ends the records of `waiting` that `matching` picks with `result`; returns the rest.

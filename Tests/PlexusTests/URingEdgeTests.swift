@@ -1,0 +1,539 @@
+import CPlexus
+import Glibc
+@testable import Plexus
+import SystemPackage
+import Testing
+
+/// The io_uring backend's special paths at their edges (pipes parked on a poll, one read
+/// and one write per stream in the ring, deadlines linked or standalone, a full SQ,
+/// cancelAll), run on every backend of the run: the others must behave the same.
+extension PlexusTests {
+@Suite struct URingEdgeTests {
+    static func write(_ fd: FileDescriptor, _ text: String) {
+        #expect(Glibc.write(fd.rawValue, text, text.utf8.count) == text.utf8.count)
+    }
+
+    /// A pipe emptied by a short read.
+    static func drainedPipe(_ h: Harness, _ pipe: PipeCase) throws -> (FileDescriptor, FileDescriptor) {
+        let (r, w) = try h.pipe(nonBlocking: pipe.nonBlocking)
+        write(w, "a")
+        let done = try h.perform(.read(r, IOBuffer(capacity: 64)))
+        #expect(done.bytes == Array("a".utf8))
+        return (r, w)
+    }
+
+    // MARK: Pipes
+
+    /// End of file reaches every parked read, in order, not just the first. Once failed on
+    /// io_uring: the poll report stopped at the first read's 0, the writer's close woke
+    /// the poll only once, and the other reads (and any read after them) never ended.
+    @Test(arguments: PipeCase.all)
+    func endOfFileReachesEveryParkedRead(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            let reads = (0..<3).map { _ in h.prepare(.read(r, IOBuffer(capacity: 8))) }
+            try h.submit()
+            try h.idle(for: .milliseconds(2))
+            #expect(reads.allSatisfy { h.isPending($0) })
+            h.closeNow(w)
+            let got = try h.waitFor(reads, within: .seconds(2))
+            #expect(got.map(\.result) == [0, 0, 0])
+            // A read after the end of file gets it too.
+            #expect(try h.perform(.read(r, IOBuffer(capacity: 8)), within: .seconds(2)).result == 0)
+        }
+    }
+
+    /// The writer closes when data is there and reads are parked: the data, then EOF to the rest.
+    @Test(arguments: PipeCase.all)
+    func dataThenEOFToParkedReads(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            let reads = (0..<4).map { _ in h.prepare(.read(r, IOBuffer(capacity: 2))) }
+            try h.submit()
+            try h.idle(for: .milliseconds(2))
+            Self.write(w, "xyz")
+            h.closeNow(w)
+            let got = try h.waitFor(reads, within: .seconds(2))
+            #expect(got.map { $0.bytes ?? [] } == [Array("xy".utf8), Array("z".utf8), [], []])
+        }
+    }
+
+    /// Writes "xy" to a pipe with `first` parked and `second` behind it: `first` must get
+    /// "x"; returns `second`'s outcome.
+    static func expectOlderReadFirst(_ h: Harness, _ first: Token, _ second: Token, _ w: FileDescriptor) throws -> Outcome {
+        try h.submit()
+        try h.idle(for: .milliseconds(2))
+        #expect(h.isPending(first) && h.isPending(second))
+        write(w, "xy")
+        try? h.runUntil("both reads", within: .seconds(1)) { !h.isPending(first) && !h.isPending(second) }
+        #expect(!h.isPending(first), "the older read still waits; the newer got \(h.finals[second].map(\.description) ?? "nothing")")
+        if h.isPending(first) { write(w, "z") }
+        let got = try h.waitFor([first], within: .seconds(2))
+        #expect(got[0].bytes == Array("x".utf8), "oldest read first, got \(got[0].bytes?.text ?? "nil")")
+        if h.isPending(second) { write(w, "z") }
+        return try h.waitFor(second, within: .seconds(2))
+    }
+
+    /// A read parked on the pipe's poll, then a readv of the same pipe: the older read
+    /// gets the first bytes. Once failed on io_uring: the readv, which cannot park, went
+    /// to the ring ahead of the parked read and took its bytes.
+    @Test(arguments: PipeCase.all)
+    func parkedReadThenReadvKeepOrder(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            let first = h.prepare(.read(r, IOBuffer(capacity: 1)))
+            var vector = IOVector(capacity: 1)
+            vector.append(IOBuffer(capacity: 8))
+            let second = h.prepare(.readv(r, vector))
+            let last = try Self.expectOlderReadFirst(h, first, second, w)
+            let text = last.vectorBytes?.flatMap { $0 }.text ?? "nil"
+            #expect(text.hasPrefix("y"), "readv got \(text)")
+        }
+    }
+
+    /// A read parked on the pipe's poll, then a read with a deadline (which never parks):
+    /// the older read must get the first bytes.
+    @Test(arguments: PipeCase.all)
+    func parkedReadThenDeadlineReadKeepOrder(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            let first = h.prepare(.read(r, IOBuffer(capacity: 1)))
+            let second = h.prepare(.read(r, IOBuffer(capacity: 8)), deadline: .now + .seconds(5))
+            let last = try Self.expectOlderReadFirst(h, first, second, w)
+            #expect(last.bytes?.text.hasPrefix("y") == true, "deadline read got \(last.bytes?.text ?? "nil")")
+        }
+    }
+
+    /// Many reads queued on one pipe, interleaved with writes through the backend and
+    /// cancels of some: the data goes to the remaining reads in order.
+    @Test(arguments: PipeCase.all)
+    func manyQueuedReadsInterleavedWithWritesAndCancels(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            var reads: [Token] = []
+            for i in 0..<40 {
+                reads.append(h.prepare(.read(r, IOBuffer(capacity: 1))))
+                if i % 10 == 9 { try h.submit(); try h.idle(for: .milliseconds(1)) }
+            }
+            try h.submit()
+            let cancelled = Set([3, 7, 20, 39].map { reads[$0] })
+            for t in cancelled { h.prepare(.cancel(t)) }
+            try h.submit()
+            try h.idle(for: .milliseconds(2))
+            var writes: [Token] = []
+            for i in 0..<36 { writes.append(h.prepare(.write(w, IOBuffer(bytes: [UInt8(i)])))) }
+            try h.submit()
+            let got = try h.waitFor(reads + writes, within: .seconds(3))
+            let live = zip(reads, got.prefix(40)).filter { !cancelled.contains($0.0) }.map(\.1)
+            #expect(live.compactMap(\.bytes).flatMap { $0 } == (0..<36).map(UInt8.init), "\(live.map(\.description))")
+            #expect(zip(reads, got).filter { cancelled.contains($0.0) }.allSatisfy { $0.1.result == -ECANCELED })
+        }
+    }
+
+    // MARK: A full SQ before the first submit
+
+    /// entries 2, before the first submit (the ring is still disabled): a close whose
+    /// second SQE does not fit must still leave the fd number usable once it completed.
+    @Test(arguments: Backends.kinds)
+    func tinyRingCloseBeforeFirstSubmitLeavesNumberUsable(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (r, w) = try h.pipe()
+            let number = r.rawValue
+            let nop = h.prepare(.nop)
+            h.disown(r)
+            let close = h.prepare(.close(r))
+            try h.submit()
+            let got = try h.waitFor([nop, close], within: .seconds(2))
+            #expect(got.map(\.result) == [0, 0])
+            #expect(!isOpen(number))
+            // The number comes back as a new pipe's end.
+            let (r2, w2) = try h.pipe()
+            #expect(r2.rawValue == number)
+            Self.write(w2, "hi")
+            let read = try h.perform(.read(r2, IOBuffer(capacity: 8)), within: .seconds(2))
+            #expect(read.bytes == Array("hi".utf8), "a read of the reused fd number: \(read)")
+            _ = h.readNow(r2)
+            let write = try h.perform(.write(w, IOBuffer("x")), within: .seconds(2))
+            expectError(write, EPIPE)
+        }
+    }
+
+    /// entries 2, before the first submit: an operation that waits in the backlog and a
+    /// cancel of it prepared after a submit: the cancel finds it. Once failed on io_uring:
+    /// the cancel reached the kernel first, answered ENOENT, and the read ran uncancelled.
+    @Test(arguments: Backends.kinds)
+    func tinyRingCancelOfABackloggedRead(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let pipes = try (0..<3).map { _ in try h.pipe() }
+            let reads = pipes.map { h.prepare(.read($0.read, IOBuffer(capacity: 8))) }
+            try h.submit()
+            let cancel = h.prepare(.cancel(reads[2]))
+            try h.submit()
+            let got = try? h.waitFor([reads[2], cancel], within: .seconds(2))
+            #expect(got != nil, "cancel: \(h.finals[cancel].map(\.description) ?? "pending"), read: \(h.finals[reads[2]].map(\.description) ?? "pending")")
+            if let got {
+                #expect(got[0].result == -ECANCELED, "\(got[0])")
+                #expect(got[1].result == 0, "\(got[1])")
+            }
+            for p in pipes { Self.write(p.write, "z") }
+            try h.waitFor(reads, within: .seconds(2))
+        }
+    }
+
+    // MARK: Byte-stream order
+
+    static func pattern(_ i: Int, _ size: Int) -> [UInt8] {
+        (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 7) ^ (i &* 31)) }
+    }
+
+    /// 20 writes of distinct 48 KiB patterns to a socket whose peer reads slowly, some
+    /// cancelled and some timed out in the middle: what arrives is, in order, the prefix
+    /// each write reports, and nothing else.
+    @Test(arguments: Backends.kinds)
+    func twentyWritesWithCancelsAndDeadlinesKeepTheStream(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (xa, xb) = try h.socketPair()
+            let listener = try h.tcpListener()
+            let client = try h.tcpClient(port: listener.port)
+            let server = FileDescriptor(rawValue: plexus_accept4(listener.fd.rawValue, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)))
+            try #require(server.rawValue >= 0)
+            h.own(server.rawValue)
+            for (transport, a, b) in [("unix", xa, xb), ("tcp", client, server)] {
+                let size = 48 * 1024
+                var tokens: [Token] = []
+                for i in 0..<20 {
+                    let buffer = IOBuffer(bytes: Self.pattern(i, size))
+                    if i == 8 || i == 15 {
+                        tokens.append(h.prepare(.send(a, buffer), deadline: .now + .milliseconds(5)))
+                    } else if i % 2 == 0 {
+                        tokens.append(h.prepare(.send(a, buffer)))
+                    } else {
+                        tokens.append(h.prepare(.write(a, buffer)))
+                    }
+                }
+                try h.submit()
+                let cancels = [5, 12, 19].map { h.prepare(.cancel(tokens[$0])) }
+                try h.submit()
+                try h.idle(for: .milliseconds(20))
+                // Read slowly: 4 KiB at a time, with the backend running in between.
+                var received: [UInt8] = []
+                var buffer = [UInt8](repeating: 0, count: 4096)
+                let start = ContinuousClock.now
+                while ContinuousClock.now - start < .seconds(8) {
+                    let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                    if n > 0 { received += buffer[0..<n] } else {
+                        if tokens.allSatisfy({ !h.isPending($0) }) { break }
+                    }
+                    try h.waitOnce(timeout: .microseconds(200))
+                }
+                let done = try h.waitFor(tokens + cancels, within: .seconds(2))
+                var expected: [UInt8] = []
+                for i in 0..<20 where done[i].result > 0 { expected += Self.pattern(i, size).prefix(Int(done[i].result)) }
+                let results = done.prefix(20).map(\.result)
+                #expect(received.count == expected.count, "\(kind) \(transport): got \(received.count) bytes, the writes report \(expected.count): \(results)")
+                #expect(received == expected, "\(kind) \(transport): stream differs; results \(results)")
+                for i in [5, 12, 19] {
+                    #expect(done[i].result == -ECANCELED || done[i].result == Int32(size), "\(transport) write \(i): \(done[i])")
+                }
+            }
+        }
+    }
+
+    /// Reads and writes mixed on one socket with cancels and deadlines in the middle.
+    @Test(arguments: Backends.kinds)
+    func mixedReadsAndWritesWithCancelsKeepOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            var reads: [Token] = []
+            var cancelled: Set<Int> = []
+            for i in 0..<30 {
+                if i % 7 == 3 {
+                    reads.append(h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: .now + .milliseconds(3)))
+                    cancelled.insert(i)
+                } else {
+                    reads.append(h.prepare(.read(a, IOBuffer(capacity: 1))))
+                }
+                _ = h.prepare(.write(a, IOBuffer(bytes: [UInt8(i)])))
+            }
+            try h.submit()
+            for i in [4, 11, 25] { h.prepare(.cancel(reads[i])); cancelled.insert(i) }
+            try h.submit()
+            try h.idle(for: .milliseconds(20))
+            let live = (0..<30).filter { !cancelled.contains($0) }
+            h.writeAll(b, live.map { UInt8($0) })
+            let got = try h.waitFor(reads, within: .seconds(3))
+            for i in cancelled { #expect(got[i].result == -ECANCELED, "read \(i): \(got[i])") }
+            #expect(live.compactMap { got[$0].bytes?.first } == live.map { UInt8($0) }, "\(live.map { got[$0].description })")
+            try h.drain(within: .seconds(2))
+            #expect(try h.readExactly(b, count: 30) == (0..<30).map { UInt8($0) })
+        }
+    }
+
+    // MARK: Deadlines
+
+    /// Deadlines already passed: in the ring (linked) and waiting in line (standalone).
+    @Test(arguments: Backends.kinds)
+    func deadlinesAlreadyPassed(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let past = Deadline(nanoseconds: Deadline.now.nanoseconds - 1_000_000_000)
+            let start = ContinuousClock.now
+            let first = h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: past)
+            let second = h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: past)
+            let plain = h.prepare(.recv(a, IOBuffer(capacity: 1)))
+            let third = h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: past)
+            try h.submit()
+            let got = try h.waitFor([first, second, third], within: .seconds(2))
+            #expect(got.map(\.result) == [-ECANCELED, -ECANCELED, -ECANCELED], "\(got)")
+            #expect(ContinuousClock.now - start < .milliseconds(500))
+            h.writeAll(b, [42])
+            #expect(try h.waitFor(plain, within: .seconds(2)).bytes == [42])
+            // A write to a full socket with a passed deadline, and one behind it.
+            let filled = h.fillSendBuffer(a)
+            let w1 = h.prepare(.send(a, IOBuffer("x")), deadline: past)
+            let w2 = h.prepare(.send(a, IOBuffer("y")), deadline: past)
+            let w3 = h.prepare(.send(a, IOBuffer("z")))
+            try h.submit()
+            let ws = try h.waitFor([w1, w2], within: .seconds(2))
+            #expect(ws.map(\.result) == [-ECANCELED, -ECANCELED])
+            var tail: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let start2 = ContinuousClock.now
+            while tail.count < filled + 1 && ContinuousClock.now - start2 < .seconds(5) {
+                let n = Glibc.recv(b.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if n > 0 { tail += buffer[0..<n] } else { try h.waitOnce(timeout: .milliseconds(1)) }
+            }
+            #expect(tail.count == filled + 1)
+            #expect(tail.last == UInt8(ascii: "z"))
+            #expect(try h.waitFor(w3).result == 1)
+        }
+    }
+
+    /// 1000 reads with deadlines on one socket, half of them expiring: each ends once,
+    /// the others get the data in order, and no timeout stays behind.
+    @Test(arguments: Backends.kinds)
+    func thousandDeadlinesHalfExpire(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let soon = Deadline.now + .milliseconds(30)
+            let far = Deadline.now + .seconds(30)
+            var reads: [Token] = []
+            for i in 0..<1000 {
+                let at = i % 2 == 0 ? soon : far
+                reads.append(h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: at))
+            }
+            try h.submit()
+            try h.idle(for: .milliseconds(100))
+            let expired = (0..<1000).filter { $0 % 2 == 0 }
+            let stillPending = expired.filter { h.isPending(reads[$0]) }.count
+            #expect(stillPending == 0, "\(stillPending) expired reads still pending")
+            let data = (0..<500).map { UInt8(truncatingIfNeeded: $0) }
+            h.writeAll(b, data)
+            let got = try h.waitFor(reads, within: .seconds(5))
+            var expiredOK = true
+            var oddBytes: [UInt8] = []
+            for i in 0..<1000 {
+                if i % 2 == 0 { if got[i].result != -ECANCELED { expiredOK = false } } else if let byte = got[i].bytes?.first { oddBytes.append(byte) }
+            }
+            #expect(expiredOK)
+            #expect(oddBytes == data)
+            if let uring = h.backend as? URingBackend {
+                try h.runUntil("no standalone deadline left", within: .seconds(2)) { uring.standaloneDeadlines == 0 }
+            }
+        }
+    }
+
+    /// Equal deadlines for many operations, the data arriving around that moment: each
+    /// read ends exactly once, and a cancelled one took no data.
+    @Test(arguments: Backends.kinds)
+    func finishingAtTheDeadline(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            var sent = 0
+            var got: [UInt8] = []
+            for round in 0..<150 {
+                let at = Deadline.now + .microseconds(300 + (round % 5) * 50)
+                let reads = (0..<4).map { _ in h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: at) }
+                try h.submit()
+                while Deadline.now < at { try h.waitOnce(timeout: .zero) }
+                h.writeAll(b, [UInt8(truncatingIfNeeded: sent), UInt8(truncatingIfNeeded: sent + 1)])
+                sent += 2
+                let done = try h.waitFor(reads, within: .seconds(2))
+                got += done.compactMap { $0.result > 0 ? $0.bytes?.first : nil }
+                #expect(done.allSatisfy { $0.result == 1 || $0.result == -ECANCELED }, "\(done)")
+                got += h.readNow(a)
+            }
+            #expect(got == (0..<sent).map { UInt8(truncatingIfNeeded: $0) }, "\(got.count) of \(sent) bytes, or out of order")
+        }
+    }
+
+    // MARK: A full SQ (enabled ring)
+
+    /// entries 2 after the first submit: every kind at once, closes (two SQEs) with reads
+    /// pending on their fds, cancels, deadlines (two SQEs) expiring and not.
+    @Test(arguments: Backends.kinds)
+    func tinyRingEveryKindOnce(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            try h.perform(.nop)
+            let (sa, sb) = try h.socketPair()
+            let pipes = try (0..<6).map { _ in try h.pipe() }
+            let file = try h.temporaryFile(contents: Array("0123456789".utf8))
+            var expect: [(Token, Int32, String)] = []
+            for round in 0..<4 {
+                expect.append((h.prepare(.nop), 0, "nop"))
+                expect.append((h.prepare(.read(file.fd, IOBuffer(capacity: 4), offset: 2)), 4, "file read"))
+                expect.append((h.prepare(.timeout(.milliseconds(1))), 0, "timeout"))
+                expect.append((h.prepare(.nop, deadline: .now + .seconds(20)), 0, "nop deadline"))
+                expect.append((h.prepare(.write(pipes[round].write, IOBuffer("ab"))), 2, "pipe write"))
+                expect.append((h.prepare(.read(pipes[round].read, IOBuffer(capacity: 8))), 2, "pipe read"))
+                expect.append((h.prepare(.send(sa, IOBuffer(bytes: [UInt8(round)]))), 1, "send"))
+                expect.append((h.prepare(.recv(sb, IOBuffer(capacity: 1)), deadline: .now + .seconds(20)), 1, "recv deadline"))
+                expect.append((h.prepare(.recv(sa, IOBuffer(capacity: 1)), deadline: .now + .milliseconds(2)), -ECANCELED, "recv expiring"))
+                let pending = h.prepare(.read(pipes[4].read, IOBuffer(capacity: 1)))
+                expect.append((pending, -ECANCELED, "read cancelled"))
+                expect.append((h.prepare(.cancel(pending)), 0, "cancel"))
+            }
+            // Closes of pipes with reads pending on them.
+            let doomed = [pipes[4].write, pipes[5].read]
+            let r5 = h.prepare(.read(pipes[5].read, IOBuffer(capacity: 1)))
+            expect.append((r5, -ECANCELED, "read of closed"))
+            for fd in doomed { h.disown(fd); expect.append((h.prepare(.close(fd)), 0, "close")) }
+            try h.submit()
+            let got = try h.waitFor(expect.map(\.0), within: .seconds(5))
+            for (i, outcome) in got.enumerated() {
+                #expect(outcome.result == expect[i].1, "\(expect[i].2): \(outcome)")
+            }
+            for fd in doomed { #expect(!isOpen(fd.rawValue)) }
+            // The stream is in order.
+            #expect(got.enumerated().filter { expect[$0.offset].2 == "recv deadline" }.compactMap { $0.element.bytes?.first } == [0, 1, 2, 3])
+            try h.drain(within: .seconds(2))
+            if let uring = h.backend as? URingBackend {
+                try h.runUntil("no standalone deadline left", within: .seconds(2)) { uring.standaloneDeadlines == 0 }
+            }
+        }
+    }
+
+    // MARK: cancelAll with operations in every state
+
+    @Test(arguments: PipeCase.all)
+    func cancelAllInEveryState(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            let (r, w) = try Self.drainedPipe(h, pipe)
+            let parked = (0..<2).map { _ in h.prepare(.read(r, IOBuffer(capacity: 1))) }
+            let (a, b) = try h.socketPair()
+            let inRing = h.prepare(.recv(a, IOBuffer(capacity: 1)))
+            let waiting = h.prepare(.recv(a, IOBuffer(capacity: 1)), deadline: .now + .seconds(30))
+            let (e, f) = try h.socketPair()
+            let filled = h.fillSendBuffer(e)
+            let writeInRing = h.prepare(.send(e, IOBuffer("x")))
+            let writeWaiting = h.prepare(.write(e, IOBuffer("y")))
+            let (c, d) = try h.socketPair()
+            let group = try h.backend.registerBuffers(count: 2, size: 8)
+            let starved = h.prepare(.receiveMultishot(c, group))
+            let timeout = h.prepare(.timeout(.seconds(30)))
+            try h.submit()
+            h.writeAll(d, Array(repeating: 7, count: 64))
+            _ = try h.waitForIntermediates(starved, count: 2, within: .seconds(2))
+            try h.idle(for: .milliseconds(5))
+            let all = parked + [inRing, waiting, writeInRing, writeWaiting, starved, timeout]
+            #expect(all.allSatisfy { h.isPending($0) })
+            h.cancelAll()
+            for t in all { #expect(!h.isPending(t), "\(t) still pending after cancelAll") }
+            let results = all.map { h.finals[$0]?.result }
+            #expect(results.allSatisfy { $0 == -ECANCELED }, "\(results)")
+            #expect(h.backend.pendingCount == 0)
+            if let uring = h.backend as? URingBackend {
+                try h.runUntil("no standalone deadline left", within: .seconds(2)) { uring.standaloneDeadlines == 0 }
+            }
+            // Everything still works afterwards, in order.
+            Self.write(w, "pq")
+            let again = [h.prepare(.read(r, IOBuffer(capacity: 1))), h.prepare(.read(r, IOBuffer(capacity: 1)))]
+            #expect(try h.waitFor(again, within: .seconds(2)).map { $0.bytes ?? [] } == [Array("p".utf8), Array("q".utf8)])
+            let r1 = h.prepare(.recv(a, IOBuffer(capacity: 1)))
+            let r2 = h.prepare(.recv(a, IOBuffer(capacity: 1)))
+            try h.submit()
+            h.writeAll(b, [1, 2])
+            #expect(try h.waitFor([r1, r2], within: .seconds(2)).map { $0.bytes ?? [] } == [[1], [2]])
+            let w1 = h.prepare(.send(e, IOBuffer("X")))
+            let w2 = h.prepare(.write(e, IOBuffer("Y")))
+            try h.submit()
+            var tail: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let start = ContinuousClock.now
+            while tail.count < filled + 2 && ContinuousClock.now - start < .seconds(5) {
+                let n = Glibc.recv(f.rawValue, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if n > 0 { tail += buffer[0..<n] } else { try h.waitOnce(timeout: .milliseconds(1)) }
+            }
+            #expect(Array(tail.suffix(2)) == Array("XY".utf8), "the cancelled writes left nothing, the new ones arrive in order")
+            try h.waitFor([w1, w2], within: .seconds(2))
+            h.backend.unregisterBuffers(group)
+        }
+    }
+
+    /// EventLoop shutdown with reads parked on a pipe, reads waiting on a socket, a write
+    /// waiting behind a full socket, a timer: every callback exactly once, ECANCELED.
+    @Test(arguments: Backends.kinds)
+    func loopShutdownWithWaitingOperations(_ kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        var p: [Int32] = [0, 0]
+        try #require(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
+        var s: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0, &s) == 0)
+        defer { for fd in p + s { _ = Glibc.close(fd) } }
+        let r = FileDescriptor(rawValue: p[0]), a = FileDescriptor(rawValue: s[0])
+        _ = Glibc.write(p[1], "a", 1)
+        var first = false
+        loop.read(r, IOBuffer(capacity: 8)) { _, _ in first = true }
+        LoopTestSupport.turn(loop) { first }
+        var calls: [Int: [Int32]] = [:]
+        func record(_ i: Int, _ result: Result<Int, PlexusError>) {
+            switch result {
+            case .success(let n): calls[i, default: []].append(Int32(n))
+            case .failure(let e): calls[i, default: []].append(-e.errno.rawValue)
+            }
+        }
+        for i in 0..<3 { loop.read(r, IOBuffer(capacity: 1)) { res, _ in record(i, res) } }
+        for i in 3..<6 { loop.recv(a, IOBuffer(capacity: 1)) { res, _ in record(i, res) } }
+        var filler = [UInt8](repeating: 0, count: 65536)
+        while Glibc.send(s[0], &filler, filler.count, Int32(MSG_DONTWAIT)) > 0 {}
+        for i in 6..<9 { loop.send(a, IOBuffer("x")) { res, _ in record(i, res) } }
+        for _ in 0..<5 { loop.runOnce(timeout: .milliseconds(1)) }
+        #expect(calls.isEmpty, "\(calls)")
+        loop.shutdown()
+        loop.run()
+        #expect(calls.count == 9, "\(calls)")
+        #expect(calls.values.allSatisfy { $0 == [-ECANCELED] }, "\(calls)")
+    }
+
+    /// A multishot receive starved of buffers with data left in the socket, a recv behind
+    /// it: when the group is unregistered the multishot one ends, and the recv gets the
+    /// next bytes in order; the peer closing then ends a further recv with 0.
+    @Test(arguments: Backends.kinds)
+    func recvBehindAStarvedMultishotGetsTheRestInOrder(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let group = try h.backend.registerBuffers(count: 2, size: 4)
+            let multishot = h.prepare(.receiveMultishot(a, group))
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            let data = (0..<20).map { UInt8($0) }
+            h.writeAll(b, data)
+            let chunks = try h.waitForIntermediates(multishot, count: 2, within: .seconds(2))
+            let behind = h.prepare(.recv(a, IOBuffer(capacity: 64)))
+            try h.submit()
+            try h.idle(for: .milliseconds(5))
+            #expect(h.isPending(behind))
+            var got: [UInt8] = []
+            for chunk in chunks { if let id = chunk.bufferID { group.withBuffer(id, length: Int(chunk.result)) { got += $0 } } }
+            h.backend.unregisterBuffers(group)
+            let end = try h.waitFor(multishot, within: .seconds(2))
+            #expect(end.result < 0, "\(end)")
+            let rest = try h.waitFor(behind, within: .seconds(2))
+            got += rest.bytes ?? []
+            #expect(got == data, "\(got)")
+            h.closeNow(b)
+            #expect(try h.perform(.recv(a, IOBuffer(capacity: 8)), within: .seconds(2)).result == 0)
+        }
+    }
+}
+}
