@@ -82,9 +82,9 @@ extension EventLoop {
         switch startAwaited(operation) {
         case .finished(let outcome):
             return outcome
-        case .suspended(let index, let token, let deadlineTimer, let nativeDeadline):
+        case .suspended(let index, let token, let deadlineTimer):
             await suspend(until: index, token: token)
-            return finishAwaited(index, deadlineTimer: deadlineTimer, nativeDeadline: nativeDeadline)
+            return finishAwaited(index, deadlineTimer: deadlineTimer)
         }
     }
 
@@ -111,7 +111,7 @@ extension EventLoop {
         /// Its result was there at once: no suspension.
         case finished(AsyncOutcome)
         /// Submitted under async slot `index`; the task suspends until the loop resumes it.
-        case suspended(index: Int, token: Token, deadlineTimer: TimerHandle?, nativeDeadline: Deadline?)
+        case suspended(index: Int, token: Token, deadlineTimer: TimerHandle?)
     }
 
     /// On the loop thread: finishes `operation` at once when it can, or submits it.
@@ -123,19 +123,17 @@ extension EventLoop {
         // on io_uring, the timer heap on epoll and poll), or a loop timer for the kinds
         // that take none.
         var deadlineTimer: TimerHandle?
-        var nativeDeadline: Deadline?
         if EventLoop.deadlinesInUse.load(ordering: .relaxed), let deadline = EventLoop.currentDeadline {
             let slot = asyncSlots.allocate()
             index = slot
             if operation.kind.takesDeadline {
                 token = submit(operation, .resume(slot), deadline: deadline)
-                nativeDeadline = deadline
             } else {
                 token = submit(operation, .resume(slot))
                 deadlineTimer = schedule(at: deadline) { [self] event in
                     guard event == .fired, !asyncSlots.slot(slot).pointee.done else { return }
                     asyncSlots.slot(slot).pointee.timedOut = true
-                    cancel(token)
+                    cancel(token, discardingDescriptors: false)
                 }
             }
         } else if inlineBudget > 0 && mayFinishInline() {
@@ -155,20 +153,17 @@ extension EventLoop {
             index = asyncSlots.allocate()
             token = submit(operation, .resume(index))
         }
-        return .suspended(index: index, token: token, deadlineTimer: deadlineTimer, nativeDeadline: nativeDeadline)
+        return .suspended(index: index, token: token, deadlineTimer: deadlineTimer)
     }
 
     /// On the loop thread, after the resume: the outcome of slot `index`, which is freed.
     @inline(never)
-    private func finishAwaited(_ index: Int, deadlineTimer: TimerHandle?, nativeDeadline: Deadline?) -> AsyncOutcome {
+    private func finishAwaited(_ index: Int, deadlineTimer: TimerHandle?) -> AsyncOutcome {
         if let deadlineTimer { timers.discard(deadlineTimer) }
         let waiter = asyncSlots.slot(index)
-        let result = waiter.pointee.result
-        // The backend cancelled it at the deadline (-ECANCELED once the deadline passed).
-        let cancelledAtDeadline = result == -ECANCELED && nativeDeadline.map { Deadline.now >= $0 } == true
-        let outcome = AsyncOutcome(result: result, kind: waiter.pointee.kind,
+        let outcome = AsyncOutcome(result: waiter.pointee.result, kind: waiter.pointee.kind,
                                    operation: waiter.pointee.operation.take(), cancelled: Task.isCancelled,
-                                   timedOut: waiter.pointee.timedOut || cancelledAtDeadline)
+                                   timedOut: waiter.pointee.timedOut)
         asyncSlots.free(index)
         return outcome
     }
@@ -220,11 +215,13 @@ extension EventLoop {
 
     /// Cancels an awaited operation from its task's cancellation handler: any thread, so
     /// off the loop it hops there. The token's generation keeps a late cancel harmless.
+    /// An fd the operation produced before the cancel took effect (an accept, an open) is
+    /// returned to the task, as any result that came first: it is the task's to close.
     func cancelAwaited(_ token: Token) {
         if inLoop {
-            cancel(token)
+            cancel(token, discardingDescriptors: false)
         } else {
-            _ = remote.push(.closure { self.cancel(token) })
+            _ = remote.push(.closure { self.cancel(token, discardingDescriptors: false) })
             wakeForRemoteJob()
         }
     }

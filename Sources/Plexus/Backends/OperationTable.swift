@@ -16,6 +16,16 @@ struct OperationRecord: ~Copyable {
     /// io_uring only: a cancel of it was prepared. A multishot receive the kernel ends for
     /// want of buffers before the cancel reaches it then ends cancelled, not parked.
     var cancelRequested = false
+    /// io_uring only: how its deadline, if any, is enforced, and whether it fired.
+    var deadline: DeadlineMark = .none
+
+    enum DeadlineMark: UInt8 {
+        case none
+        /// An IORING_OP_LINK_TIMEOUT at the instant in the record's scratch `timeout`.
+        case linked
+        /// Its standalone timeout fired: the cancel that follows is the deadline's.
+        case fired
+    }
 
     enum State: UInt8 {
         case free
@@ -107,7 +117,7 @@ struct OperationTable {
         // and plain fields only, and assigning would destroy its nil `Operation?` through
         // the runtime's value witnesses.
         r.initialize(to: OperationRecord(operation: operation, generation: generation, next: Self.none,
-                                         kind: kind, fd: fd, state: .prepared, cancelRequested: false))
+                                         kind: kind, fd: fd, state: .prepared, cancelRequested: false, deadline: .none))
         return Token(index: UInt32(index), generation: generation)
     }
 

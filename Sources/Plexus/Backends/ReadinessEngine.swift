@@ -477,10 +477,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     // MARK: Completions
 
     @inline(__always)
-    private func complete(_ index: Int, _ result: Int32) {
+    private func complete(_ index: Int, _ result: Int32, flags: CompletionFlags = []) {
         if result == -EPIPE { plexus_discard_sigpipe() }
         completions.append(QueuedCompletion(index: UInt32(index), generation: table.record(index).pointee.generation,
-                                            result: result, flags: 0))
+                                            result: result, flags: flags.rawValue))
         infos.pointer(index).pointee.place = .done
     }
 
@@ -1150,7 +1150,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 if table.live(token) != nil, infos[index].hasDeadline {
                     // Still pending at its deadline.
                     infos.pointer(index).pointee.hasDeadline = false
-                    _ = cancel(token)
+                    _ = cancel(token, by: .deadlinePassed)
                 } else {
                     deadTimers -= 1
                 }
@@ -1179,8 +1179,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
 
     // MARK: Cancel and close
 
-    /// Cancels the record `target` names; the cancel's own result.
-    private func cancel(_ target: Token) -> Int32 {
+    /// Cancels the record `target` names; the cancel's own result. `cause` goes into the
+    /// completion's flags (`.deadlinePassed` from the timer heap).
+    private func cancel(_ target: Token, by cause: CompletionFlags = []) -> Int32 {
         guard table.live(target) != nil else { return -ENOENT }
         let index = target.index
         let info = infos.pointer(index)
@@ -1188,16 +1189,16 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         case .none, .done:
             return -ENOENT
         case .prepared:
-            complete(index, -ECANCELED)
+            complete(index, -ECANCELED, flags: cause)
         case .timer:
             // Completed now; the heap entry is skipped when it comes up.
-            complete(index, -ECANCELED)
+            complete(index, -ECANCELED, flags: cause)
             dropTimer(index)
         case .read, .write, .poll:
             let fd = info.pointee.view.fd
             let place = info.pointee.place
             unlink(index, fd, place)
-            complete(index, -ECANCELED)
+            complete(index, -ECANCELED, flags: cause)
             // A read behind the cancelled one gets a fresh report: the cancelled one may
             // have taken the last edge without meeting EAGAIN (a multishot receive out of
             // buffers), and no new edge comes for bytes already there.

@@ -308,6 +308,7 @@ public final class URingBackend: IOBackend {
         operationSQE.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
         let scratch = table.scratch(Int(token.index))
         scratch.pointee.timeout = __kernel_timespec(nanoseconds: deadline.nanoseconds)
+        table.record(Int(token.index)).pointee.deadline = .linked
         io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
         io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
         return token
@@ -484,6 +485,7 @@ public final class URingBackend: IOBackend {
         let index = Int(entry.token.index)
         guard res == -ETIME, let record = table.live(entry.token) else { return }
         if state.pointee.deadlineOf[index] == id { state.pointee.deadlineOf[index] = nil }
+        record.pointee.deadline = .fired
         switch record.pointee.state {
         case .awaitingPipe:  // waiting behind another operation, or parked on a pipe
             endWaitingOperations(on: record.pointee.fd, result: -ECANCELED) { $0 == index }
@@ -952,12 +954,14 @@ public final class URingBackend: IOBackend {
         }
         record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
+        let deadlineCause: CompletionFlags = _slowPath(record.pointee.deadline != .none) && result == -ECANCELED
+            ? deadlinePassed(record, scratch) : []
         if _slowPath(kind == .close) { closed(record.pointee.fd, by: index) }
         if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)
         let operation = table.remove(index)
         state.pointee.statistics.completed &+= 1
-        body(Completion(token: token, result: result, flags: flags, kind: kind, operation: operation))
+        body(Completion(token: token, result: result, flags: flags.union(deadlineCause), kind: kind, operation: operation))
         return 1
     }
 
@@ -976,6 +980,22 @@ public final class URingBackend: IOBackend {
             guard record.pointee.fd == fd, record.pointee.kind != .close else { return false }
             state.pointee.immediate.append((index, result))
             return true
+        }
+    }
+
+    /// Whether a cancelled operation with a deadline was cancelled by it: its standalone
+    /// timeout fired, or its linked one was due when the CQE came in (the kernel cancels a
+    /// linked operation at the instant; a cancel or close before it is reaped in time).
+    @inline(never)
+    private func deadlinePassed(_ record: UnsafeMutablePointer<OperationRecord>,
+                                _ scratch: UnsafeMutablePointer<plexus_op_scratch>) -> CompletionFlags {
+        switch record.pointee.deadline {
+        case .fired: return .deadlinePassed
+        case .linked:
+            let t = scratch.pointee.timeout
+            let due = UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
+            return Deadline.now.nanoseconds >= due ? .deadlinePassed : []
+        case .none: return []
         }
     }
 

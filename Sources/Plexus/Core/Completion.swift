@@ -58,4 +58,9 @@ public struct CompletionFlags: OptionSet, Sendable, Hashable {
     public static let more = CompletionFlags(rawValue: 1 << 1)
     /// The socket had more data after this receive (IORING_CQE_F_SOCK_NONEMPTY).
     public static let socketNonEmpty = CompletionFlags(rawValue: 1 << 2)
+    /// With -ECANCELED: its deadline (`IOBackend.prepare(_:deadline:)`) passed and
+    /// cancelled it, not a cancel or a close. Set by the backend that did it, when it did:
+    /// the readiness backends from their timer heap; io_uring from its standalone timeout,
+    /// or, for a linked one, when the CQE comes in at or after the deadline.
+    public static let deadlinePassed = CompletionFlags(rawValue: 1 << 3)
 }

@@ -580,6 +580,8 @@ public final class EventLoop: @unchecked Sendable {
                 }
             case .resume(let i):
                 let waiter = asyncSlots.slot(i)
+                // The backend says when its deadline cancelled it (not a close or a cancel).
+                if flags.contains(.deadlinePassed) { waiter.pointee.timedOut = true }
                 waiter.pointee.result = result
                 waiter.pointee.kind = kind
                 waiter.pointee.flags = flags
