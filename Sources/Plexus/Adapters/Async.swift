@@ -91,9 +91,17 @@ extension EventLoop {
     /// `perform` from off the loop thread: moves to the loop for the call.
     @inline(never)
     nonisolated(nonsending) private func performOffLoop(_ operation: consuming Operation) async -> AsyncOutcome {
-        // A loop shutting down takes no new work: end the call here, buffer included.
+        // A loop shutting down takes no new work: end the call here, buffer included. A
+        // close is never cancelled: the draining loop still runs it, and once `run()` has
+        // returned nothing is pending on the fd, so close(2) runs here.
         if isShuttingDown {
-            return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
+            guard operation.kind == .close, let fd = operation.fileDescriptor else {
+                return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
+            }
+            if hasFinished {
+                let result = Glibc.close(fd.rawValue) == 0 ? 0 : -plexus_errno()
+                return AsyncOutcome(result: result, kind: .close, operation: operation, cancelled: false)
+            }
         }
         // Move to the loop thread for the call; the box is the price of the hop.
         let box = OperationBox(operation)

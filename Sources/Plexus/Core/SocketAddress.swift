@@ -81,7 +81,7 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         var sin = sockaddr_in()
         sin.sin_family = sa_family_t(AF_INET)
         sin.sin_port = port.bigEndian
-        guard inet_pton(AF_INET, host, &sin.sin_addr) == 1 else { return nil }
+        guard parseAddress(AF_INET, host, &sin.sin_addr) else { return nil }
         var storage = sockaddr_storage()
         withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
         self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in>.size))
@@ -92,7 +92,7 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         var sin6 = sockaddr_in6()
         sin6.sin6_family = sa_family_t(AF_INET6)
         sin6.sin6_port = port.bigEndian
-        guard inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1 else { return nil }
+        guard parseAddress(AF_INET6, host, &sin6.sin6_addr) else { return nil }
         var storage = sockaddr_storage()
         withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin6, as: sockaddr_in6.self) }
         self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
@@ -144,8 +144,11 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
                 return "[\(Self.text(text))]:\(port ?? 0)"
             case AF_UNIX:
                 let offset = MemoryLayout<sockaddr_un>.offset(of: \sockaddr_un.sun_path)!
-                let path = raw[offset..<Int(length)].prefix { $0 != 0 }
-                return "unix:" + String(decoding: path, as: UTF8.self)
+                let name = raw[offset..<max(offset, Int(length))]
+                if name.count > 1, name.first == 0 {  // abstract: a name after a NUL, no file
+                    return "unix:@" + String(decoding: name.dropFirst(), as: UTF8.self)
+                }
+                return "unix:" + String(decoding: name.prefix { $0 != 0 }, as: UTF8.self)
             default:
                 return "family \(family)"
             }

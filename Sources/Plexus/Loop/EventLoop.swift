@@ -114,9 +114,17 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `shutdown` has completed everything.
     public func run() {
+        run(onStart: nil)
+    }
+
+    /// `run()`; `onStart` runs on the loop thread once the loop counts as running there,
+    /// before its first turn (`startThread` returns then: the thread check holds at once).
+    func run(onStart: (() -> Void)?) {
         precondition(!running && !stopped, "run() called twice")
         loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
         running = true
+        runState.store(1, ordering: .releasing)
+        onStart?()
         plexus_set_current_loop(Unmanaged.passUnretained(self).toOpaque())
         defer { plexus_set_current_loop(nil) }
         armWake()
@@ -164,6 +172,8 @@ public final class EventLoop: @unchecked Sendable {
         loopThreadID.store(0, ordering: .relaxed)
         finishedForAll.store(true, ordering: .releasing)
         orphans.release(late, of: self)
+        runState.store(2, ordering: .releasing)
+        runEnded.signal()
     }
 
     /// Yields the CPU until a job comes from another thread, `shutdown` is called or
@@ -181,6 +191,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs one turn: remote jobs, due timers, and the backend's ready completions,
     /// waiting at most `timeout`. For tests and for embedding in another loop.
     public func runOnce(timeout: Duration? = .zero) {
+        precondition(!running || inLoop, "runOnce() must be called on the loop thread: another thread runs this loop; use execute { } from other threads")
         if loopThreadID.load(ordering: .relaxed) == 0 {
             loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
             armWake()
@@ -201,6 +212,7 @@ public final class EventLoop: @unchecked Sendable {
                                    entries: UInt32 = 256, idleSpin: Duration = .microseconds(2)) throws -> EventLoop {
         let loop = try EventLoop(backend: choice, entries: entries)
         loop.idleSpin = idleSpin
+        loop.ownThread.store(true, ordering: .relaxed)  // before the thread: it is created after
         let started = Semaphore()
         let context = Unmanaged.passRetained(ThreadStart(loop: loop, name: name, started: started)).toOpaque()
         var thread = pthread_t()
@@ -210,8 +222,7 @@ public final class EventLoop: @unchecked Sendable {
             let finished: Semaphore = {
                 let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
                 _ = plexus_set_thread_name(start.name)
-                start.started.signal()
-                start.loop.run()
+                start.loop.run(onStart: { start.started.signal() })
                 return start.loop.threadFinished
             }()
             finished.signal()
@@ -227,6 +238,11 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     let threadFinished = Semaphore()
+    /// Started by `startThread`, whose thread signals `threadFinished`.
+    private let ownThread = Atomic<Bool>(false)
+    /// 0 never run, 1 running, 2 `run()` returned (then `runEnded` is signalled).
+    private let runState = Atomic<Int>(0)
+    private let runEnded = Semaphore()
 
     /// Stops the loop: no new remote jobs are accepted, jobs already queued run, every
     /// pending operation completes with -ECANCELED and every timer with `.cancelled`,
@@ -237,14 +253,18 @@ public final class EventLoop: @unchecked Sendable {
         wake()
     }
 
-    /// Shuts down a loop started with `startThread` and waits until its thread is done.
-    /// Not from the loop's own thread (a callback, a task on the loop): it would wait for
-    /// itself; call `shutdown()` there.
+    /// Shuts the loop down and waits until it is done: for a loop of `startThread`, until its
+    /// thread is done (and has dropped the loop); for one a thread of yours runs, until its
+    /// `run()` returned. A loop that never ran returns at once (a later `run()` returns at
+    /// once too). Not from the loop's own thread (a callback, a task on the loop): it would
+    /// wait for itself; call `shutdown()` there.
     public func shutdownAndWait() {
         precondition(!inLoop, "shutdownAndWait() on the loop's own thread would wait for itself forever; call shutdown() there")
         shutdown()
-        threadFinished.wait()
-        threadFinished.signal()  // a second caller does not block
+        let done = ownThread.load(ordering: .relaxed) ? threadFinished : runEnded
+        if done === runEnded && runState.load(ordering: .acquiring) == 0 { return }
+        done.wait()
+        done.signal()  // a second caller does not block
     }
 
     /// Runs `job` on the loop thread, after the jobs queued before it by the same thread.
@@ -331,10 +351,17 @@ public final class EventLoop: @unchecked Sendable {
 
     /// `run()` has returned, so nothing would ever complete `operation`: it is not started,
     /// and its handler runs now, on the caller's thread, once, with -ECANCELED and its buffers.
+    /// A close is the exception: it is never cancelled (on any backend, shutdown included),
+    /// and with no backend left nothing is pending on the fd, so close(2) runs now and its
+    /// result is reported: a caller that hands an fd to a finished loop to close leaks none.
     private func refuse(_ operation: consuming Operation, _ handler: consuming Handler) -> Token {
         let kind = operation.kind
-        deliver(handler, Completion(token: Self.refusedToken, result: -ECANCELED, flags: [], kind: kind,
-                                    operation: operation), result: -ECANCELED)
+        var result = -ECANCELED
+        if kind == .close, let fd = operation.fileDescriptor {
+            result = Glibc.close(fd.rawValue) == 0 ? 0 : -plexus_errno()
+        }
+        deliver(handler, Completion(token: Self.refusedToken, result: result, flags: [], kind: kind,
+                                    operation: operation), result: result)
         return Self.refusedToken
     }
 
@@ -366,9 +393,15 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Pending operations (the loop's own eventfd read included). Loop thread only (or
     /// after `run` returned): it reads the backend's unsynchronized counter.
-    public var pendingOperations: Int { backend.pendingCount }
+    public var pendingOperations: Int {
+        assertInLoop()
+        return backend.pendingCount
+    }
     /// Pending timers. Loop thread only, like `pendingOperations`.
-    public var pendingTimers: Int { timers.count }
+    public var pendingTimers: Int {
+        assertInLoop()
+        return timers.count
+    }
 
     // MARK: Timers
 

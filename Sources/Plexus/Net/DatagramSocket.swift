@@ -20,7 +20,7 @@ public struct DatagramSocket: SocketHandle {
     /// several sockets bind the same port (the kernel spreads datagrams over them).
     public static func bind(_ address: SocketAddress, on loop: EventLoop, reuseAddress: Bool = false,
                             reusePort: Bool = false, removingExisting: Bool = false) throws(PlexusError) -> DatagramSocket {
-        if removingExisting, let path = address.unixPath, !path.isEmpty { _ = unlink(path) }
+        if removingExisting { Socket.removeStaleSocketFile(address) }
         return try Socket.make(for: address, type: Int32(SOCK_DGRAM.rawValue)) { fd throws(PlexusError) in
             if reuseAddress { try Socket.setOption(fd, .reuseAddress, true) }
             if reusePort { try Socket.setOption(fd, .reusePort, true) }

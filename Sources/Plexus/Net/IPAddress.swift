@@ -15,7 +15,7 @@ public struct IPv4Address: Sendable, Hashable, CustomStringConvertible, Lossless
     /// Dotted-quad text ("192.0.2.1"); nil if it is not (inet_pton).
     public init?(_ text: String) {
         var address = in_addr()
-        guard inet_pton(AF_INET, text, &address) == 1 else { return nil }
+        guard parseAddress(AF_INET, text, &address) else { return nil }
         rawValue = UInt32(bigEndian: address.s_addr)
     }
 
@@ -58,7 +58,7 @@ public struct IPv6Address: Sendable, Hashable, CustomStringConvertible, Lossless
     /// IPv6 text ("2001:db8::1", "::ffff:192.0.2.1"); nil if it is not (inet_pton).
     public init?(_ text: String) {
         var address = in6_addr()
-        guard inet_pton(AF_INET6, text, &address) == 1 else { return nil }
+        guard parseAddress(AF_INET6, text, &address) else { return nil }
         self.init(address)
     }
 
@@ -174,7 +174,9 @@ extension SocketAddress {
         }
     }
 
-    /// The path of an AF_UNIX address (empty for an unnamed socket), nil for IP addresses.
+    /// The path of an AF_UNIX address (empty for an unnamed socket, and for an abstract
+    /// one, which has a name but no path: `description` shows it as `unix:@name`), nil
+    /// for IP addresses.
     public var unixPath: String? {
         guard family == AF_UNIX else { return nil }
         return withUnsafeBytes(of: storage) { raw in
@@ -190,4 +192,11 @@ extension SocketAddress {
             try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, length) }
         }
     }
+}
+
+/// inet_pton(3) of `text` into `address`. Text with a NUL byte is refused: the C string
+/// would end there, and "127.0.0.1\0junk" would read as 127.0.0.1.
+func parseAddress(_ family: Int32, _ text: String, _ address: UnsafeMutableRawPointer) -> Bool {
+    guard !text.utf8.contains(0) else { return false }
+    return inet_pton(family, text, address) == 1
 }

@@ -155,6 +155,26 @@ enum Socket {
         }
     }
 
+    /// Unlinks the socket file at a Unix address's path, if a socket file is what is there
+    /// (lstat(2)): never a regular file, a directory or a link someone left at the path.
+    static func removeStaleSocketFile(_ address: SocketAddress) {
+        guard let path = address.unixPath, !path.isEmpty else { return }
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return }
+        _ = unlink(path)
+    }
+
+    /// The address of a Unix socket at `path`, or an error that says what is wrong with it.
+    static func unixAddress(_ path: String) throws(PlexusError) -> SocketAddress {
+        if let address = SocketAddress(unixPath: path) { return address }
+        if path.isEmpty { throw PlexusError(operation: "bind", errno: .invalidArgument, message: "empty unix socket path") }
+        if path.utf8.contains(0) {
+            throw PlexusError(operation: "bind", errno: .invalidArgument, message: "unix socket path contains a NUL byte")
+        }
+        throw PlexusError(operation: "bind", errno: .fileNameTooLong,
+                          message: "unix socket path too long (\(path.utf8.count) bytes, at most 107): \(path)")
+    }
+
     static func bind(_ fd: FileDescriptor, _ address: SocketAddress) throws(PlexusError) {
         let r = address.withSockaddr { Glibc.bind(fd.rawValue, $0, $1) }
         guard r == 0 else { throw error("bind", "bind \(address): \(Errno(rawValue: plexus_errno()))") }

@@ -21,10 +21,11 @@ public struct StreamListener: SocketHandle {
     /// socket + bind + listen. IP sockets get SO_REUSEADDR; `reusePort` adds SO_REUSEPORT,
     /// so each loop of a group can bind its own listener to the same port (the kernel
     /// spreads new connections over them). For a Unix path, `removingExisting` unlinks
-    /// a stale socket file first.
+    /// a stale socket file first; anything else at the path stays, and bind fails with
+    /// EADDRINUSE.
     public static func bind(_ address: SocketAddress, on loop: EventLoop, backlog: Int32 = 1024,
                             reusePort: Bool = false, removingExisting: Bool = false) throws(PlexusError) -> StreamListener {
-        if removingExisting, let path = address.unixPath, !path.isEmpty { _ = unlink(path) }
+        if removingExisting { Socket.removeStaleSocketFile(address) }
         return try Socket.make(for: address, type: Int32(SOCK_STREAM.rawValue)) { fd throws(PlexusError) in
             if address.family != AF_UNIX {
                 try Socket.setOption(fd, .reuseAddress, true)
@@ -48,9 +49,7 @@ public struct StreamListener: SocketHandle {
     /// A Unix domain stream listener at `path`.
     public static func unix(path: String, on loop: EventLoop, backlog: Int32 = 1024,
                             removingExisting: Bool = false) throws(PlexusError) -> StreamListener {
-        guard let address = SocketAddress(unixPath: path) else {
-            throw PlexusError(operation: "bind", errno: .fileNameTooLong, message: "unix socket path too long: \(path)")
-        }
+        let address = try Socket.unixAddress(path)
         return try bind(address, on: loop, backlog: backlog, removingExisting: removingExisting)
     }
 
