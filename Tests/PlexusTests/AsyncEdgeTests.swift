@@ -10,10 +10,11 @@ import Testing
 final class HangWatchdog: @unchecked Sendable {
     let armed = Atomic<Bool>(true)
     let what: String
+    private var thread = pthread_t()
     init(_ what: String, seconds: Int) {
         self.what = what
         let me = self
-        _ = LoopTestSupport.spawn {
+        thread = LoopTestSupport.spawn {
             let end = Deadline.now + .seconds(seconds)
             while Deadline.now < end {
                 if !me.armed.load(ordering: .acquiring) { return }
@@ -26,7 +27,11 @@ final class HangWatchdog: @unchecked Sendable {
             }
         }
     }
-    func disarm() { armed.store(false, ordering: .releasing) }
+    /// Stops the watch and joins its thread (at most one 20 ms nap away).
+    func disarm() {
+        armed.store(false, ordering: .releasing)
+        pthread_join(thread, nil)
+    }
 }
 
 /// An actor on the global concurrent executor (not pinned to any loop).
