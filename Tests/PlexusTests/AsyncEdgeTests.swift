@@ -730,7 +730,11 @@ extension PlexusTests {
             tasks.removeAll()
             rss.append(Self.rssKiB())
         }
-        #expect(rss[2] < rss[1] + 20_000, "\(kind): memory keeps growing: \(rss)")
+        // Not under a sanitizer: ASan keeps freed memory in its quarantine (up to 256 MB),
+        // so the resident size grows there whatever Plexus does.
+        if getenv("PLEXUS_SANITIZER") == nil {
+            #expect(rss[2] < rss[1] + 20_000, "\(kind): memory keeps growing: \(rss)")
+        }
     }
 
     // MARK: 6. Fairness
