@@ -99,7 +99,7 @@ extension EventLoop {
                 return AsyncOutcome(result: -ECANCELED, kind: operation.kind, operation: operation, cancelled: false)
             }
             if hasFinished {
-                let result = Glibc.close(fd.rawValue) == 0 ? 0 : -plexus_errno()
+                let result = Sys.close(fd.rawValue)
                 return AsyncOutcome(result: result, kind: .close, operation: operation, cancelled: false)
             }
         }

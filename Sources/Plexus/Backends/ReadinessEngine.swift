@@ -754,7 +754,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let fd = infos[token.index].view.fd
             unlink(token.index, fd, .read)
             complete(token.index, -EINVAL)
-            refreshInterest(fd, rearm: fds[Int(fd)].readHead != OperationTable.none)
+            refreshAfterRemovingRead(fd)
         }
     }
 
@@ -1199,12 +1199,17 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let place = info.pointee.place
             unlink(index, fd, place)
             complete(index, -ECANCELED, flags: cause)
-            // A read behind the cancelled one gets a fresh report: the cancelled one may
-            // have taken the last edge without meeting EAGAIN (a multishot receive out of
-            // buffers), and no new edge comes for bytes already there.
-            refreshInterest(fd, rearm: place == .read && fds[Int(fd)].readHead != OperationTable.none)
+            if place == .read { refreshAfterRemovingRead(fd) } else { refreshInterest(fd, rearm: false) }
         }
         return 0
+    }
+
+    /// A parked read of `fd` was taken off its FIFO without finishing there: a read behind
+    /// it gets a fresh report. The removed one may have taken the last edge without
+    /// meeting EAGAIN (a multishot receive out of buffers), and no new edge comes for
+    /// bytes already there.
+    private func refreshAfterRemovingRead(_ fd: Int32) {
+        refreshInterest(fd, rearm: fds[Int(fd)].readHead != OperationTable.none)
     }
 
     /// close: cancels what is parked on the fd, forgets it, then close(2).

@@ -358,7 +358,7 @@ public final class EventLoop: @unchecked Sendable {
         let kind = operation.kind
         var result = -ECANCELED
         if kind == .close, let fd = operation.fileDescriptor {
-            result = Glibc.close(fd.rawValue) == 0 ? 0 : -plexus_errno()
+            result = Sys.close(fd.rawValue)
         }
         deliver(handler, Completion(token: Self.refusedToken, result: result, flags: [], kind: kind,
                                     operation: operation), result: result)
