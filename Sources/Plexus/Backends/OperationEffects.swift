@@ -93,9 +93,10 @@ extension Operation {
     mutating func apply(result: Int32, kind: OperationKind, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
         if result > 0 {
             apply(transferred: Int(result), scratch: scratch)
-        } else if result == 0 && kind == .receiveMessage {
-            // An empty datagram has a sender too.
-            applyToVectorOrMessage(transferred: 0, scratch: scratch)
+        } else if kind == .receiveMessage {
+            // An empty datagram has a sender too; a failed receive has none (not even one
+            // the message held before).
+            applyToVectorOrMessage(transferred: Int(result), scratch: scratch)
         }
     }
 
@@ -128,7 +129,8 @@ extension Operation {
         case .receiveMessage(let fd, var m, let flags):
             m.buffer.didAppend(n)
             let length = scratch.pointee.message.msg_namelen
-            m.address = length > 0 ? SocketAddress(storage: scratch.pointee.address, length: length) : nil
+            m.address = n >= 0 && length > 0 ? SocketAddress(storage: scratch.pointee.address, length: length) : nil
+            m.truncated = n >= 0 && scratch.pointee.message.msg_flags & Int32(MSG_TRUNC) != 0
             self = .receiveMessage(fd, m, flags: flags)
         case let other:
             self = other

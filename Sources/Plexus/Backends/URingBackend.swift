@@ -78,8 +78,8 @@ public final class URingBackend: IOBackend {
     /// pipe is empty now), the next reads of it park here instead, and one multishot
     /// POLL_ADD, armed once and kept, reports when data comes; they then run at once as
     /// preadv2(RWF_NOWAIT). Measured in the raw baseline's shape: 1.02 us per round trip.
-    /// It also keeps the order of a byte stream's (pipe or stream socket) reads and writes:
-    /// one of each in the ring, the later ones waiting (see `writesInRing`).
+    /// It also keeps the order of reads and writes on a pipe or socket (stream or
+    /// datagram): one of each in the ring, the later ones waiting (see `writesInRing`).
     private struct PipeWatch {
         /// 0 not looked at, 1 a pipe (FIFO), 2 not a pipe.
         var kind: UInt8 = 0
@@ -90,7 +90,8 @@ public final class URingBackend: IOBackend {
         var tag: UInt32 = 0
         /// Parked reads, oldest first.
         var parked: [Int] = []
-        /// 0 not looked at, 1 a byte stream (pipe, FIFO, stream socket), 2 not.
+        /// 0 not looked at, 1 ordered (pipe, FIFO, any socket: io_uring keeps no order
+        /// between two receives or two blocked sends of a datagram socket either), 2 not.
         var stream: UInt8 = 0
         /// Stream writes to this fd sent to the ring and not completed. io_uring keeps no
         /// order between two writes to a full pipe or socket (on 6.18 the later ones land
@@ -1183,7 +1184,9 @@ public final class URingBackend: IOBackend {
                 let flags = Sys.statusFlags(fd)
                 state.pointee.pipes[i].nonBlocking = flags >= 0 && flags & O_NONBLOCK != 0
             }
-            let stream = fifo || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
+            // Every socket, datagram ones too: four receives parked on a UDP socket got its
+            // datagrams in reverse.
+            let stream = fifo || type == Int32(Glibc.S_IFSOCK)
             state.pointee.pipes[i].stream = stream ? 1 : 2
         }
         return i

@@ -165,6 +165,9 @@ public struct Message: ~Copyable, Sendable {
     public var buffer: IOBuffer
     /// Destination for sendMessage; after receiveMessage, the sender.
     public var address: SocketAddress?
+    /// After receiveMessage: the datagram was longer than the buffer's spare capacity and
+    /// its tail was discarded (MSG_TRUNC in the msghdr's flags).
+    public internal(set) var truncated = false
 
     public init(_ buffer: consuming IOBuffer, address: SocketAddress? = nil) {
         self.buffer = buffer

@@ -1,20 +1,22 @@
 import CPlexus
 import Glibc
 
-/// A socket address (IPv4, IPv6 or Unix).
+/// A socket address (IPv4, IPv6, Unix, or another family kept byte for byte).
 ///
 /// 40 bytes: IP addresses live inline in a `sockaddr_in6` (a `sockaddr_in` fits in
-/// it), a Unix path out of line. Every operation carries its address by value, so a
+/// it), a Unix path (or any other family's address) out of line. Every operation carries its address by value, so a
 /// 128-byte `sockaddr_storage` here made every `Operation` and `Completion` that big,
 /// and the hot path copied it around for nothing.
 public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
     private var inet = sockaddr_in6()
-    private var unix: UnixPath?
+    private var outOfLine: OutOfLine?
     var length: socklen_t
 
-    private final class UnixPath: Sendable {
-        let address: sockaddr_un
-        init(_ address: sockaddr_un) { self.address = address }
+    /// A Unix address, or one of any family but AF_INET/AF_INET6, whole (AF_ALG's is
+    /// 88 bytes: a sockaddr_in6 would cut it).
+    private final class OutOfLine: Sendable {
+        let address: sockaddr_storage
+        init(_ address: sockaddr_storage) { self.address = address }
     }
 
     init(storage: sockaddr_storage, length: socklen_t) {
@@ -27,8 +29,8 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         get {
             var s = sockaddr_storage()
             withUnsafeMutableBytes(of: &s) { raw in
-                if let unix {
-                    raw.storeBytes(of: unix.address, as: sockaddr_un.self)
+                if let outOfLine {
+                    raw.storeBytes(of: outOfLine.address, as: sockaddr_storage.self)
                 } else {
                     raw.storeBytes(of: inet, as: sockaddr_in6.self)
                 }
@@ -37,11 +39,12 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         }
         set {
             withUnsafeBytes(of: newValue) { raw in
-                if Int32(newValue.ss_family) == AF_UNIX {
-                    unix = UnixPath(raw.load(as: sockaddr_un.self))
+                let family = Int32(newValue.ss_family)
+                if family != AF_INET && family != AF_INET6 {
+                    outOfLine = OutOfLine(newValue)
                     inet = sockaddr_in6()
                 } else {
-                    unix = nil
+                    outOfLine = nil
                     inet = raw.load(as: sockaddr_in6.self)
                 }
             }
@@ -68,8 +71,8 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
 
     /// Writes the address where the kernel reads it; returns its length.
     func write(to destination: UnsafeMutablePointer<sockaddr_storage>) -> socklen_t {
-        if let unix {
-            UnsafeMutableRawPointer(destination).storeBytes(of: unix.address, as: sockaddr_un.self)
+        if let outOfLine {
+            UnsafeMutableRawPointer(destination).storeBytes(of: outOfLine.address, as: sockaddr_storage.self)
         } else {
             UnsafeMutableRawPointer(destination).storeBytes(of: inet, as: sockaddr_in6.self)
         }
@@ -116,8 +119,8 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
         self.init(storage: storage, length: socklen_t(length))
     }
 
-    /// AF_INET, AF_INET6 or AF_UNIX.
-    public var family: Int32 { unix != nil ? AF_UNIX : Int32(inet.sin6_family) }
+    /// AF_INET, AF_INET6, AF_UNIX, or the family of an address kept byte for byte.
+    public var family: Int32 { outOfLine.map { Int32($0.address.ss_family) } ?? Int32(inet.sin6_family) }
 
     /// The port of an IP address, nil for Unix addresses.
     public var port: UInt16? {
@@ -139,9 +142,12 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
                 inet_ntop(AF_INET, &a, &text, socklen_t(text.count))
                 return "\(Self.text(text)):\(port ?? 0)"
             case AF_INET6:
-                var a = raw.load(as: sockaddr_in6.self).sin6_addr
+                let sin6 = raw.load(as: sockaddr_in6.self)
+                var a = sin6.sin6_addr
                 inet_ntop(AF_INET6, &a, &text, socklen_t(text.count))
-                return "[\(Self.text(text))]:\(port ?? 0)"
+                // RFC 4007 zone: addresses that differ only in scope must print differently.
+                let zone = sin6.sin6_scope_id != 0 ? "%\(sin6.sin6_scope_id)" : ""
+                return "[\(Self.text(text))\(zone)]:\(port ?? 0)"
             case AF_UNIX:
                 let offset = MemoryLayout<sockaddr_un>.offset(of: \sockaddr_un.sun_path)!
                 let name = raw[offset..<max(offset, Int(length))]

@@ -185,6 +185,12 @@ enum Socket {
     }
 
     static func setOption<V>(_ fd: FileDescriptor, _ option: SocketOption<V>, _ value: V) throws(PlexusError) {
+        // SO_LINGER takes any int, but the kernel reads a negative one as unsigned (a
+        // linger of ~292 million years) and reads back a different number: refuse it.
+        if let linger = value as? Linger, let seconds = linger.seconds, seconds < 0 {
+            throw PlexusError(operation: "setsockopt", errno: .invalidArgument,
+                              message: "setsockopt \(option): a negative linger (\(seconds) s)")
+        }
         let r = value.withOptionBytes { Glibc.setsockopt(fd.rawValue, option.level, option.name, $0.baseAddress, socklen_t($0.count)) }
         guard r == 0 else { throw error("setsockopt", "setsockopt \(option): \(Errno(rawValue: plexus_errno()))") }
     }
