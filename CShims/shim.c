@@ -2,6 +2,7 @@
 #include <limits.h>
 #include "CPlexus.h"
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <time.h>
 #include <stdlib.h>
@@ -103,12 +104,23 @@ void plexus_discard_sigpipe(void) {
     while (sigtimedwait(&set, NULL, &zero) > 0) {}
 }
 
-int plexus_probe_opcode(struct io_uring *ring, int opcode) {
-    struct io_uring_probe *probe = io_uring_get_probe_ring(ring);
-    if (!probe) return 0;
-    int supported = io_uring_opcode_supported(probe, opcode);
-    io_uring_free_probe(probe);
-    return supported;
+int plexus_usable_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -errno;
+    return CPU_COUNT(&set);
+}
+
+int plexus_probe_opcodes(struct io_uring *ring, unsigned char supported[256]) {
+    memset(supported, 0, 256);
+    size_t size = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+    struct io_uring_probe *probe = calloc(1, size);
+    if (!probe) return -ENOMEM;
+    int r = io_uring_register_probe(ring, probe, 256);
+    if (r >= 0) {
+        for (int op = 0; op < 256; op++) supported[op] = io_uring_opcode_supported(probe, op) ? 1 : 0;
+    }
+    free(probe);
+    return r < 0 ? r : 0;
 }
 
 struct io_uring_buf_ring *plexus_setup_buf_ring(struct io_uring *ring, unsigned entries, int group, int *error) {

@@ -103,8 +103,14 @@ void plexus_block_sigpipe(void);
 /// delivered should the thread unblock it later.
 void plexus_discard_sigpipe(void);
 
-/// True when the kernel supports `opcode` on this ring (IORING_REGISTER_PROBE).
-int plexus_probe_opcode(struct io_uring *ring, int opcode);
+/// The CPUs this thread may run on (sched_getaffinity, CPU_COUNT: taskset, cpusets), or
+/// -errno (EINVAL on machines with more CPUs than a cpu_set_t holds).
+int plexus_usable_cpus(void);
+
+/// IORING_REGISTER_PROBE, once: `supported[op]` is 1 for each opcode the kernel supports
+/// on this ring. 0, or -errno when the probe itself failed (EPERM from a seccomp profile
+/// that refuses io_uring_register): a refused probe is not a missing opcode.
+int plexus_probe_opcodes(struct io_uring *ring, unsigned char supported[256]);
 
 /// io_uring_setup_buf_ring, which liburing 2.3 lacks: maps a ring of `entries` provided
 /// buffers, registers it as group `group`, and initialises it. NULL and *error = -errno on failure.

@@ -3,6 +3,8 @@
 // Runs COMMAND under a seccomp filter that makes io_uring_setup(2) fail with EPERM, as
 // Docker's default profile does, so the fallback from io_uring to epoll can be tested
 // through the real mechanism. PLEXUS_NOURING_ERRNO picks another errno (e.g. 38 = ENOSYS).
+// PLEXUS_NOURING_CALL=register refuses io_uring_register(2) instead, as a profile that
+// allows setup but not registration would: the ring starts, its opcode probe fails.
 // PLEXUS_NOURING_NO_EPOLL_PWAIT2=1 also makes epoll_pwait2(2) fail with ENOSYS, as on
 // kernels before 5.11, whose epoll backend must fall back to epoll_wait; =EPERM with
 // EPERM, as seccomp profiles older than the call do.
@@ -35,6 +37,9 @@ int main(int argc, char **argv) {
     int denied = EPERM;
     const char *chosen = getenv("PLEXUS_NOURING_ERRNO");
     if (chosen) denied = atoi(chosen);
+    unsigned refused = __NR_io_uring_setup;
+    const char *call = getenv("PLEXUS_NOURING_CALL");
+    if (call && strcmp(call, "register") == 0) refused = __NR_io_uring_register;
     // A syscall number no syscall has, unless epoll_pwait2 is to be refused too.
     unsigned noPwait2 = 0xffffffffu;
     int pwait2Errno = ENOSYS;
@@ -50,7 +55,7 @@ int main(int argc, char **argv) {
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PLEXUS_AUDIT_ARCH, 1, 0),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, refused, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (denied & SECCOMP_RET_DATA)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, noPwait2, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (pwait2Errno & SECCOMP_RET_DATA)),

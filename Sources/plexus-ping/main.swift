@@ -41,7 +41,7 @@ func usage() -> Never {
 
           --port PORT        TCP port (default 6380; 0 lets the kernel pick; the port is printed)
           --host ADDRESS     IPv4 or IPv6 address to listen on (default 127.0.0.1)
-          --loops N          event loops, one thread each (default: one per online core)
+          --loops N          event loops, one thread each (default: one per CPU it may run on)
           --adapter A        callback (default) or async (one task per connection)
 
         PLEXUS_BACKEND=io_uring|epoll|poll|auto picks the backend (unset = auto).
@@ -52,7 +52,7 @@ func usage() -> Never {
 
 var port: UInt16 = 6380
 var host = "127.0.0.1"
-var loopCount = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+var loopCount = EventLoopGroup.defaultLoopCount
 var adapter = Adapter.callback
 
 var arguments = CommandLine.arguments.dropFirst()

@@ -168,7 +168,7 @@ public final class URingBackend: IOBackend {
     private static let pipeFDLimit = 1 << 20
 
     /// Opcodes every operation needs; a kernel without one of them is not used.
-    static let requiredOpcodes: [(io_uring_op, String)] = [
+    static let requiredOpcodes: [(opcode: io_uring_op, name: String)] = [
         (IORING_OP_NOP, "NOP"), (IORING_OP_READ, "READ"), (IORING_OP_WRITE, "WRITE"),
         (IORING_OP_READV, "READV"), (IORING_OP_WRITEV, "WRITEV"), (IORING_OP_SEND, "SEND"),
         (IORING_OP_RECV, "RECV"), (IORING_OP_SENDMSG, "SENDMSG"), (IORING_OP_RECVMSG, "RECVMSG"),
@@ -181,9 +181,13 @@ public final class URingBackend: IOBackend {
     /// Creates a ring with `entries` SQEs (io_uring_queue_init_params).
     ///
     /// Throws when io_uring cannot start: ENOSYS (no io_uring), EPERM or EACCES (seccomp,
-    /// `kernel.io_uring_disabled`), ENOMEM (locked-memory limit), EINVAL or EOPNOTSUPP
-    /// (a required opcode missing from this kernel).
+    /// `kernel.io_uring_disabled`; operation `io_uring_register` when only the probe is
+    /// refused), ENOMEM (locked-memory limit), EINVAL or EOPNOTSUPP (a required opcode
+    /// missing from this kernel). `entries` is a hint: 0 is the smallest ring, and sizes
+    /// above the kernel's maximum are clamped to it.
     public init(entries: UInt32 = 256) throws(PlexusError) {
+        // A size hint, as for epoll and poll: 0 asks for the smallest ring, not EINVAL.
+        let entries = max(entries, 1)
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
         let attempts: [UInt32] = [
@@ -196,7 +200,9 @@ public final class URingBackend: IOBackend {
         for attempt in attempts {
             var params = io_uring_params()
             params.flags = attempt | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
-            params.cq_entries = entries &* 4
+            // Saturating (`&* 4` wrapped from 2^30 on: a CQ smaller than the SQ, EINVAL);
+            // IORING_SETUP_CLAMP brings both down to the kernel's maxima.
+            params.cq_entries = entries > UInt32.max / 4 ? UInt32.max : entries * 4
             result = io_uring_queue_init_params(entries, ring, &params)
             flags = attempt
             // EINVAL means "this flag is too new"; anything else is final.
@@ -208,16 +214,24 @@ public final class URingBackend: IOBackend {
             throw PlexusError(operation: "io_uring_queue_init", errno: Errno(rawValue: -result),
                               message: "io_uring_setup failed: \(Errno(rawValue: -result))")
         }
-        for (opcode, name) in Self.requiredOpcodes where plexus_probe_opcode(ring, Int32(opcode.rawValue)) == 0 {
+        // One probe. A probe the kernel refused (a seccomp profile: EPERM) is not a missing
+        // opcode, and says so.
+        var supported = [UInt8](repeating: 0, count: 256)
+        let probed = plexus_probe_opcodes(ring, &supported)
+        let missing = Self.requiredOpcodes.first { supported[Int($0.opcode.rawValue)] == 0 }
+        guard probed == 0, missing == nil else {
             io_uring_queue_exit(ring)
             ring.deallocate()
             table.destroy()
+            if probed != 0 {
+                throw PlexusError(operation: "io_uring_register", errno: Errno(rawValue: -probed),
+                                  message: "io_uring_register(IORING_REGISTER_PROBE) failed: \(Errno(rawValue: -probed))")
+            }
             throw PlexusError(operation: "io_uring_register_probe", errno: .notSupported,
-                              message: "this kernel's io_uring lacks IORING_OP_\(name)")
+                              message: "this kernel's io_uring lacks IORING_OP_\(missing!.name)")
         }
         setupFlags = flags
-        let ring = self.ring
-        let has = { (op: io_uring_op) in plexus_probe_opcode(ring, Int32(op.rawValue)) != 0 }
+        let has = { (op: io_uring_op) in supported[Int(op.rawValue)] != 0 }
         var caps: Capabilities = [.nativeCompletions, .linkedOperations, .nonBlockingFileIO]
         // The probe lists opcodes, not flags; an opcode of the same kernel release stands in.
         if has(IORING_OP_SOCKET) { caps.formUnion([.multishotAccept, .cancelByFileDescriptor]) }  // 5.19
