@@ -10,7 +10,7 @@
 SHELL := /bin/bash
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# The suite is one .serialized tree; --no-parallel also serializes suites outside it.
+# The suite is one .serialized tree; --no-parallel keeps a suite added outside it serial too.
 TEST_FLAGS ?= --no-parallel
 BACKENDS := io_uring epoll poll
 

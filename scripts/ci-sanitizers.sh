@@ -11,8 +11,8 @@
 # grepped for "WARNING: ThreadSanitizer" (a report in a child process or one printed
 # before the exit code is set still counts).
 #
-# LeakSanitizer is off: XCTest's own allocations are reported as leaks at exit
-# (FIELD-NOTES.md), so `swift test --sanitize=address` would exit 1 with every test
+# LeakSanitizer is off: the test runner's own allocations are reported as leaks at
+# exit, so `swift test --sanitize=address` would exit 1 with every test
 # passing. Plexus's memory is checked by the suite itself (pendingCount, fd counts, the
 # load test's RSS bound) and ASan still catches use-after-free, overflows and
 # double frees.

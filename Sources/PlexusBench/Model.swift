@@ -1,6 +1,6 @@
 import Plexus
 
-/// The microbenchmarks of DESIGN.md ("Performance contract") and issue 7.
+/// The microbenchmarks of the performance contract (docs/design.md) and issue 7.
 public enum Benchmark: String, CaseIterable, Sendable, CustomStringConvertible {
     case nop1 = "nop-1"
     case nop32 = "nop-32"

@@ -62,7 +62,7 @@ public struct Report: Sendable {
     }
 
     /// ops/s of an async NOP over the concurrency runtime's floor (raw-io_uring async)
-    /// measured in the same run: DESIGN.md's target for the async NOP.
+    /// measured in the same run: docs/design.md's target for the async NOP.
     public func floorRatio(_ r: CaseResult) -> Double? {
         let c = r.benchmarkCase
         guard c.adapter == .async, !c.backend.isRaw, let floor = result(c.benchmark, .rawIoUring, .async),

@@ -2,8 +2,6 @@
 //
 //   plexus-demo --backend-info        what runs here, and why (exit 1 if nothing can)
 //   plexus-demo [--round-trips N]     pipe ping-pong through the backend, round trips/s
-//
-// Until plexus-bench lands this is what `make bench` runs.
 import CPlexus
 import Glibc
 import Plexus

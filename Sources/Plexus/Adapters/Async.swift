@@ -245,7 +245,9 @@ extension EventLoop {
 
     /// Runs `body` with a deadline for every operation it awaits on a loop: an operation
     /// still pending at `deadline` is cancelled and throws a `PlexusError` with ETIMEDOUT.
-    /// A loop timer does it on every backend.
+    /// The backend enforces it (`IOBackend.prepare(_:deadline:)`: a linked
+    /// IORING_OP_LINK_TIMEOUT on io_uring, the timer heap on epoll and poll); kinds that
+    /// take no deadline there (`OperationKind.takesDeadline`) get a loop timer.
     public func withDeadline<R>(_ deadline: Deadline, _ body: () async throws -> R) async throws -> R {
         EventLoop.deadlinesInUse.store(true, ordering: .relaxed)
         let outer = EventLoop.currentDeadline

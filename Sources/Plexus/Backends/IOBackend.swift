@@ -6,8 +6,8 @@
 /// wait for readiness and try again. A backend belongs to one thread; it allocates only
 /// while its record table grows, never per operation in steady state.
 ///
-/// Every prepared operation completes exactly once with a final completion (DESIGN.md,
-/// invariant 1): with its result, an error, or -ECANCELED (after `cancel`, `close` of
+/// Every prepared operation completes exactly once with a final completion
+/// (docs/guarantees.md, 1): with its result, an error, or -ECANCELED (after `cancel`, `close` of
 /// its fd, or `shutdown`).
 public protocol IOBackend: AnyObject {
     /// Which backend this is.
@@ -28,12 +28,14 @@ public protocol IOBackend: AnyObject {
     func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token
 
     /// Prepares `operation` like `prepare`, except that when the backend would start it
-    /// with a syscall that may finish at once (a page-cached file read through
-    /// preadv2(RWF_NOWAIT) on io_uring; a read, write, send, receive or accept on epoll
-    /// and poll, which try the syscall first), it starts it now, after everything
-    /// prepared before it, and a final result is returned here instead of through
-    /// `wait`. The async adapter's fast path: an awaited operation whose result is there
-    /// at once need not suspend.
+    /// with a syscall that may finish at once, it starts it now: on io_uring, a page-cached
+    /// file read through preadv2(RWF_NOWAIT), a pipe write done at once (pwritev2 or
+    /// write(2)), and input refused before the ring; on epoll and poll, which try the
+    /// syscall first, a read, write, readv, writev, send, receive, sendmsg, recvmsg or
+    /// accept, and a nop, fsync, shutdown, open or close, which they run on the loop
+    /// thread anyway. It starts it after everything prepared before it, and a final result
+    /// is returned here instead of through `wait`. The async adapter's fast path: an
+    /// awaited operation whose result is there at once need not suspend.
     func attempt(_ operation: consuming Operation) -> Attempt
 
     /// Starts every prepared operation (io_uring_submit; the syscalls themselves on epoll

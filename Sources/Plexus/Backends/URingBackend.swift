@@ -182,8 +182,8 @@ public final class URingBackend: IOBackend {
     ///
     /// Throws when io_uring cannot start: ENOSYS (no io_uring), EPERM or EACCES (seccomp,
     /// `kernel.io_uring_disabled`; operation `io_uring_register` when only the probe is
-    /// refused), ENOMEM (locked-memory limit), EINVAL or EOPNOTSUPP (a required opcode
-    /// missing from this kernel). `entries` is a hint: 0 is the smallest ring, and sizes
+    /// refused), ENOMEM (locked-memory limit), EINVAL (no ring setup accepted), or
+    /// EOPNOTSUPP (a required opcode missing from this kernel). `entries` is a hint: 0 is the smallest ring, and sizes
     /// above the kernel's maximum are clamped to it.
     public init(entries: UInt32 = 256) throws(PlexusError) {
         // A size hint, as for epoll and poll: 0 asks for the smallest ring, not EINVAL.
@@ -907,7 +907,7 @@ public final class URingBackend: IOBackend {
         }
         guard capabilities.contains(.providedBufferRings) else {
             throw PlexusError(operation: "io_uring_register_buf_ring", errno: .notSupported,
-                              message: "this kernel has no provided buffer rings (Linux 5.19+)")
+                              message: "this kernel has no provided buffer rings with multishot receive (Linux 6.0+): use epoll or poll")
         }
         guard let id = BufferGroup.freeID(from: state.pointee.nextGroup, inUse: { state.pointee.bufferRings[$0] != nil }) else {
             throw PlexusError(operation: "io_uring_register_buf_ring", errno: .fileExists,

@@ -2,7 +2,7 @@ import CPlexus
 import SystemPackage
 
 /// One thing for a backend to do. Every backend accepts every operation and reports
-/// the same completion for it (DESIGN.md, "The one protocol").
+/// the same completion for it (docs/design.md, "The one protocol").
 ///
 /// An operation owns its buffers (`IOBuffer`, `IOVector`, `Message`) from `prepare`
 /// until its final completion hands it back in `Completion.operation`.

@@ -3,7 +3,7 @@ import Glibc
 
 /// A socket address (IPv4, IPv6, Unix, or another family kept byte for byte).
 ///
-/// 40 bytes: IP addresses live inline in a `sockaddr_in6` (a `sockaddr_in` fits in
+/// 44 bytes: IP addresses live inline in a `sockaddr_in6` (a `sockaddr_in` fits in
 /// it), a Unix path (or any other family's address) out of line. Every operation carries its address by value, so a
 /// 128-byte `sockaddr_storage` here made every `Operation` and `Completion` that big,
 /// and the hot path copied it around for nothing.

@@ -117,7 +117,7 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
 
 // MARK: the floor
 
-/// The Swift concurrency runtime's floor for one awaited NOP (DESIGN.md, performance
+/// The Swift concurrency runtime's floor for one awaited NOP (docs/design.md, performance
 /// contract: the async NOP's target): the least an async API over io_uring can do, with
 /// no Plexus in it. A bare `TaskExecutor` runs the task's jobs on the benchmark thread and
 /// drives a raw ring; `nop()` writes a NOP SQE and parks the task in an
