@@ -419,6 +419,8 @@ extension PlexusTests {
             #expect(a != b)
             #expect(a.description != b.description, "both print as \(a)")
             #expect(a.description == "[fe80::1%2]:80", "\(a)")
+            #expect(a.scopeID == 2 && b.scopeID == 0)
+            #expect(SocketAddress.loopback(port: 80).scopeID == nil)
         }
 
         /// Round trips that hold: getsockname of unbound sockets, IPv4 and IPv6 text.

@@ -174,6 +174,13 @@ extension SocketAddress {
         }
     }
 
+    /// The scope (interface index) of an AF_INET6 address, 0 when it has none; nil for
+    /// other families. `description` shows a non-zero one as `[fe80::1%2]:port`.
+    public var scopeID: UInt32? {
+        guard family == AF_INET6 else { return nil }
+        return withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in6.self).sin6_scope_id }
+    }
+
     /// The path of an AF_UNIX address (empty for an unnamed socket, and for an abstract
     /// one, which has a name but no path: `description` shows it as `unix:@name`), nil
     /// for IP addresses.
