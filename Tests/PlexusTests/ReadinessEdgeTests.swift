@@ -551,7 +551,11 @@ extension PlexusTests.ReadinessEdgeTests {
             let (l, port, _) = try h.tcpListener()
             let client = try h.tcpClient(port: port)
             let acc = try h.perform(.accept(l))
-            _ = acc
+            // Fixed buffers (no autotuning): once full, the send buffer stays full, so the
+            // write below stays parked until the shutdown (it once slipped through).
+            var size: Int32 = 16384
+            _ = setsockopt(acc.result, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+            _ = setsockopt(client.rawValue, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
             let r = h.prepare(.read(client, IOBuffer(capacity: 16)))
             try h.submit()
             try h.idle(for: .milliseconds(10))
