@@ -86,14 +86,30 @@ void plexus_set_current_loop(void *loop) { plexus_loop_of_this_thread = loop; }
 
 int plexus_errno(void) { return errno; }
 
+// Whether plexus_block_sigpipe blocked SIGPIPE on this thread, and whether the thread had
+// it blocked already (then plexus_release_sigpipe leaves it blocked).
+static __thread int plexus_sigpipe_blocked;
+static __thread int plexus_sigpipe_was_blocked;
+
 void plexus_block_sigpipe(void) {
-    static __thread int blocked;
-    if (blocked) return;
+    if (plexus_sigpipe_blocked) return;
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    plexus_sigpipe_was_blocked = sigismember(&old, SIGPIPE) == 1;
+    plexus_sigpipe_blocked = 1;
+}
+
+void plexus_release_sigpipe(void) {
+    if (!plexus_sigpipe_blocked) return;
+    plexus_sigpipe_blocked = 0;
+    if (plexus_sigpipe_was_blocked) return;
+    plexus_discard_sigpipe();
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGPIPE);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    blocked = 1;
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
 void plexus_discard_sigpipe(void) {

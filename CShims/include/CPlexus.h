@@ -99,6 +99,11 @@ int plexus_errno(void);
 /// disposition. Called by every backend on the thread that submits and waits.
 void plexus_block_sigpipe(void);
 
+/// Undoes plexus_block_sigpipe on the calling thread (discarding a pending SIGPIPE first),
+/// unless the thread had SIGPIPE blocked before. Backends call it when they go away; any
+/// later backend call on the thread blocks it again before it can raise one.
+void plexus_release_sigpipe(void);
+
 /// Discards a SIGPIPE left pending on the calling thread by an EPIPE, so it is never
 /// delivered should the thread unblock it later.
 void plexus_discard_sigpipe(void);

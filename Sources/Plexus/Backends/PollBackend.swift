@@ -139,4 +139,13 @@ struct PollPoller: ReadinessPoller {
     func event(_ i: Int) -> (fd: Int32, events: UInt32) {
         (ready[i].fd, ready[i].events)
     }
+
+    /// poll(2) refuses more fds than RLIMIT_NOFILE's soft limit (lowered after they were
+    /// opened): say so, as epoll, which has no such limit, keeps serving.
+    func explain(_ errno: Int32) -> String? {
+        var limit = rlimit()
+        guard errno == EINVAL, getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0,
+              UInt64(pollfds.count) > UInt64(limit.rlim_cur) else { return nil }
+        return "poll(2) watches \(pollfds.count) fds, more than RLIMIT_NOFILE's soft limit (\(limit.rlim_cur)) allows: raise it, or use the epoll backend"
+    }
 }

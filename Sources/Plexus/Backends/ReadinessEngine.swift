@@ -54,6 +54,13 @@ protocol ReadinessPoller {
 
     /// Ready fd `i` (below the count `wait` returned) and its poll(2)-style event bits.
     func event(_ i: Int) -> (fd: Int32, events: UInt32)
+
+    /// Why `wait` failed with `errno`, when there is more to say than the errno.
+    func explain(_ errno: Int32) -> String?
+}
+
+extension ReadinessPoller {
+    func explain(_ errno: Int32) -> String? { nil }
 }
 
 /// A growable array of trivial values behind one pointer: the engine keeps it in a
@@ -289,6 +296,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         prepared.destroy()
         completions.destroy()
         unverified.destroy()
+        plexus_release_sigpipe()  // the caller's thread gets its signal mask back
     }
 
     var pendingCount: Int { table.liveCount }
@@ -425,7 +433,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @inline(__always)
     private func handleEvents(_ n: Int32) throws(PlexusError) -> Bool {
         if n == -EINTR { return true }
-        if n < 0 { throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n)) }
+        if n < 0 { throw PlexusError(operation: Poller.waitCallName, errno: Errno(rawValue: -n), message: poller.explain(-n)) }
         for i in 0..<Int(n) {
             let (fd, events) = poller.event(i)
             handle(fd, events)
@@ -552,7 +560,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             var result: Int32 = -EINVAL
             switch consume operation {
             case .open(let path, let flags, let mode, let directory):
-                result = path.withPlatformString { Sys.openat(view.fd, $0, view.flags, mode) }
+                result = path.withPlatformString { Sys.openatNoWait(view.fd, $0, view.flags, mode) }
                 operation = .open(path, flags: flags, mode: mode, directory: directory)
             case let other:
                 operation = other

@@ -265,6 +265,7 @@ public final class URingBackend: IOBackend {
         state.deinitialize(count: 1)
         state.deallocate()
         table.destroy()
+        plexus_release_sigpipe()  // the caller's thread gets its signal mask back
     }
 
     public var pendingCount: Int { table.liveCount }

@@ -480,6 +480,10 @@ public final class EventLoop: @unchecked Sendable {
             try backend.wait(timeout: timeout) { completion in self.dispatch(completion) }
         } catch {
             errorHandler(CallbackError(operation: "wait", token: nil, error: error))
+            // A wait that fails fails again next turn, most likely: pause a millisecond
+            // rather than spin a core and flood the error handler.
+            var pause = timespec(tv_sec: 0, tv_nsec: 1_000_000)
+            _ = nanosleep(&pause, nil)
         }
     }
 

@@ -170,6 +170,19 @@ enum Sys {
         }
     }
 
+    /// openat(2) that never waits, as io_uring's OPENAT tries first: with O_NONBLOCK added
+    /// (a FIFO opens at once instead of waiting for its other end; for writing with no
+    /// reader that is ENXIO), then O_NONBLOCK taken off again unless the caller asked for it.
+    static func openatNoWait(_ directory: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32, _ mode: mode_t) -> Int32 {
+        if flags & O_NONBLOCK != 0 { return openat(directory, path, flags, mode) }
+        let fd = openat(directory, path, flags | O_NONBLOCK, mode)
+        if fd >= 0 {
+            let status = Glibc.fcntl(fd, F_GETFL)
+            if status >= 0 { _ = Glibc.fcntl(fd, F_SETFL, status & ~O_NONBLOCK) }
+        }
+        return fd
+    }
+
     /// close(2). Never retried: on Linux the fd is gone even when close reports EINTR.
     static func close(_ fd: Int32) -> Int32 {
         check(Glibc.close(fd))

@@ -242,7 +242,7 @@ final class Harness {
 
     // MARK: Completions
 
-    private func receive(_ completion: consuming Completion) {
+    func receive(_ completion: consuming Completion) {
         let token = completion.token, result = completion.result, flags = completion.flags, kind = completion.kind
         let bufferID = completion.bufferID
         let returned = Returned()
