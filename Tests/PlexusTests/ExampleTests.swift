@@ -118,6 +118,50 @@ extension PlexusTests {
                     "the server never ran out of fds: the test proves nothing")
         }
 
+        /// accept(2) errors that end one connection, not the listener (ECONNABORTED, EPROTO)
+        /// do not stop a multishot accept: plexus-ping serves on without a word. Once failed
+        /// on epoll and poll: the first such error ended the accept (the callback adapter's
+        /// multishot, the async adapter's `connections()`), and plexus-ping had to log it
+        /// and start accepting again after a pause. The errors come from an LD_PRELOAD
+        /// library (scripts/fail-accept4.c); io_uring accepts in the kernel, out of its reach.
+        @Test(arguments: Backends.kinds, adapters)
+        func `plexus-ping accepts on past an aborted connection`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            guard kind != .ioUring else { try Test.cancel("skipped: io_uring accepts in the kernel, where LD_PRELOAD cannot fail it") }
+            guard getenv("PLEXUS_SANITIZER") == nil else { try Test.cancel("skipped: a sanitizer runtime must be the first preloaded library") }
+            let library = try Self.failAccept4Library()
+            defer { unlink(library) }
+            for code in [ECONNABORTED, EPROTO] {
+                // The server's first accept4 calls (its start-up probe's connection) fail.
+                let server = try PingServer(kind: kind, adapter: adapter, loops: 1, setting: [
+                    "LD_PRELOAD": library, "PLEXUS_FAIL_FROM": "1", "PLEXUS_FAIL_COUNT": "3", "PLEXUS_FAIL_ERRNO": String(code),
+                ])
+                defer { server.stop() }
+                let client = try BlockingClient(port: server.port)
+                defer { client.close() }
+                try client.send("PING\r\n")
+                #expect(try client.receive(7) == "+PONG\r\n")
+                let log = readWholeFile(server.directory + "/stderr")
+                #expect(!log.contains("accept"), "errno \(code) stopped the accept: \(log)")
+            }
+        }
+
+        /// scripts/fail-accept4.c built with the toolchain's clang (or cc) into a temp file.
+        static func failAccept4Library() throws -> String {
+            let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                .deletingLastPathComponent().appendingPathComponent("scripts/fail-accept4.c").path
+            // The Swift toolchain ships clang; PATH usually has it (or cc).
+            let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+            let compilers = path.split(separator: ":").flatMap { ["\($0)/clang", "\($0)/cc"] } + ["/opt/swift/usr/bin/clang", "/usr/bin/cc"]
+            guard let compiler = compilers.first(where: { access($0, X_OK) == 0 }) else {
+                try Test.cancel("skipped: no C compiler to build \(source)")
+            }
+            let library = "/tmp/plexus-fail-accept4-\(getpid()).so"
+            let built = try runChild([compiler, "-shared", "-fPIC", "-O1", "-o", library, source, "-ldl"])
+            try #require(built.exitCode == 0, "\(built)")
+            return library
+        }
+
         // MARK: plexus-grep
 
         @Test(arguments: Backends.kinds)
@@ -185,13 +229,14 @@ private struct PingServer {
     let directory: String
 
     /// `fdLimit`: started through bash with `ulimit -n` set to it.
-    init(kind: BackendKind, adapter: String, loops: Int = 2, fdLimit: Int? = nil,
+    init(kind: BackendKind, adapter: String, loops: Int = 2, fdLimit: Int? = nil, setting: [String: String] = [:],
          sourceLocation: SourceLocation = #_sourceLocation) throws {
         let executable = try builtExecutable("plexus-ping", sourceLocation: sourceLocation)
         port = try Self.freePort()
         directory = try makeOutputDirectory("plexus-ping")
         var environment = ProcessInfo.processInfo.environment
         environment["PLEXUS_BACKEND"] = kind.rawValue
+        environment.merge(setting) { _, new in new }
         var arguments = [executable, "--port", String(port), "--loops", String(loops), "--adapter", adapter]
         if let fdLimit { arguments = ["/bin/bash", "-c", "ulimit -n \(fdLimit) && exec \"$@\"", "bash"] + arguments }
         pid = try spawnChild(arguments, environment: environment, outputIn: directory)

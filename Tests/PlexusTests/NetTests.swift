@@ -581,6 +581,69 @@ extension PlexusTests {
             #expect(copied == "world!")
             #expect(bigger.capacity == 64)
         }
+
+        /// A non-blocking connect(2) to a Unix stream listener whose backlog is full fails
+        /// with EAGAIN at once (not EINPROGRESS), and no readiness ever follows for it: it
+        /// ends as a typed EAGAIN on every backend. Once failed on epoll and poll (found by
+        /// fault injection): it was parked for readiness and waited for ever (here: until
+        /// its deadline, ETIMEDOUT).
+        @Test(arguments: Backends.kinds)
+        func aUnixConnectToAFullBacklogEndsAtOnceWithEAGAIN(kind: BackendKind) async throws {
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            let path = "/tmp/plexus-net-\(getpid())-\(kind.rawValue).sock"
+            unlink(path)
+            defer { unlink(path) }
+            let listener = try StreamListener.unix(path: path, on: loop, backlog: 0)
+            let address = try #require(SocketAddress(unixPath: path))
+            var fillers: [Int32] = []
+            defer { for fd in fillers { close(fd) } }
+            // Fill the backlog with plain non-blocking connects until the kernel says EAGAIN.
+            var sun = sockaddr_un()
+            sun.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &sun.sun_path) { bytes in
+                for (i, c) in path.utf8.enumerated() { bytes[i] = c }
+            }
+            var refused = false
+            while fillers.count < 64 {
+                let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                try #require(fd >= 0)
+                let r = withUnsafePointer(to: &sun) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+                if r != 0 {
+                    let e = plexus_errno()
+                    close(fd)
+                    try #require(e == EAGAIN, "filling the backlog stopped with errno \(e)")
+                    refused = true
+                    break
+                }
+                fillers.append(fd)
+            }
+            try #require(refused, "the backlog never filled")
+
+            let start = ContinuousClock.now
+            do {
+                let connection = try await StreamConnection.connect(to: address, on: loop, timeout: .seconds(3))
+                try? await connection.close()
+                Issue.record("connected to a listener whose backlog is full")
+            } catch let error as PlexusError {
+                #expect(error.operation == "connect")
+                #expect(error.errno == .resourceTemporarilyUnavailable,
+                        "\(kind): expected EAGAIN at once, got \(error) after \(ContinuousClock.now - start)")
+            }
+            #expect(ContinuousClock.now - start < .seconds(1), "\(kind): the connect waited \(ContinuousClock.now - start)")
+
+            // The loop goes on: once the backlog has room, a connect through Plexus succeeds.
+            for fd in fillers { close(fd) }
+            fillers.removeAll()
+            let accepted = Task(executorPreference: loop) { try await listener.accept() }
+            let connection = try await StreamConnection.connect(to: address, on: loop, timeout: .seconds(3))
+            let server = try await accepted.value
+            try await connection.close()
+            try await server.close()
+            try await listener.close()
+        }
     }
 }
 

@@ -632,7 +632,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let mode = state.pointee.mode
         if mode == .direct {
             // (A multishot accept here reports one connection and ends: nothing to poll.)
-            let result = perform(index, kind, mode)
+            let result = Self.final(perform(index, kind, mode))
             if (kind == .accept || kind == .acceptMultishot) && result >= 0 { forget(result) }
             complete(index, result)
             return
@@ -683,6 +683,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             while true {
                 let result = perform(index, kind, mode)
                 if result == -EAGAIN { return .blocked }
+                if OperationKind.endsOnlyOneConnection(result) { continue }
                 if result < 0 {
                     complete(index, result)
                     return .finished
@@ -693,8 +694,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 if mode == .blockingSocket { return .continuing }
             }
         }
-        let result = perform(index, kind, mode)
-        if result == -EAGAIN { return .blocked }
+        let performed = perform(index, kind, mode)
+        if performed == -EAGAIN { return .blocked }
+        let result = Self.final(performed)
         if kind == .accept && result >= 0 { forget(result) }
         if (kind == .read || kind == .recv) && result > 0 {
             let view = infos[index].view
@@ -787,7 +789,17 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         }
     }
 
-    /// The syscall for a data, accept or connect record; -EAGAIN when it would block.
+    /// connect(2)'s own EAGAIN, which is no "would block" (that is EINPROGRESS): a Unix
+    /// listener's backlog is full, or no local port is free. No readiness report ever
+    /// follows it, so it is the result (as on io_uring), not a reason to park.
+    private static var connectEAGAIN: Int32 { Int32.min }
+
+    /// `perform`'s result as the record's final result.
+    @inline(__always)
+    private static func final(_ result: Int32) -> Int32 { result == connectEAGAIN ? -EAGAIN : result }
+
+    /// The syscall for a data, accept or connect record; -EAGAIN when it would block
+    /// (`connectEAGAIN` when connect(2) itself said EAGAIN).
     @inline(__always)
     private func perform(_ index: Int, _ kind: OperationKind, _ mode: FDState.Mode) -> Int32 {
         let info = infos.pointer(index)
@@ -861,11 +873,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let r = Sys.connect(fd, &scratch.pointee.address, scratch.pointee.address_length)
             if !info.pointee.retried {
                 info.pointee.retried = true
-                result = Int(r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
+                result = Int(r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r == -EAGAIN ? Self.connectEAGAIN : r)
             } else if r == 0 || r == -EISCONN {
                 result = 0
             } else {
-                result = Int(r == -EALREADY || r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
+                result = Int(r == -EALREADY || r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r == -EAGAIN ? Self.connectEAGAIN : r)
             }
         default:
             result = Int(-EINVAL)

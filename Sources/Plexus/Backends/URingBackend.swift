@@ -824,6 +824,14 @@ public final class URingBackend: IOBackend {
                 body(Completion(token: token, result: res, flags: flags, kind: kind, operation: nil))
                 return 1
             }
+            if kind == .acceptMultishot && OperationKind.endsOnlyOneConnection(res) {
+                // One connection lost, not the listener: go on accepting.
+                if !more {
+                    state.pointee.statistics.multishotRearms &+= 1
+                    prep(token.index)
+                }
+                return 0
+            }
             if more {  // an error the kernel reports without ending the operation
                 state.pointee.statistics.completed &+= 1
                 body(Completion(token: token, result: res, flags: .more, kind: kind, operation: nil))
