@@ -87,6 +87,12 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     private var consumerContinuation: UnsafeContinuation<Void, Never>?
     /// The consumer was told the queue ended (onClosed called).
     private var endReported = false
+    /// `close()` returned nothing because a consumer was attached: what is queued is that
+    /// consumer's to take. A cancelled async consumer keeps taking it then (nobody else
+    /// would), and `stopConsuming()` hands it to the callback consumer that stops.
+    private var owedToConsumer = false
+    /// The generation of the last async consumer attached (its iterator's lease).
+    private var asyncGeneration: UInt64 = 0
     /// The most messages the ring ever held (for tests: memory stays bounded).
     private(set) var highWaterMark = 0
     /// Times the consumer took a batch, and messages taken.
@@ -104,7 +110,8 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     private enum Consumer {
         case none
         case callback(([Message]) -> Void, onClosed: (() -> Void)?)
-        case async
+        /// The async consumer holding the iterator of this generation.
+        case async(UInt64)
         var isAttached: Bool { if case .none = self { false } else { true } }
     }
 
@@ -210,7 +217,11 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// queued when no consumer is attached (none was, it stopped, or its loop shut down),
     /// otherwise nothing (the consumer gets them, then the end of the queue). Senders
     /// still waiting are resumed with `SendError(.closed)` carrying their message.
-    /// Callable from any thread, more than once.
+    /// When this returns nothing because a consumer is attached, what is queued is that
+    /// consumer's: an async consumer cancelled from then on still takes it, and a callback
+    /// consumer that stops gets it from `stopConsuming()`. (An async consumer that breaks
+    /// out of its loop leaves it for another `close()`.) Callable from any thread, more
+    /// than once.
     public func close() -> [Message] {
         lock.lock()
         closed = true
@@ -224,6 +235,7 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
             wakePending = false
         } else {
             notify = loop  // the consumer must learn that the queue ended
+            owedToConsumer = true
         }
         lock.unlock()
         for sender in rejected {
@@ -290,6 +302,7 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         lock.withLock {
             precondition(!consumer.isAttached, "MessageQueue has a consumer already (single consumer)")
             consumer = .callback(body, onClosed: onClosed)
+            endReported = false  // each consumer learns the end, even one that comes after it
         }
         // Messages may have been waiting for a consumer; their wake-up was spent. A loop
         // whose `run()` has returned takes no signal: the queue is closed then (its
@@ -299,10 +312,19 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
 
     /// Detaches the callback consumer (loop thread). Messages stay queued for the next
     /// consumer, or for `close()` to return. A batch being delivered is delivered whole.
-    public func stopConsuming() {
+    /// Once the queue is closed, nobody else is owed what is still queued (a `close()`
+    /// made while this consumer was attached returned nothing): it is returned here.
+    @discardableResult
+    public func stopConsuming() -> [Message] {
         loop?.assertInLoop()
-        lock.withLock {
-            if case .callback = consumer { consumer = .none }
+        return lock.withLock {
+            guard case .callback = consumer else { return [] }
+            consumer = .none
+            guard closed else { return [] }
+            var rest: [Message] = []
+            while let message = ring.pop() { rest.append(message) }
+            wakePending = false
+            return rest
         }
     }
 
@@ -386,14 +408,28 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
 
     /// Takes the next message for the async consumer (loop thread; hops there if needed).
     /// Returns nil once the queue is closed and empty, or when the task is cancelled.
-    func receive() async -> Message? {
+    func receive(_ generation: UInt64) async -> Message? {
         // Without a loop, or with one that is gone (it runs no tasks), what is left is
         // taken here, without hopping.
         guard let loop = self.loop, loop.inLoop || !lock.withLock({ loopGone }) else {
-            return Task.isCancelled ? nil : lock.withLock { ring.pop() }
+            return lock.withLock { mayTakeLocked(generation) ? ring.pop() : nil }
         }
-        if !loop.inLoop { return await withTaskExecutorPreference(loop) { await self.receiveOnLoop() } }
-        return await receiveOnLoop()
+        if !loop.inLoop { return await withTaskExecutorPreference(loop) { await self.receiveOnLoop(generation) } }
+        return await receiveOnLoop(generation)
+    }
+
+    /// Whether the async consumer of `generation` may take another message (lock held).
+    /// A cancelled one takes nothing more, unless a close() left the rest to it, and it
+    /// leaves then, in the same critical section: a close() from now on sees no consumer
+    /// and returns what is queued (otherwise one that came before its iterator went would
+    /// return nothing, and nobody would take what is queued).
+    private func mayTakeLocked(_ generation: UInt64) -> Bool {
+        guard case .async(let current) = consumer, current == generation else { return false }
+        if Task.isCancelled && !owedToConsumer {
+            consumer = .none
+            return false
+        }
+        return true
     }
 
     /// The next queued message, without suspending, for the async consumer on the loop
@@ -402,9 +438,13 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// costs no async call: each would take a frame from the task allocator (plexus-bench
     /// mq-handoff async).
     @inline(__always)
-    func receiveQueued() -> Message? {
-        guard let loop = self.loop, loop.inLoop, !Task.isCancelled else { return nil }
+    func receiveQueued(_ generation: UInt64) -> Message? {
+        guard let loop = self.loop, loop.inLoop else { return nil }
         lock.lock()
+        if !mayTakeLocked(generation) {
+            lock.unlock()
+            return nil
+        }
         return popLocked()
     }
 
@@ -426,10 +466,13 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         return message
     }
 
-    private func receiveOnLoop() async -> Message? {
+    private func receiveOnLoop(_ generation: UInt64) async -> Message? {
         while true {
-            if Task.isCancelled { return nil }
             lock.lock()
+            if !mayTakeLocked(generation) {
+                lock.unlock()
+                return nil
+            }
             if !ring.isEmpty { return popLocked() }
             if closed {
                 wakePending = false
@@ -459,16 +502,18 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         }
     }
 
-    fileprivate func attachAsyncConsumer() {
+    fileprivate func attachAsyncConsumer() -> UInt64 {
         lock.withLock {
             precondition(!consumer.isAttached, "MessageQueue has a consumer already (single consumer)")
-            consumer = .async
+            asyncGeneration &+= 1
+            consumer = .async(asyncGeneration)
+            return asyncGeneration
         }
     }
 
-    fileprivate func detachAsyncConsumer() {
+    fileprivate func detachAsyncConsumer(_ generation: UInt64) {
         lock.withLock {
-            if case .async = consumer { consumer = .none }
+            if case .async(let current) = consumer, current == generation { consumer = .none }
         }
     }
 
@@ -493,29 +538,30 @@ extension MessageQueue: AsyncSequence {
     /// Making the iterator attaches the consumer; dropping it detaches it, leaving what
     /// is still queued for the next consumer or for `close()`.
     public func makeAsyncIterator() -> AsyncIterator {
-        attachAsyncConsumer()
-        return AsyncIterator(lease: ConsumerLease(self))
+        let generation = attachAsyncConsumer()
+        return AsyncIterator(lease: ConsumerLease(self, generation))
     }
 
     public struct AsyncIterator: AsyncIteratorProtocol {
         let lease: ConsumerLease
 
         public mutating func next() async -> Message? {
-            if let message = lease.queue.receiveQueued() { return message }
-            return await lease.queue.receive()
+            if let message = lease.queue.receiveQueued(lease.generation) { return message }
+            return await lease.queue.receive(lease.generation)
         }
 
         public mutating func next(isolation actor: isolated (any Actor)?) async -> Message? {
-            if let message = lease.queue.receiveQueued() { return message }
-            return await lease.queue.receive()
+            if let message = lease.queue.receiveQueued(lease.generation) { return message }
+            return await lease.queue.receive(lease.generation)
         }
     }
 
     /// Detaches the async consumer when its iterator goes away.
     final class ConsumerLease: Sendable {
         let queue: MessageQueue
-        init(_ queue: MessageQueue) { self.queue = queue }
-        deinit { queue.detachAsyncConsumer() }
+        let generation: UInt64
+        init(_ queue: MessageQueue, _ generation: UInt64) { self.queue = queue; self.generation = generation }
+        deinit { queue.detachAsyncConsumer(generation) }
     }
 }
 
