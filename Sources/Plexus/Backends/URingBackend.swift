@@ -726,7 +726,7 @@ public final class URingBackend: IOBackend {
         state.pointee.immediateHead < state.pointee.immediate.count ? deliverImmediateNow(body) : 0
     }
 
-    /// Delivers the immediate results in order, those the callbacks add on the way too.
+    /// Delivers the immediate results queued so far, in order (see the budget below).
     /// A head index walks the array, which is emptied at the end: `removeFirst` moved
     /// every later element per result (file-qd32 queues 32 cached reads a turn). The
     /// delivered prefix is dropped every 256 results, so callbacks that keep adding
@@ -735,26 +735,42 @@ public final class URingBackend: IOBackend {
     @inline(never)
     private func deliverImmediateNow(_ body: (consuming Completion) -> Void) -> Int {
         var n = 0
-        while state.pointee.immediateHead < state.pointee.immediate.count {
+        // Only the results queued before this call: those the callbacks add on the way
+        // wait for the next call (the next turn), or a callback chain of operations that
+        // finish at once (cached file reads, refused input) would keep the loop in this
+        // wait for ever, its timers and jobs starved. The next wait delivers them first
+        // and, having delivered, does not block.
+        var budget = state.pointee.immediate.count - state.pointee.immediateHead
+        while budget > 0 && state.pointee.immediateHead < state.pointee.immediate.count {
             if state.pointee.immediateHead == 256 {
                 state.pointee.immediate.removeFirst(256)
                 state.pointee.immediateHead = 0
             }
             let (index, result) = state.pointee.immediate[state.pointee.immediateHead]
             state.pointee.immediateHead += 1
+            budget -= 1
             n += finish(index, result: result, flags: [], body)
         }
-        state.pointee.immediate.empty()
-        state.pointee.immediateHead = 0
+        if state.pointee.immediateHead >= state.pointee.immediate.count {
+            state.pointee.immediate.empty()
+            state.pointee.immediateHead = 0
+        }
         return n
     }
 
     /// Hands every CQE in the ring to `complete`, in batches (io_uring_peek_batch_cqe).
     private func reap(_ body: (consuming Completion) -> Void) -> Int {
         var delivered = 0
-        while true {
-            let n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(cqeBatch)))
+        // At most the CQEs there are now (at least a batch): callbacks that submit NOPs or
+        // anything else the kernel completes inline (when a full SQ is flushed) add CQEs as
+        // fast as they are reaped, and reaping until none is left kept the loop here for
+        // ever, its timers and jobs starved. The rest waits for the next turn's wait,
+        // which returns at once for them.
+        var left = max(Int(io_uring_cq_ready(ring)), cqeBatch)
+        while left > 0 {
+            let n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(min(cqeBatch, left))))
             if n == 0 { break }
+            left -= n
             for i in 0..<n {
                 let cqe = cqes[i].unsafelyUnwrapped
                 delivered += complete(cqe.pointee.user_data, cqe.pointee.res, cqe.pointee.flags, body)
