@@ -10,7 +10,7 @@ extension PlexusTests {
 @Suite struct CallbackReentrancyTests {
 
     final class Errors: @unchecked Sendable {
-        let list = Mutex<[CallbackError]>([])
+        let list = Locked<[CallbackError]>([])
         var all: [CallbackError] { list.withLock { $0 } }
     }
     struct Boom: Error, Equatable { let id: Int }

@@ -79,7 +79,7 @@ extension PlexusTests {
             #expect(g.loops.count == 3)
             #expect(Set(g.loops.map { ObjectIdentifier($0) }).count == 3, "three distinct loops")
             for i in 0..<9 { #expect(g.next() === g.loops[i % 3]) }
-            let counts = Mutex<[ObjectIdentifier: Int]>([:])
+            let counts = Locked<[ObjectIdentifier: Int]>([:])
             let threads = 4, per = 3000
             let finished = Atomic<Int>(0)
             for _ in 0..<threads {
@@ -317,8 +317,8 @@ extension PlexusTests {
             let g = try Self.group(kind, loops: 3)
             let pipes = try (0..<3).map { _ in try Self.pipe() }
             defer { for p in pipes { close(p.r.rawValue); close(p.w.rawValue) } }
-            let readEnds = Mutex<[String]>([])
-            let timerEnds = Mutex<[TimerEvent]>([])
+            let readEnds = Locked<[String]>([])
+            let timerEnds = Locked<[TimerEvent]>([])
             let hops = Atomic<Int>(0)
             for (i, loop) in g.loops.enumerated() {
                 let fd = pipes[i].r

@@ -296,7 +296,7 @@ extension PlexusTests {
         let s1 = Task(executorPreference: senderLoop) { await queue.sendReturningError(1) }
         try await QueueTestSupport.waitUntil { queue.waitingSenders == 1 }
         senderLoop.shutdownAndWait()
-        let got = Mutex<[Int]>([])
+        let got = Locked<[Int]>([])
         consumerLoop.execute { queue.onMessage { m in got.withLock { $0.append(m) } } }
         #expect(await s1.value == nil)
         try await QueueTestSupport.waitUntil { got.withLock { $0 } == [0, 1] }

@@ -426,7 +426,7 @@ extension PlexusTests {
             let (r, w) = try Self.pipe(nonBlocking: false)
             defer { close(r); close(w) }
             let out = Box<Int>(0)
-            let lock = Mutex<Bool>(false)
+            let lock = Locked<Bool>(false)
             let before = sigusr1Count.load(ordering: .sequentiallyConsistent)
             Faults.withSignalHandler(SIGUSR1, { _ in sigusr1Count.add(1, ordering: .sequentiallyConsistent) }) {
                 var reader = pthread_t()

@@ -19,3 +19,17 @@ extension Backends {
         return loop
     }
 }
+
+/// A value behind the project's `Lock` (a pthread mutex, which TSan understands; on this
+/// toolchain it does not see `Synchronization.Mutex`'s futex, and reports the accesses
+/// it orders as races). For state that loop threads and the test share.
+final class Locked<Value>: @unchecked Sendable {
+    private let lock = Lock()
+    private var value: Value
+    init(_ value: Value) { self.value = value }
+    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&value)
+    }
+}
