@@ -7,8 +7,8 @@
 /// while its record table grows, never per operation in steady state.
 ///
 /// Every prepared operation completes exactly once with a final completion
-/// (docs/guarantees.md, 1): with its result, an error, or -ECANCELED (after `cancel`, `close` of
-/// its fd, or `shutdown`).
+/// (docs/guarantees.md, 1): with its result, an error, or -ECANCELED (after `cancel`,
+/// `close` of its fd, or `shutdown`).
 public protocol IOBackend: AnyObject {
     /// Which backend this is.
     var kind: BackendKind { get }

@@ -870,14 +870,15 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             result = Int(Sys.accept4(fd))
         case .connect:
             let scratch = table.scratch(index)
-            let r = Sys.connect(fd, &scratch.pointee.address, scratch.pointee.address_length)
+            let called = Sys.connect(fd, &scratch.pointee.address, scratch.pointee.address_length)
+            let r = called == -EAGAIN ? Self.connectEAGAIN : called  // its own EAGAIN is a result
             if !info.pointee.retried {
                 info.pointee.retried = true
-                result = Int(r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r == -EAGAIN ? Self.connectEAGAIN : r)
+                result = Int(r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
             } else if r == 0 || r == -EISCONN {
                 result = 0
             } else {
-                result = Int(r == -EALREADY || r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r == -EAGAIN ? Self.connectEAGAIN : r)
+                result = Int(r == -EALREADY || r == -EINPROGRESS || r == -EINTR ? -EAGAIN : r)
             }
         default:
             result = Int(-EINVAL)

@@ -183,8 +183,8 @@ public final class URingBackend: IOBackend {
     /// Throws when io_uring cannot start: ENOSYS (no io_uring), EPERM or EACCES (seccomp,
     /// `kernel.io_uring_disabled`; operation `io_uring_register` when only the probe is
     /// refused), ENOMEM (locked-memory limit), EINVAL (no ring setup accepted), or
-    /// EOPNOTSUPP (a required opcode missing from this kernel). `entries` is a hint: 0 is the smallest ring, and sizes
-    /// above the kernel's maximum are clamped to it.
+    /// EOPNOTSUPP (a required opcode missing from this kernel). `entries` is a hint: 0 is
+    /// the smallest ring, and sizes above the kernel's maximum are clamped to it.
     public init(entries: UInt32 = 256) throws(PlexusError) {
         // A size hint, as for epoll and poll: 0 asks for the smallest ring, not EINVAL.
         let entries = max(entries, 1)
@@ -727,11 +727,12 @@ public final class URingBackend: IOBackend {
     }
 
     /// Delivers the immediate results queued so far, in order (see the budget below).
-    /// A head index walks the array, which is emptied at the end: `removeFirst` moved
-    /// every later element per result (file-qd32 queues 32 cached reads a turn). The
-    /// delivered prefix is dropped every 256 results, so callbacks that keep adding
-    /// results do not grow the array without bound. A callback may re-enter (a nested
-    /// `wait`): it goes on from the same head.
+    /// A head index walks the array, which is emptied once all are delivered:
+    /// `removeFirst` moved every later element per result (file-qd32 queues 32 cached
+    /// reads a turn). The delivered prefix is dropped every 256 results, so callbacks that
+    /// keep adding results do not grow the array without bound. A callback may re-enter
+    /// (a nested `wait`): it goes on from the same head, which is why the loop also checks
+    /// the head against the count, not only the budget.
     @inline(never)
     private func deliverImmediateNow(_ body: (consuming Completion) -> Void) -> Int {
         var n = 0

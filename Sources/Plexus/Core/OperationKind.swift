@@ -30,12 +30,12 @@ public enum OperationKind: String, Sendable, CaseIterable {
         }
     }
 
-    /// True for the kinds that complete more than once.
     /// accept(2) errors that end one connection, not the listener: the connection was
     /// aborted before it was accepted (ECONNABORTED), or accept passed on a network error
     /// pending on it (EPROTO; accept(2): "treat them like EAGAIN by retrying"). A multishot
     /// accept goes on past them, as libuv's and SwiftNIO's accept loops do.
     static func endsOnlyOneConnection(_ result: Int32) -> Bool { result == -ECONNABORTED || result == -EPROTO }
 
+    /// True for the kinds that complete more than once.
     public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot || self == .receiveMultishot }
 }

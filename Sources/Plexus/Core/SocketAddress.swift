@@ -4,9 +4,9 @@ import Glibc
 /// A socket address (IPv4, IPv6, Unix, or another family kept byte for byte).
 ///
 /// 44 bytes: IP addresses live inline in a `sockaddr_in6` (a `sockaddr_in` fits in
-/// it), a Unix path (or any other family's address) out of line. Every operation carries its address by value, so a
-/// 128-byte `sockaddr_storage` here made every `Operation` and `Completion` that big,
-/// and the hot path copied it around for nothing.
+/// it), a Unix path (or any other family's address) out of line. Every operation
+/// carries its address by value, so a 128-byte `sockaddr_storage` here made every
+/// `Operation` and `Completion` that big, and the hot path copied it around for nothing.
 public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
     private var inet = sockaddr_in6()
     private var outOfLine: OutOfLine?
@@ -81,24 +81,14 @@ public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
 
     /// An IPv4 address such as "127.0.0.1" and a port; nil if `host` is not IPv4 text (inet_pton).
     public init?(ipv4 host: String, port: UInt16) {
-        var sin = sockaddr_in()
-        sin.sin_family = sa_family_t(AF_INET)
-        sin.sin_port = port.bigEndian
-        guard parseAddress(AF_INET, host, &sin.sin_addr) else { return nil }
-        var storage = sockaddr_storage()
-        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
-        self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in>.size))
+        guard let address = IPv4Address(host) else { return nil }
+        self.init(address, port: port)
     }
 
     /// An IPv6 address such as "::1" and a port; nil if `host` is not IPv6 text (inet_pton).
     public init?(ipv6 host: String, port: UInt16) {
-        var sin6 = sockaddr_in6()
-        sin6.sin6_family = sa_family_t(AF_INET6)
-        sin6.sin6_port = port.bigEndian
-        guard parseAddress(AF_INET6, host, &sin6.sin6_addr) else { return nil }
-        var storage = sockaddr_storage()
-        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin6, as: sockaddr_in6.self) }
-        self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
+        guard let address = IPv6Address(host) else { return nil }
+        self.init(address, port: port)
     }
 
     /// A Unix domain socket path; nil if it is empty, holds a NUL byte, or does not fit

@@ -177,7 +177,7 @@ enum Sys {
         if flags & O_NONBLOCK != 0 { return openat(directory, path, flags, mode) }
         let fd = openat(directory, path, flags | O_NONBLOCK, mode)
         if fd >= 0 {
-            let status = Glibc.fcntl(fd, F_GETFL)
+            let status = statusFlags(fd)
             if status >= 0 { _ = Glibc.fcntl(fd, F_SETFL, status & ~O_NONBLOCK) }
         }
         return fd
