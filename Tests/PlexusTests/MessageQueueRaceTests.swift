@@ -46,15 +46,7 @@ extension PlexusTests {
             let threads = (0..<threadProducers).map { p in
                 LoopTestSupport.spawn {
                     for i in 0..<per {
-                        var m = UInt64(p) << 32 | UInt64(i)
-                        while true {
-                            switch queue.trySend(m) {
-                            case .sent: break
-                            case .full(let back): m = back; sched_yield(); continue
-                            case .closed: fatalError("closed while producing")
-                            }
-                            break
-                        }
+                        if QueueTestSupport.sendSpinning(queue, UInt64(p) << 32 | UInt64(i)) != nil { fatalError("closed while producing") }
                     }
                 }
             }
@@ -115,15 +107,7 @@ extension PlexusTests {
                     for i in 0..<2_000 {
                         let id = UInt64(p) << 32 | UInt64(i)
                         ledger.produced(id)
-                        var m = id
-                        while true {
-                            switch queue.trySend(m) {
-                            case .sent: break
-                            case .full(let back): m = back; sched_yield(); continue
-                            case .closed(let back): ledger.mark(back, .handedBack); return
-                            }
-                            break
-                        }
+                        if let back = QueueTestSupport.sendSpinning(queue, id) { ledger.mark(back, .handedBack); return }
                     }
                 }
             }
@@ -235,15 +219,7 @@ extension PlexusTests {
                     for i in 0..<per {
                         let id = UInt64(p) << 32 | UInt64(i)
                         ledger.produced(id)
-                        var m = id
-                        while true {
-                            switch queue.trySend(m) {
-                            case .sent: break
-                            case .full(let back): m = back; sched_yield(); continue
-                            case .closed(let back): ledger.mark(back, .handedBack); return
-                            }
-                            break
-                        }
+                        if let back = QueueTestSupport.sendSpinning(queue, id) { ledger.mark(back, .handedBack); return }
                     }
                 }
             }
@@ -366,15 +342,7 @@ extension PlexusTests {
         let threads = (0..<producers).map { p in
             LoopTestSupport.spawn {
                 for i in 0..<per {
-                    var m = UInt64(p) << 32 | UInt64(i)
-                    while true {
-                        switch queue.trySend(m) {
-                        case .sent: break
-                        case .full(let back): m = back; sched_yield(); continue
-                        case .closed: fatalError("closed while producing")
-                        }
-                        break
-                    }
+                    if QueueTestSupport.sendSpinning(queue, UInt64(p) << 32 | UInt64(i)) != nil { fatalError("closed while producing") }
                 }
             }
         }
@@ -509,15 +477,7 @@ extension PlexusTests {
             let threads = (0..<2).map { _ in
                 LoopTestSupport.spawn {
                     for _ in 0..<Self.n(2_000) {
-                        var m = FDMessage(stats)
-                        while true {
-                            switch queue.trySend(m) {
-                            case .sent: break
-                            case .full(let back): m = back; sched_yield(); continue
-                            case .closed(let back): back.consume(); return
-                            }
-                            break
-                        }
+                        if let back = QueueTestSupport.sendSpinning(queue, FDMessage(stats)) { back.consume(); return }
                     }
                 }
             }
@@ -684,15 +644,7 @@ extension PlexusTests {
                 for i in 0..<4_000 {
                     let id = UInt64(i)
                     ledger.produced(id)
-                    var m = id
-                    while true {
-                        switch queue.trySend(m) {
-                        case .sent: break
-                        case .full(let back): m = back; sched_yield(); continue
-                        case .closed(let back): ledger.mark(back, .handedBack); return
-                        }
-                        break
-                    }
+                    if let back = QueueTestSupport.sendSpinning(queue, id) { ledger.mark(back, .handedBack); return }
                 }
             }
             if let consumerTask {
@@ -797,15 +749,7 @@ extension PlexusTests {
             let threads = (0..<2).map { _ in
                 LoopTestSupport.spawn {
                     for _ in 0..<count / 4 {
-                        var m = Payload()
-                        while true {
-                            switch queue.trySend(m) {
-                            case .sent: break
-                            case .full(let back): m = back; sched_yield(); continue
-                            case .closed: fatalError()
-                            }
-                            break
-                        }
+                        if QueueTestSupport.sendSpinning(queue, Payload()) != nil { fatalError() }
                     }
                 }
             }

@@ -41,14 +41,8 @@ extension PlexusTests {
             let threads = (0..<2).map { p in
                 LoopTestSupport.spawn {
                     for i in 0..<perProducer {
-                        var message = UInt64(p) << 32 | UInt64(i)
-                        while true {
-                            switch queue.trySend(message) {
-                            case .sent: break
-                            case .full(let back): message = back; sched_yield(); continue
-                            case .closed: fatalError("closed while producing")
-                            }
-                            break
+                        if QueueTestSupport.sendSpinning(queue, UInt64(p) << 32 | UInt64(i)) != nil {
+                            fatalError("closed while producing")
                         }
                     }
                 }
@@ -456,6 +450,19 @@ final class OrderCheck: @unchecked Sendable {
 }
 
 enum QueueTestSupport {
+    /// `trySend` until the queue takes `message`, yielding while it is full: nil once sent,
+    /// or the message a closed queue handed back.
+    static func sendSpinning<M: Sendable>(_ queue: MessageQueue<M>, _ message: M) -> M? {
+        var message = message
+        while true {
+            switch queue.trySend(message) {
+            case .sent: return nil
+            case .full(let back): message = back; sched_yield()
+            case .closed(let back): return back
+            }
+        }
+    }
+
     /// Resident set size from /proc/self/statm, in KiB.
     static func residentKiB() -> Int {
         let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
