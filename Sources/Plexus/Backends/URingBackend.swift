@@ -28,7 +28,7 @@ public final class URingBackend: IOBackend {
     private let ring: UnsafeMutablePointer<io_uring>
     private let table = OperationTable()
     private let state: UnsafeMutablePointer<State>
-    private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
+    /// The CQ ring's size: a reap takes at least this many CQEs when they are there.
     private let cqeBatch: Int
 
     private struct State {
@@ -246,7 +246,6 @@ public final class URingBackend: IOBackend {
         state.pointee.backlog.reserveCapacity(64)
         state.pointee.immediate.reserveCapacity(64)
         cqeBatch = Int(ring.pointee.cq.ring_entries)
-        cqes = .allocate(capacity: cqeBatch)
         takesRingMessages.store(flags & IORING_SETUP_R_DISABLED == 0, ordering: .releasing)
     }
 
@@ -261,7 +260,6 @@ public final class URingBackend: IOBackend {
         for entry in state.pointee.deadlines.values { entry.timespec.deallocate() }
         state.pointee.pipes.destroy()
         ring.deallocate()
-        cqes.deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
         table.destroy()
@@ -759,7 +757,14 @@ public final class URingBackend: IOBackend {
         return n
     }
 
-    /// Hands every CQE in the ring to `complete`, in batches (io_uring_peek_batch_cqe).
+    /// Hands the CQEs in the ring to `complete`, one at a time, straight from the ring.
+    ///
+    /// Each CQE leaves the ring (its head moves on) before its completion is delivered: a
+    /// callback may re-enter (a nested `runOnce`), and the nested reap then goes on from the
+    /// next CQE. Advancing after a batch instead had the nested reap deliver the rest of the
+    /// batch, find the first one's record gone, and advance the head over CQEs nobody had
+    /// seen, which were lost. (Reading the ring directly also saves io_uring_peek_batch_cqe's
+    /// call and its pointer array: the CQ ring is this thread's alone.)
     private func reap(_ body: (consuming Completion) -> Void) -> Int {
         var delivered = 0
         // At most the CQEs there are now (at least a batch): callbacks that submit NOPs or
@@ -768,19 +773,13 @@ public final class URingBackend: IOBackend {
         // ever, its timers and jobs starved. The rest waits for the next turn's wait,
         // which returns at once for them.
         var left = max(Int(io_uring_cq_ready(ring)), cqeBatch)
-        while left > 0 {
-            let n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(min(cqeBatch, left))))
-            if n == 0 { break }
-            left -= n
-            for i in 0..<n {
-                let cqe = cqes[i].unsafelyUnwrapped
-                delivered += complete(cqe.pointee.user_data, cqe.pointee.res, cqe.pointee.flags, body)
-            }
-            io_uring_cq_advance(ring, UInt32(n))
-            // A batch that was not full took every CQE there was: no second peek to find
-            // none (one per turn saved). Later ones wait for the next turn's wait, which
-            // returns at once for them.
-            if n < cqeBatch { break }
+        while left > 0 && io_uring_cq_ready(ring) > 0 {
+            let head = ring.pointee.cq.khead.pointee
+            let cqe = ring.pointee.cq.cqes + Int(head & ring.pointee.cq.ring_mask)
+            let userData = cqe.pointee.user_data, res = cqe.pointee.res, flags = cqe.pointee.flags
+            io_uring_cq_advance(ring, 1)
+            left -= 1
+            delivered += complete(userData, res, flags, body)
         }
         delivered += deliverImmediate(body)
         return delivered
