@@ -178,6 +178,77 @@ extension PlexusTests {
         Self.finish(loop)
     }
 
+    // MARK: A turn of the loop from inside a callback
+
+    /// The first of six NOPs' callbacks submits three more and turns the loop itself
+    /// (runOnce, as code embedding a loop may): each of the nine callbacks runs once.
+    /// On io_uring the CQ head used to move only after a whole batch was delivered, so the
+    /// nested turn met the first NOP's CQE again (a trap in debug builds: "CQE for a token
+    /// that is not live") and, in release, moved the head over CQEs nobody had seen.
+    @Test(arguments: Backends.kinds)
+    func aTurnInsideACallbackDeliversEveryCompletionOnce(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        var counts = [Int](repeating: 0, count: 6)
+        var nested = 0
+        for i in 0..<6 {
+            loop.nop { _ in
+                counts[i] += 1
+                guard i == 0 else { return }
+                for _ in 0..<3 { loop.nop { _ in nested += 1 } }
+                loop.runOnce(timeout: .zero)
+            }
+        }
+        #expect(Self.turn(loop) { counts.allSatisfy { $0 > 0 } && nested == 3 })
+        for _ in 0..<10 { loop.runOnce(timeout: .milliseconds(1)) }
+        #expect(counts == [1, 1, 1, 1, 1, 1], "\(counts)")
+        #expect(nested == 3)
+        Self.finish(loop)
+    }
+
+    /// A job queued with `execute` queues another and turns the loop itself: each of the
+    /// four runs once. The remote queue's drain used to swap its buffer from under the
+    /// drain that was running, which put the jobs back in the queue: every job ran twice.
+    @Test(arguments: Backends.kinds)
+    func aTurnInsideAJobRunsEachJobOnce(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        nonisolated(unsafe) var runs = [Int](repeating: 0, count: 4)
+        for i in 0..<3 {
+            loop.execute {
+                runs[i] += 1
+                guard i == 0 else { return }
+                loop.execute { runs[3] += 1 }
+                loop.runOnce(timeout: .zero)
+            }
+        }
+        for _ in 0..<5 { loop.runOnce(timeout: .milliseconds(1)) }
+        loop.execute {}  // a later drain must not find the first jobs again
+        for _ in 0..<5 { loop.runOnce(timeout: .milliseconds(1)) }
+        #expect(runs == [1, 1, 1, 1], "\(runs)")
+        Self.finish(loop)
+    }
+
+    /// The same for tasks on the loop: a task job that turns the loop (after starting
+    /// another task) left the jobs of its round in the local queue, so they ran again,
+    /// the running one included (SIGSEGV).
+    @Test(arguments: Backends.kinds)
+    func aTurnInsideATaskRunsEachTaskJobOnce(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        nonisolated(unsafe) var runs = [Int](repeating: 0, count: 4)
+        loop.execute {
+            for i in 0..<3 {
+                Task(executorPreference: loop) {
+                    runs[i] += 1
+                    guard i == 0 else { return }
+                    Task(executorPreference: loop) { runs[3] += 1 }
+                    loop.runOnce(timeout: .zero)
+                }
+            }
+        }
+        for _ in 0..<10 { loop.runOnce(timeout: .milliseconds(1)) }
+        #expect(runs == [1, 1, 1, 1], "\(runs)")
+        Self.finish(loop)
+    }
+
     // MARK: Close from inside callbacks
 
     /// A nop's callback closes a pipe's read end while three reads and a poll wait on it,

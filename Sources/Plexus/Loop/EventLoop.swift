@@ -537,13 +537,18 @@ public final class EventLoop: @unchecked Sendable {
         if !localJobs.isEmpty { runLocalJobsNow() }
     }
 
+    /// Each round's jobs are taken into a local array, as `RemoteQueue.drain` does, so a
+    /// job that turns the loop itself (a nested `runOnce`) never runs them again.
     @inline(never)
     private func runLocalJobsNow() {
         var rounds = 0
         while !localJobs.isEmpty && rounds < 16 {
-            swap(&localJobs, &runningJobs)
-            for job in runningJobs { runTask(job) }
-            runningJobs.removeAll(keepingCapacity: true)
+            var batch = runningJobs
+            runningJobs = []
+            swap(&localJobs, &batch)
+            for job in batch { runTask(job) }
+            batch.removeAll(keepingCapacity: true)
+            runningJobs = batch
             rounds += 1
         }
     }

@@ -64,14 +64,22 @@ final class RemoteQueue: @unchecked Sendable {
     }
 
     /// Runs every job queued so far, in order (on the calling thread: the loop's).
+    ///
+    /// The jobs are taken into a local array: a job may turn the loop itself (a nested
+    /// `runOnce`), which drains again, and swapping `running` from under this drain put
+    /// its jobs back in `incoming`, to run a second time. `running` is only the spare
+    /// buffer the two drains of a turn trade, so steady state allocates nothing.
     func drain(_ run: (Job) -> Void) {
         guard hasJobs else { return }
+        var batch = running
+        running = []
         lock.withLock {
-            swap(&incoming, &running)
+            swap(&incoming, &batch)
             queued.store(0, ordering: .sequentiallyConsistent)
         }
-        for job in running { run(job) }
-        running.removeAll(keepingCapacity: true)
+        for job in batch { run(job) }
+        batch.removeAll(keepingCapacity: true)
+        running = batch
     }
 }
 
