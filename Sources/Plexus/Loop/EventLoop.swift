@@ -495,10 +495,14 @@ public final class EventLoop: @unchecked Sendable {
     @inline(never)
     private func fireDueTimersNow() {
         let now = Deadline.now.nanoseconds
+        // Only the timers scheduled before this pass: one that a callback schedules at a
+        // deadline already passed fires in the next turn, after jobs and I/O.
+        let limit = timers.lastSequence
         timers.settle(now: now)
-        while let callback = timers.popDue(now: now) {
+        while let callback = timers.popDue(now: now, scheduledThrough: limit) {
             invoke(kind: .timeout, token: nil) { try callback(.fired) }
         }
+        timers.endPass()
     }
 
     /// Gives the timers scheduled after a delay since the last clock reading their

@@ -69,6 +69,12 @@ final class TimerQueue {
     @exclusivity(unchecked) private var unsettled: UnsafeMutablePointer<Entry>
     @exclusivity(unchecked) private var unsettledCount = 0
     @exclusivity(unchecked) private var unsettledCapacity: Int
+    /// Due timers scheduled during the current pass over the due ones (`popDue` with a
+    /// limit), held out of the heap until `endPass`: a callback that schedules a timer at
+    /// a passed deadline does not keep the loop in one pass for ever.
+    @exclusivity(unchecked) private var deferred: UnsafeMutablePointer<Entry>
+    @exclusivity(unchecked) private var deferredCount = 0
+    @exclusivity(unchecked) private var deferredCapacity: Int
     @exclusivity(unchecked) private var freeHead: UInt32 = .max
     @exclusivity(unchecked) private var sequence: UInt64 = 0
     /// Live timers.
@@ -81,6 +87,8 @@ final class TimerQueue {
         slots = .allocate(capacity: capacity)
         unsettledCapacity = capacity
         unsettled = .allocate(capacity: capacity)
+        deferredCapacity = capacity
+        deferred = .allocate(capacity: capacity)
     }
 
     deinit {
@@ -88,6 +96,7 @@ final class TimerQueue {
         slots.deallocate()
         heap.deallocate()
         unsettled.deallocate()
+        deferred.deallocate()
     }
 
     /// A timer due at `deadline` (ns, CLOCK_MONOTONIC), repeating every `interval` ns if not 0.
@@ -174,10 +183,20 @@ final class TimerQueue {
         return nil
     }
 
-    /// Pops the earliest timer due at `now` and returns its callback (settle first). A repeating timer
-    /// stays, rescheduled one interval after its previous deadline (not before `now`).
+    /// The sequence number of the timer scheduled last: a pass over the due timers
+    /// passes it to `popDue` as its limit.
+    var lastSequence: UInt64 { sequence }
+
+    /// Pops the earliest timer due at `now` and returns its callback (settle first). A
+    /// repeating timer stays, rescheduled one interval after its previous deadline, or one
+    /// interval after `now` when that has passed too (it missed a whole interval: it fires
+    /// once for what it missed, not once more at once).
+    ///
+    /// A timer scheduled after `limit` (`lastSequence` when the pass began) is not fired:
+    /// it waits for `endPass` and the next pass, so callbacks scheduling timers at passed
+    /// deadlines cannot keep the loop here.
     @inline(__always)
-    func popDue(now: UInt64) -> Callback? {
+    func popDue(now: UInt64, scheduledThrough limit: UInt64 = .max) -> Callback? {
         while heapCount > 0 {
             let top = heap[0]
             let slot = slots + Int(top.index)
@@ -186,6 +205,13 @@ final class TimerQueue {
                 continue
             }
             if top.deadline > now { return nil }
+            if _slowPath(top.sequence > limit) {
+                popMin()
+                if deferredCount == deferredCapacity { Self.grow(&deferred, &deferredCapacity, count: deferredCount) }
+                deferred[deferredCount] = top
+                deferredCount += 1
+                continue
+            }
             let interval = slot.pointee.interval
             if interval == 0 {
                 popMin()
@@ -194,16 +220,27 @@ final class TimerQueue {
                 return callback
             }
             sequence &+= 1
-            replaceMin(Entry(deadline: max(top.deadline.addingSaturated(interval), now), sequence: sequence,
+            let next = top.deadline.addingSaturated(interval)
+            replaceMin(Entry(deadline: next > now ? next : now.addingSaturated(interval), sequence: sequence,
                              index: top.index, generation: top.generation))
             return slot.pointee.callback
         }
         return nil
     }
 
+    /// Ends a pass of `popDue` with a limit: the timers it held back go into the heap.
+    @inline(__always)
+    func endPass() {
+        if _slowPath(deferredCount > 0) {
+            for i in 0..<deferredCount where isLive(deferred[i]) { push(deferred[i]) }
+            deferredCount = 0
+        }
+    }
+
     /// Removes every timer and returns their callbacks in deadline order.
     func removeAll() -> [Callback] {
         if unsettledCount > 0 { settle(now: Deadline.now.nanoseconds) }
+        endPass()
         var callbacks: [Callback] = []
         while heapCount > 0 {
             let entry = heap[0]
