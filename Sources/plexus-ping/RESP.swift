@@ -79,7 +79,15 @@ enum RESP {
                         return out.count
                     }
                 case .error(let message):
-                    _ = out.append("-ERR Protocol error: \(message)\r\n")
+                    guard out.append("-ERR Protocol error: \(message)\r\n") else {
+                        // No room beside the answers before it: send those, then parse
+                        // again from here (an empty output always has room for it).
+                        result.outputFull = true
+                        if out.count == 0 && outputWasEmpty { result.needsOutputCapacity = 256 }
+                        result.written = out.count
+                        result.consumed = position
+                        return out.count
+                    }
                     result.close = true
                     result.written = out.count
                     result.consumed = input.count

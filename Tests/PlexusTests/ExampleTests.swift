@@ -83,6 +83,27 @@ extension PlexusTests {
             #expect(try other.receiveToEnd().hasPrefix("-ERR Protocol error"))
         }
 
+        /// A protocol error behind pipelined commands whose answers leave the output buffer
+        /// almost full is still answered before the connection closes. Its error line
+        /// used to be dropped when it did not fit beside them (n of 2335-2340 PINGs): the
+        /// client saw the PONGs, then the connection end, and no error.
+        @Test(arguments: Backends.kinds, adapters)
+        func `plexus-ping answers a protocol error behind a burst that fills its output`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            let server = try PingServer(kind: kind, adapter: adapter, loops: 1)
+            defer { server.stop() }
+            for count in 2330...2342 {
+                let client = try BlockingClient(port: server.port)
+                defer { client.close() }
+                try client.send(String(repeating: "PING\r\n", count: count) + "*1\r\n%4\r\nPING\r\n")
+                let got = try client.receiveToEnd()
+                let pongs = String(repeating: "+PONG\r\n", count: count)
+                #expect(got.hasPrefix(pongs), "\(count) PINGs: \(got.utf8.count) bytes")
+                #expect(String(decoding: got.utf8.dropFirst(pongs.utf8.count), as: UTF8.self).hasPrefix("-ERR Protocol error"),
+                        "\(count) PINGs then a protocol error: the error was not answered")
+            }
+        }
+
         @Test(.enabled(if: redisCli != nil, "redis-cli is not installed (apt-get install redis-tools)"),
               arguments: Backends.kinds, adapters)
         func `plexus-ping answers a real redis-cli PING`(kind: BackendKind, adapter: String) throws {
