@@ -184,8 +184,11 @@ let tally = Tally()
                     try await readLines(File(fd: .standardInput, loop: reader), index: index, positional: false)
                 } else {
                     let file = try await File.open(FilePath(path), on: reader)
+                    // A named file may be a pipe (a FIFO, `<(...)`, /dev/stdin): positional
+                    // reads only where the file can seek, else ESPIPE.
+                    let seekable = lseek(file.fd.rawValue, 0, SEEK_CUR) >= 0
                     do {
-                        try await readLines(file, index: index, positional: true)
+                        try await readLines(file, index: index, positional: seekable)
                     } catch {
                         try? await file.close()
                         throw error

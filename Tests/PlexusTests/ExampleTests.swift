@@ -224,6 +224,24 @@ extension PlexusTests {
             #expect(empty.exitCode == 1, "\(empty)")
         }
 
+        /// Files that are pipes are read too, as grep reads them: a process substitution
+        /// (`<(...)`, a pipe under /dev/fd) and /dev/stdin when stdin is a pipe. They
+        /// used to fail with ESPIPE ("Illegal seek", status 2): every named file was read
+        /// with positional reads.
+        @Test(arguments: Backends.kinds)
+        func `plexus-grep reads files that are pipes`(kind: BackendKind) throws {
+            _ = try Backends.start(kind)
+            let grep = try builtExecutable("plexus-grep")
+            let substituted = try runChild(["/bin/bash", "-c", #""$0" -n a <(printf 'xa\nb\nab\n')"#, grep],
+                                           setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(substituted.exitCode == 0, "\(substituted)")
+            #expect(substituted.stdout == "1:xa\n3:ab\n", "\(substituted)")
+            let stdin = try runChild(["/bin/bash", "-c", #"printf 'xa\nb\n' | "$0" a /dev/stdin"#, grep],
+                                     setting: ["PLEXUS_BACKEND": kind.rawValue])
+            #expect(stdin.exitCode == 0, "\(stdin)")
+            #expect(stdin.stdout == "xa\n", "\(stdin)")
+        }
+
         /// When the reader of its output goes away (`| head -1`), plexus-grep ends as grep
         /// does, killed by SIGPIPE (status 141 in a shell). Before, its loop threads, which
         /// block SIGPIPE, took the EPIPE for nothing and read the whole input (exit 0).
