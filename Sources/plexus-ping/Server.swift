@@ -2,20 +2,33 @@ import Glibc
 import Plexus
 
 /// Buffer sizes of a session. A pipelined burst bigger than the input buffer is answered
-/// in pieces; a command bigger than it grows the buffer (up to RESP.maxBulk).
+/// in pieces; a command bigger than it grows the buffer, up to `maxQuery`.
 enum Session {
     static let inputCapacity = 16 * 1024
     static let outputCapacity = 16 * 1024
     /// Least spare room a read gets; below it the buffer is compacted, then grown.
     static let minimumSpare = 4 * 1024
+    /// Most bytes of one unfinished command a connection may hold (`--max-query`; 1 GiB,
+    /// redis-server's client-query-buffer-limit). Set before the loops serve.
+    nonisolated(unsafe) static var maxQuery = 1 << 30
 
-    /// Makes room behind a partial command for the next read.
-    static func makeRoom(_ buffer: inout IOBuffer) {
-        guard buffer.spareCapacity < minimumSpare else { return }
+    /// Makes room behind a partial command for the next read. False when that command
+    /// already holds `maxQuery` bytes: the connection is then closed, as redis-server
+    /// closes a client past its limit, instead of growing the buffer without bound (a
+    /// client announcing arguments it never finishes could take all memory).
+    static func makeRoom(_ buffer: inout IOBuffer) -> Bool {
+        guard buffer.spareCapacity < minimumSpare else { return true }
         buffer.compact()
         if buffer.spareCapacity < minimumSpare {
-            buffer = buffer.copy(capacity: buffer.capacity * 2)
+            guard buffer.count < maxQuery else { return false }
+            buffer = buffer.copy(capacity: min(buffer.capacity * 2, maxQuery + minimumSpare))
         }
+        return true
+    }
+
+    /// The line plexus-ping logs when it closes a connection for `maxQuery`.
+    static var queryTooBig: String {
+        "plexus-ping: closing a connection whose unfinished command passed --max-query (\(maxQuery) bytes)"
     }
 
     /// Parses what `input` holds and answers into `output`, growing the output for an
@@ -60,7 +73,11 @@ final class CallbackSession {
 
     private func receive(_ buffer: consuming IOBuffer) {
         var buffer = buffer
-        Session.makeRoom(&buffer)
+        guard Session.makeRoom(&buffer) else {
+            writeLine(2, Session.queryTooBig)
+            finish()
+            return
+        }
         connection.read(buffer) { [self] result, buffer in
             guard case .success(let n) = result, n > 0 else {
                 finish()
@@ -129,7 +146,10 @@ func serveAsync(_ connection: StreamConnection) async {
     var output = IOBuffer(capacity: Session.outputCapacity)
     do {
         session: while true {
-            Session.makeRoom(&input)
+            guard Session.makeRoom(&input) else {
+                writeLine(2, Session.queryTooBig)
+                break session
+            }
             let read = try await connection.read(into: input)
             let count = read.count
             input = read.takeBuffer()

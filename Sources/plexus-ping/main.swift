@@ -1,6 +1,6 @@
 // plexus-ping: a RESP server that answers PING, the way redis-server does, on Plexus.
 //
-//   plexus-ping [--port 6380] [--host 127.0.0.1] [--loops N] [--adapter callback|async]
+//   plexus-ping [--port 6380] [--host 127.0.0.1] [--loops N] [--adapter callback|async] [--max-query BYTES]
 //
 // One event loop per core (an EventLoopGroup), each with its own SO_REUSEPORT listener
 // on the same port: the kernel spreads connections over the loops. Every complete
@@ -33,7 +33,7 @@ func fail(_ text: String) -> Never {
 
 func usage() -> Never {
     writeLine(1, """
-        usage: plexus-ping [--port PORT] [--host ADDRESS] [--loops N] [--adapter callback|async]
+        usage: plexus-ping [--port PORT] [--host ADDRESS] [--loops N] [--adapter callback|async] [--max-query BYTES]
 
         A RESP server answering PING (inline and multibulk, pipelined) with +PONG, and
         PING <msg>/ECHO <msg> with the message, QUIT, and CONFIG GET save|appendonly (for
@@ -43,6 +43,9 @@ func usage() -> Never {
           --host ADDRESS     IPv4 or IPv6 address to listen on (default 127.0.0.1)
           --loops N          event loops, one thread each (default: one per CPU it may run on)
           --adapter A        callback (default) or async (one task per connection)
+          --max-query BYTES  most bytes of one unfinished command a connection may hold
+                             before it is closed (default 1073741824, redis-server's
+                             client-query-buffer-limit)
 
         PLEXUS_BACKEND=io_uring|epoll|poll|auto picks the backend (unset = auto).
         Try it: redis-benchmark -t ping_inline,ping_mbulk -n 1000000 -c 50 -P 16 -p PORT -q
@@ -70,6 +73,9 @@ while let argument = arguments.popFirst() {
     case "--loops":
         guard let n = Int(value(argument)), n >= 1 else { fail("--loops wants a positive number") }
         loopCount = n
+    case "--max-query":
+        guard let n = Int(value(argument)), n >= 1 else { fail("--max-query wants a positive number of bytes") }
+        Session.maxQuery = n
     case "--adapter":
         let name = value(argument)
         guard let a = Adapter(rawValue: name) else { fail("--adapter is callback or async, not \(name)") }

@@ -104,6 +104,40 @@ extension PlexusTests {
             }
         }
 
+        /// A client that announces a huge argument and keeps sending it is cut off once its
+        /// unfinished command holds `--max-query` bytes; a command under the limit is
+        /// answered, and the server serves on. The input buffer used to grow without bound:
+        /// 160 MiB of three unfinished 64 MiB arguments took the server from 12 to 176 MB.
+        @Test(arguments: Backends.kinds, adapters)
+        func `plexus-ping closes a connection whose unfinished command passes --max-query`(kind: BackendKind, adapter: String) throws {
+            _ = try Backends.start(kind)
+            let server = try PingServer(kind: kind, adapter: adapter, loops: 1, options: ["--max-query", "65536"])
+            defer { server.stop() }
+            let big = String(repeating: "x", count: 60_000)
+            let under = try BlockingClient(port: server.port)
+            defer { under.close() }
+            try under.send("*2\r\n$4\r\nPING\r\n$60000\r\n\(big)\r\n")
+            #expect(try under.receive(60_000 + 10) == "$60000\r\n\(big)\r\n")
+
+            let over = try BlockingClient(port: server.port)
+            defer { over.close() }
+            try over.send("*2\r\n$4\r\nPING\r\n$50000000\r\n")
+            // Sends until the server closes (a reset ends the send early: that is the close).
+            for _ in 0..<64 { if (try? over.send(String(repeating: "y", count: 16_384))) == nil { break } }
+            // Closed: end of file, or a reset for the bytes it never read; not the 10 s
+            // receive timeout (EAGAIN) of a connection still open.
+            do {
+                #expect(try over.receiveToEnd() == "", "no answer to a command cut off")
+            } catch HarnessError.system(_, let e) {
+                #expect(e == ECONNRESET, "the connection was not closed: \(String(cString: strerror(e)))")
+            }
+
+            let after = try BlockingClient(port: server.port)
+            defer { after.close() }
+            try after.send("PING\r\n")
+            #expect(try after.receive(7) == "+PONG\r\n")
+        }
+
         @Test(.enabled(if: redisCli != nil, "redis-cli is not installed (apt-get install redis-tools)"),
               arguments: Backends.kinds, adapters)
         func `plexus-ping answers a real redis-cli PING`(kind: BackendKind, adapter: String) throws {
@@ -269,14 +303,14 @@ private struct PingServer {
 
     /// `fdLimit`: started through bash with `ulimit -n` set to it.
     init(kind: BackendKind, adapter: String, loops: Int = 2, fdLimit: Int? = nil, setting: [String: String] = [:],
-         sourceLocation: SourceLocation = #_sourceLocation) throws {
+         options: [String] = [], sourceLocation: SourceLocation = #_sourceLocation) throws {
         let executable = try builtExecutable("plexus-ping", sourceLocation: sourceLocation)
         port = try Self.freePort()
         directory = try makeOutputDirectory("plexus-ping")
         var environment = ProcessInfo.processInfo.environment
         environment["PLEXUS_BACKEND"] = kind.rawValue
         environment.merge(setting) { _, new in new }
-        var arguments = [executable, "--port", String(port), "--loops", String(loops), "--adapter", adapter]
+        var arguments = [executable, "--port", String(port), "--loops", String(loops), "--adapter", adapter] + options
         if let fdLimit { arguments = ["/bin/bash", "-c", "ulimit -n \(fdLimit) && exec \"$@\"", "bash"] + arguments }
         pid = try spawnChild(arguments, environment: environment, outputIn: directory)
 
