@@ -7,8 +7,9 @@ import Plexus
 // the same executor) each await `work(worker, times:)` in a loop:
 //
 // - worker 0 is the timekeeper: it does what the stepped runner does (warm-up, which
-//   also sizes the stride; then one clock pair per `stride` calls, a latency sample per
-//   timed call, the deadline checked on timed calls) and moves the phase from warm-up to
+//   also sizes the stride; then one clock pair per `stride` calls on average, at jittered
+//   gaps (`SamplingGaps`), a latency sample per timed call, the deadline checked on
+//   timed calls) and moves the phase from warm-up to
 //   timed to stop, snapshotting the shared operation counter and the malloc counter at
 //   the window's edges;
 // - the other workers run until the phase is stop, adding to the same counter (all of
@@ -186,7 +187,7 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
             now = monotonicNanoseconds()
         } while (now < warmupStart &+ warmup || warmupCalls < 3) && phase != .stop
         let callNanoseconds = max(1, (now - warmupStart) / UInt64(warmupCalls))
-        let untimed = timingStride(callNanoseconds: callNanoseconds) - 1
+        var gaps = SamplingGaps(stride: timingStride(callNanoseconds: callNanoseconds))
         let timeCalls = !workload.recordsOwnLatency
 
         sampler.reset()
@@ -198,13 +199,14 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
         let deadline = start &+ duration
         var end = start
         while phase != .stop {
-            // One timed unit, then the rest of the stride in one call.
+            // One timed unit, then a jittered gap (one stride on average) in one call.
             operations &+= try await workload.work(0, times: 1, timing: timeCalls ? sampler : nil)
             let now = monotonicNanoseconds()
             if now >= deadline {
                 end = now
                 break
             }
+            let untimed = gaps.next()
             if untimed > 0 { operations &+= try await workload.work(0, times: untimed, timing: nil) }
         }
         let allocations = MallocCounter.count &- allocationsBefore

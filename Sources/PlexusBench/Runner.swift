@@ -133,8 +133,10 @@ public final class BenchmarkRunner {
             now = monotonicNanoseconds()
         } while now < warmupEnd || warmupSteps < 3
         let stepNanoseconds = max(1, (now - warmupStart) / UInt64(warmupSteps))
-        // The deadline is checked on the timed steps.
-        let mask = timingStride(callNanoseconds: stepNanoseconds) - 1
+        // The deadline is checked on the timed steps: one in `stride` on average, at
+        // jittered gaps, so a body with a period of its own (a wait every 8th turn) is
+        // sampled at every phase of it, not always at the same one.
+        var gaps = SamplingGaps(stride: timingStride(callNanoseconds: stepNanoseconds))
         let timeSteps = !body.recordsOwnLatency
 
         sampler.reset()
@@ -143,22 +145,22 @@ public final class BenchmarkRunner {
         let start = monotonicNanoseconds()
         let deadline = start &+ UInt64(duration.nanosecondsForBench)
         var operations = 0
-        var steps = 0
+        var untilTimed = 0
         var end = start
         while true {
-            if steps & mask == 0 {
+            if untilTimed == 0 {
                 let t0 = monotonicNanoseconds()
                 operations += try body.step()
                 let t1 = monotonicNanoseconds()
                 if timeSteps { sampler.record(t1 &- t0) }
-                steps += 1
                 if t1 >= deadline {
                     end = t1
                     break
                 }
+                untilTimed = gaps.next()
             } else {
                 operations += try body.step()
-                steps += 1
+                untilTimed -= 1
             }
         }
         let allocations = MallocCounter.count &- allocationsBefore
@@ -256,4 +258,22 @@ func timingStride(callNanoseconds: UInt64) -> Int {
     var stride = 1
     while stride < 1024 && UInt64(stride) * callNanoseconds < 5_000 { stride <<= 1 }
     return stride
+}
+
+/// How many untimed calls to make before the next timed one: uniform in
+/// 0...2 × (stride - 1), so one call in `stride` is timed on average. A fixed gap (one
+/// timed call every `stride`, a power of two) samples a body that does something every
+/// 2^k-th call (the readiness loops' wait every 8th turn, the async adapter's suspension
+/// every 64th inline NOP) always at the same phase: its p99 then never shows the costly
+/// call, or its p50 is the costly call, depending on where the window started.
+struct SamplingGaps {
+    let stride: Int
+    private var random = XorShift(state: 0x2545_F491_4F6C_DD1D)
+
+    init(stride: Int) { self.stride = max(1, stride) }
+
+    @inline(__always)
+    mutating func next() -> Int {
+        stride == 1 ? 0 : Int(random.next() % UInt64(2 * stride - 1))
+    }
 }
