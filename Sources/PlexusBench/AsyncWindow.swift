@@ -10,10 +10,14 @@ import Plexus
 //   also sizes the stride; then one clock pair per `stride` calls on average, at jittered
 //   gaps (`SamplingGaps`), a latency sample per timed call, the deadline checked on
 //   timed calls) and moves the phase from warm-up to
-//   timed to stop, snapshotting the shared operation counter and the malloc counter at
-//   the window's edges;
-// - the other workers run until the phase is stop, adding to the same counter (all of
-//   them run on the loop thread: plain variables, no atomics);
+//   timed to stop, snapshotting the workload's count of completed operations and the
+//   malloc counter at the window's edges;
+// - the other workers run until the phase is stop (all of them run on the loop thread:
+//   plain variables, no atomics). Their operations are counted as each completes, by the
+//   workload (`completedOperations`), not as each `work` call returns: a call does
+//   `workerBatch` units, and echo-50's 49 other clients, in step with each other, took
+//   ~33 ms a call, so a window counted whole calls only (a 30 ms window: the timekeeper's
+//   requests alone, 1.9k/s of 96k/s; 60 ms: 54k/s).
 // - `helpers` tasks (echo servers) run until `workersDone` makes them return.
 //
 // Tasks are created before the window opens; the window holds only awaits on the loop.
@@ -53,12 +57,15 @@ protocol AsyncWorkload: AnyObject, Sendable {
     /// True when the workload records its own latency samples (per request).
     var recordsOwnLatency: Bool { get }
     /// `times` units of work for `worker`, each awaiting the adapter and checking its
-    /// result; returns the operations completed. With a sampler, the first unit's latency
+    /// result; returns the units done. With a sampler, the first unit's latency
     /// is recorded in it, timed around that unit alone. The loop belongs in the concrete
     /// type (see the top of this file).
     nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int
     /// A helper task's whole life; returns once `workersDone` asked it to.
     func help(_ helper: Int) async throws
+    /// Operations completed so far by every worker, counted as each completes (the window
+    /// reads it at its edges).
+    var completedOperations: Int { get }
     /// Called on the loop once every worker returned: make the helpers return.
     func workersDone()
     /// After the loop stopped: checks every operation completed exactly once, right.
@@ -105,7 +112,6 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
 
     let workload: W
     var phase = Phase.warmup
-    var operations = 0
     var running = 0
     var failure: (any Error)?
     var figures: WindowFigures?
@@ -162,13 +168,13 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
     /// instructions per operation, callgrind file-qd32).
     nonisolated(nonsending) private func worker(_ w: Int) async {
         do {
-            while phase != .stop { operations &+= try await workload.work(w, times: Self.workerBatch, timing: nil) }
+            while phase != .stop { _ = try await workload.work(w, times: Self.workerBatch, timing: nil) }
         } catch { fail(error) }
         workerReturned()
     }
 
     /// Units a worker does between looks at the phase: after the window closes it may do
-    /// up to this many more, uncounted.
+    /// up to this many more (uncounted: the window's end is read before).
     static var workerBatch: Int { 64 }
 
     private func workerReturned() {
@@ -182,7 +188,7 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
         var now = warmupStart
         var warmupCalls = 0
         repeat {
-            operations &+= try await workload.work(0, times: 1, timing: nil)
+            _ = try await workload.work(0, times: 1, timing: nil)
             warmupCalls += 1
             now = monotonicNanoseconds()
         } while (now < warmupStart &+ warmup || warmupCalls < 3) && phase != .stop
@@ -193,25 +199,26 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
         sampler.reset()
         sampler.enabled = true
         phase = .timed
-        let operationsBefore = operations
+        let operationsBefore = workload.completedOperations
         let allocationsBefore = MallocCounter.count
         let start = monotonicNanoseconds()
         let deadline = start &+ duration
         var end = start
         while phase != .stop {
             // One timed unit, then a jittered gap (one stride on average) in one call.
-            operations &+= try await workload.work(0, times: 1, timing: timeCalls ? sampler : nil)
+            _ = try await workload.work(0, times: 1, timing: timeCalls ? sampler : nil)
             let now = monotonicNanoseconds()
             if now >= deadline {
                 end = now
                 break
             }
             let untimed = gaps.next()
-            if untimed > 0 { operations &+= try await workload.work(0, times: untimed, timing: nil) }
+            if untimed > 0 { _ = try await workload.work(0, times: untimed, timing: nil) }
         }
         let allocations = MallocCounter.count &- allocationsBefore
+        let operations = workload.completedOperations &- operationsBefore
         sampler.enabled = false
-        figures = WindowFigures(operations: operations - operationsBefore, nanoseconds: end &- start, allocations: allocations)
+        figures = WindowFigures(operations: operations, nanoseconds: end &- start, allocations: allocations)
     }
 
     func finish() throws {

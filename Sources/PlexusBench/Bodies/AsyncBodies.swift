@@ -96,6 +96,8 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
         workers = tasks
     }
 
+    var completedOperations: Int { tally.completed }
+
     nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
@@ -188,6 +190,8 @@ final class FloorNop: AsyncWorkload, @unchecked Sendable {
 
     init() throws { loop = try FloorExecutor() }
 
+    var completedOperations: Int { tally.completed }
+
     nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
@@ -233,6 +237,8 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
         loop = try EventLoop(backend: choice)
         super.init(pipe: pipe)
     }
+
+    var completedOperations: Int { roundTrips }
 
     private func letWriterGo(_ byte: UInt8?) {
         if let writer = writer.take() { writer.resume(returning: byte) } else { pendingByte = .some(byte) }
@@ -351,6 +357,8 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
         connections = pairs.map { AsyncEchoConnection(pair: $0) }
     }
 
+    var completedOperations: Int { stats.requests }
+
     nonisolated(nonsending) func work(_ i: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
@@ -429,6 +437,8 @@ final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
         slots = (0..<depth).map { _ in Slot() }
         super.init(file: fd, depth: depth)
     }
+
+    var completedOperations: Int { reads }
 
     nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
         for unitIndex in 0..<times {
