@@ -48,14 +48,21 @@ public final class LatencySampler {
 
     public func reset() { count = 0 }
 
-    /// (p50, p99) of the samples so far; sorts them in place. Nil without samples.
+    /// (p50, p99) of the samples so far, nearest rank (the smallest sample that at least
+    /// p% of the samples do not exceed); sorts them in place. Nil without samples.
     public func percentiles() -> (p50: Double, p99: Double)? {
         guard count > 0 else { return nil }
         var buffer = UnsafeMutableBufferPointer(start: storage, count: count)
         buffer.sort()
-        let p50 = buffer[count / 2]
-        let p99 = buffer[min(count - 1, (count * 99) / 100)]
-        return (Double(p50), Double(p99))
+        return (Double(buffer[Self.nearestRankIndex(percent: 50, count: count)]),
+                Double(buffer[Self.nearestRankIndex(percent: 99, count: count)]))
+    }
+
+    /// The index, in `count` sorted samples, of the nearest-rank `percent`th percentile:
+    /// ceil(count × percent / 100) - 1. (`count * 99 / 100` is one too high whenever that
+    /// product is whole: of 200 samples it took the 199th, above 99% of them.)
+    static func nearestRankIndex(percent: Int, count: Int) -> Int {
+        max(0, (count * percent + 99) / 100 - 1)
     }
 }
 

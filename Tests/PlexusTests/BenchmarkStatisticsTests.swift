@@ -80,6 +80,26 @@ extension PlexusTests {
             }
         }
 
+        /// Nearest rank: of 1...200, p50 is 100 and p99 is 198 (the smallest value that
+        /// 99% of them do not exceed); of 1...100, 50 and 99; one sample is both.
+        @Test func percentilesAreNearestRank() throws {
+            func percentiles(_ values: [UInt64]) throws -> (p50: Double, p99: Double) {
+                let sampler = LatencySampler(capacity: values.count)
+                sampler.enabled = true
+                for v in values.shuffled() { sampler.record(v) }
+                return try #require(sampler.percentiles())
+            }
+            let of200 = try percentiles(Array(1...200))
+            #expect(of200.p50 == 100 && of200.p99 == 198, "\(of200)")
+            let of100 = try percentiles(Array(1...100))
+            #expect(of100.p50 == 50 && of100.p99 == 99, "\(of100)")
+            let of1000 = try percentiles(Array(1...1000))
+            #expect(of1000.p50 == 500 && of1000.p99 == 990, "\(of1000)")
+            let one = try percentiles([7])
+            #expect(one.p50 == 7 && one.p99 == 7)
+            #expect(LatencySampler().percentiles() == nil)
+        }
+
         @Test func samplingGapsAverageTheStrideAndCoverEveryPhase() {
             var gaps = SamplingGaps(stride: 16)
             var phases = [Int](repeating: 0, count: 8)
