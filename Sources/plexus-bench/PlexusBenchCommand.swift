@@ -84,8 +84,6 @@ struct PlexusBenchCommand: ParsableCommand {
     }
 
     func run() throws {
-        // Opened first, so that a path that cannot be written fails now, not after the run.
-        let jsonFile = try json.map { try OutputFile(path: $0) }
         let settings = RunSettings(duration: try parseDuration(duration, "--duration"),
                                    warmup: try parseDuration(warmup, "--warmup"), repetitions: repetitions)
         let chosenBenchmarks = try selection(benchmarks, Benchmark.self, "--benchmarks")
@@ -125,6 +123,10 @@ struct PlexusBenchCommand: ParsableCommand {
         guard !cases.isEmpty else {
             throw ValidationError("nothing to run: no benchmark of --benchmarks \(benchmarks) has a row for --adapters \(adapters) on --backends \(backends) here")
         }
+        // Opened (created or truncated) before the run, so that a path that cannot be
+        // written fails now, not after it; but only once there is a run: a refused one or
+        // --list leaves an existing file as it was.
+        let jsonFile = try json.map { try OutputFile(path: $0) }
         let progress = Progress(enabled: !quiet, total: cases.count, repetitions: settings.repetitions)
         let runner = BenchmarkRunner()
         var failures = 0

@@ -100,6 +100,24 @@ extension PlexusTests {
             #expect(LatencySampler().percentiles() == nil)
         }
 
+        /// A run plexus-bench refuses (no rows) or --list writes no results, so an existing
+        /// --json file keeps its contents; it used to be truncated to nothing.
+        @Test func plexusBenchLeavesTheJSONFileAloneWhenItDoesNotRun() throws {
+            let bench = try builtExecutable("plexus-bench")
+            let path = "/tmp/plexus-bench-\(getpid())-kept.json"
+            defer { unlink(path) }
+            let kept = "[{\"kept\": 1}]\n"
+            for arguments in [["--benchmarks", "mq-handoff", "--adapters", "raw"], ["--list"]] {
+                let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+                try #require(fd >= 0)
+                _ = kept.withCString { write(fd, $0, strlen($0)) }
+                close(fd)
+                let run = try runChild([bench, "--quiet", "--json", path] + arguments)
+                #expect(run.exitCode == (arguments == ["--list"] ? 0 : 64), "\(arguments): \(run)")
+                #expect(readWholeFile(path) == kept, "\(arguments): the file became '\(readWholeFile(path))'")
+            }
+        }
+
         @Test func samplingGapsAverageTheStrideAndCoverEveryPhase() {
             var gaps = SamplingGaps(stride: 16)
             var phases = [Int](repeating: 0, count: 8)
