@@ -142,10 +142,13 @@ private final class LatencySink: @unchecked Sendable {
         published.store(received, ordering: .releasing)
     }
 
+    /// (p50, p99), nearest rank: ceil(n × p / 100) - 1 of the sorted samples, as
+    /// plexus-bench's LatencySampler (`n * 99 / 100` is one too high when that is whole).
     func percentiles() -> (UInt64, UInt64) {
         guard received > 0 else { return (0, 0) }
         let sorted = samples[0..<received].sorted()
-        return (sorted[received / 2], sorted[min(received - 1, received * 99 / 100)])
+        func rank(_ percent: Int) -> Int { max(0, (received * percent + 99) / 100 - 1) }
+        return (sorted[rank(50)], sorted[rank(99)])
     }
 }
 
