@@ -26,7 +26,8 @@ struct PlexusBenchCommand: ParsableCommand {
         (baselines). Adapters: raw (the IOBackend protocol itself; also the adapter name \
         of the baselines), callback (EventLoop callbacks), async (async/await, timed \
         inside a task whose executor is the loop; the "vs cb" column is its rate over the \
-        callback rate). timers has no raw or async row; mq-* have no raw rows. With async \
+        callback rate). timers has no raw-adapter or async row (its raw-* baselines run); mq-* \
+        have no raw rows. With async \
         selected, nop-1 also has a raw-io_uring async row: the Swift concurrency runtime's \
         floor (one awaited NOP through a bare TaskExecutor over a raw ring), the async NOP's \
         target; the lines under the table give each async nop-1 over it, and the best \
@@ -56,7 +57,7 @@ struct PlexusBenchCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Length of each timed run, e.g. 200ms, 0.5s, 1s.", valueName: "time"))
     var duration: String = "200ms"
 
-    @Option(name: .long, help: ArgumentHelp("Untimed warm-up before each timed run.", valueName: "time"))
+    @Option(name: .long, help: ArgumentHelp("Untimed warm-up before each timed run (mq-* rows warm up with a fixed calibration run instead, which also sizes their message count to --duration).", valueName: "time"))
     var warmup: String = "40ms"
 
     @Option(name: .long, help: "Timed runs per case, each on freshly set-up fds and loops; the table reports the median.")
@@ -115,7 +116,7 @@ struct PlexusBenchCommand: ParsableCommand {
             return
         }
         if chosenBenchmarks.contains(where: \.isMessageQueue) {
-            report.notes.append("mq-*: MessageQueueBenchmark.measureHandOff, loop-signal wake, no raw baseline; allocs/op include its set-up (loop and producer threads).")
+            report.notes.append("mq-*: MessageQueueBenchmark.measureHandOff, loop-signal wake, no raw baseline; allocs/op from the first message sent to the last received (its set-up left out).")
         }
 
         let plan = Plan(benchmarks: chosenBenchmarks, backends: usable, adapters: chosenAdapters)

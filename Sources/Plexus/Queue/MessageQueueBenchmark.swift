@@ -35,6 +35,9 @@ public struct HandOffMeasurement: Sendable, CustomStringConvertible {
     public let p99Nanoseconds: UInt64
     /// Consumer wake-ups that took messages (batches).
     public let batches: Int
+    /// What `countAllocations` advanced by from the first message sent to the last one
+    /// received (set-up and teardown left out); nil without a counter.
+    public var allocations: UInt64? = nil
 
     public var messagesPerSecond: Double { Double(messages) / seconds }
     public var nanosecondsPerMessage: Double { seconds * 1e9 / Double(messages) }
@@ -57,10 +60,13 @@ public enum MessageQueueBenchmark {
     /// Measures the hand-off on a fresh loop thread over `backend` and returns throughput
     /// and latency percentiles. Producers are threads; the consumer is `consumer` on the
     /// loop. Allocates its latency table (8 bytes a message) up front. Never asserts a timing.
+    /// `countAllocations` (a process-wide malloc count) is read when the producers, already
+    /// started, are let go and when the last message is received: `allocations`.
     public static func measureHandOff(backend: BackendChoice, wake: MessageQueueWake = .loopSignal,
                                       consumer: HandOffConsumer = .callback, mode: HandOffMeasurement.Mode = .throughput,
                                       producers: Int = 4, messagesPerProducer: Int = 250_000,
-                                      capacity: Int = 64) throws -> HandOffMeasurement {
+                                      capacity: Int = 64,
+                                      countAllocations: (@Sendable () -> UInt64)? = nil) throws -> HandOffMeasurement {
         let producers = mode == .throughput ? max(1, producers) : 1
         let total = producers * messagesPerProducer
         let loop = try EventLoop.startThread(name: "plexus-qbench", backend: backend)
@@ -87,9 +93,11 @@ public enum MessageQueueBenchmark {
             }
         }
 
-        let start = monotonicNanoseconds()
+        // The producer threads start first and wait for `go`: their creation is set-up.
+        let go = Atomic<Bool>(false)
         let threads = (0..<producers).map { _ in
             spawnThread {
+                while !go.load(ordering: .acquiring) { sched_yield() }
                 for i in 0..<messagesPerProducer {
                     var message = monotonicNanoseconds()
                     while true {
@@ -110,15 +118,21 @@ public enum MessageQueueBenchmark {
                 }
             }
         }
-        for t in threads { pthread_join(t, nil) }
+        let allocationsBefore = countAllocations?() ?? 0
+        let start = monotonicNanoseconds()
+        go.store(true, ordering: .releasing)
         finished.wait()
         let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        let allocations = countAllocations.map { $0() &- allocationsBefore }
+        for t in threads { pthread_join(t, nil) }
         let leftover = queue.close()
         precondition(leftover.isEmpty)
         let (p50, p99) = sink.percentiles()
-        return HandOffMeasurement(backend: loop.backendKind, wake: wake, consumer: consumer, mode: mode, producers: producers,
-                                  messages: total, capacity: capacity, seconds: seconds,
-                                  p50Nanoseconds: p50, p99Nanoseconds: p99, batches: queue.batchCount)
+        var measurement = HandOffMeasurement(backend: loop.backendKind, wake: wake, consumer: consumer, mode: mode,
+                                             producers: producers, messages: total, capacity: capacity, seconds: seconds,
+                                             p50Nanoseconds: p50, p99Nanoseconds: p99, batches: queue.batchCount)
+        measurement.allocations = allocations
+        return measurement
     }
 }
 
