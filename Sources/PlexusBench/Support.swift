@@ -24,29 +24,45 @@ public enum MallocCounter {
 }
 
 /// A fixed-capacity buffer of latency samples in nanoseconds: allocated once, so
-/// recording inside a timed window never allocates.
+/// recording inside a timed window never allocates. Past `capacity` samples it keeps a
+/// uniform random sample of all of them (reservoir sampling), so a long window's
+/// percentiles describe the whole window, not its first `capacity` samples.
 public final class LatencySampler {
     private let storage: UnsafeMutablePointer<UInt64>
     public let capacity: Int
+    /// Samples kept (at most `capacity`).
     public private(set) var count = 0
+    /// Samples recorded since `reset`, kept or not.
+    public private(set) var seen = 0
     /// Samples recorded only while true (off during warm-up).
     public var enabled = false
+    private var random = XorShift(state: 0x9E37_79B9_7F4A_7C15)
 
     public init(capacity: Int = 1 << 20) {
-        self.capacity = capacity
-        storage = .allocate(capacity: capacity)
+        self.capacity = max(1, capacity)
+        storage = .allocate(capacity: self.capacity)
     }
 
     deinit { storage.deallocate() }
 
     @inline(__always)
     public func record(_ nanoseconds: UInt64) {
-        guard enabled, count < capacity else { return }
-        storage[count] = nanoseconds
-        count &+= 1
+        guard enabled else { return }
+        seen &+= 1
+        if count < capacity {
+            storage[count] = nanoseconds
+            count &+= 1
+        } else {
+            // Algorithm R: the n-th sample replaces a kept one with probability capacity/n.
+            let slot = Int(random.next() % UInt64(seen))
+            if slot < capacity { storage[slot] = nanoseconds }
+        }
     }
 
-    public func reset() { count = 0 }
+    public func reset() {
+        count = 0
+        seen = 0
+    }
 
     /// (p50, p99) of the samples so far, nearest rank (the smallest sample that at least
     /// p% of the samples do not exceed); sorts them in place. Nil without samples.

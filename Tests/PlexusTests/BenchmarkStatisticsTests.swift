@@ -35,6 +35,21 @@ extension PlexusTests {
             }
         }
 
+        /// A sampler that fills up keeps a uniform sample of the whole window: 30% fast then
+        /// 70% slow samples, 100 times its capacity, give a slow p50. It used to keep the
+        /// first `capacity` samples and drop the rest: every percentile was a fast one.
+        @Test func aFullSamplerKeepsAUniformSampleOfTheWindow() {
+            let sampler = LatencySampler(capacity: 1_000)
+            sampler.enabled = true
+            for i in 0..<100_000 { sampler.record(i < 30_000 ? 100 : 1_000_000) }
+            #expect(sampler.count == 1_000 && sampler.seen == 100_000)
+            let (p50, p99) = sampler.percentiles()!
+            #expect(p50 == 1_000_000 && p99 == 1_000_000, "p50 \(p50) p99 \(p99)")
+            sampler.reset()
+            for v in [300, 100, 200] as [UInt64] { sampler.record(v) }
+            #expect(sampler.count == 3 && sampler.seen == 3 && sampler.percentiles()!.p50 == 200)
+        }
+
         /// Two tasks on a loop taking turns, 20 us of work a unit; counts the units that
         /// completed while the window was open.
         final class TakingTurns: AsyncWorkload, @unchecked Sendable {
