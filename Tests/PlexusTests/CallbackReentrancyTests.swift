@@ -249,6 +249,31 @@ extension PlexusTests {
         Self.finish(loop)
     }
 
+    /// A message queue's callback consumer that sends to its own queue and turns the loop
+    /// inside its callback gets every message once, in order. The nested turn brought the
+    /// queue's signal round while its batch was being delivered: a trap ("a consumer
+    /// callback re-entered the queue's delivery").
+    @Test(arguments: Backends.kinds)
+    func aTurnInsideAQueueConsumerDeliversEachMessageOnce(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        nonisolated(unsafe) var got: [Int] = []
+        loop.execute {
+            queue.onMessage { [unowned queue] n in  // the queue holds this closure: no cycle
+                got.append(n)
+                guard n < 5 else { return }
+                if case .sent = queue.trySend(n + 1) {} else { Issue.record("send \(n + 1) refused") }
+                loop.runOnce(timeout: .zero)
+            }
+        }
+        _ = queue.trySend(0)
+        #expect(Self.turn(loop) { got.count == 6 })
+        for _ in 0..<5 { loop.runOnce(timeout: .milliseconds(1)) }
+        #expect(got == [0, 1, 2, 3, 4, 5], "\(got)")
+        #expect(queue.close().isEmpty)
+        Self.finish(loop)
+    }
+
     // MARK: Close from inside callbacks
 
     /// A nop's callback closes a pipe's read end while three reads and a poll wait on it,

@@ -331,7 +331,13 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     /// Takes what is queued (at most one ring's worth), lets waiting senders into the room
     /// this made, and delivers it; asks for another turn when more is queued.
     private func deliverBatch() {
-        precondition(!isDelivering, "a consumer callback re-entered the queue's delivery")
+        if isDelivering {
+            // The consumer's callback turned the loop itself (a nested runOnce) and this
+            // queue's signal came round: its batch is still being handed over, so the next
+            // one waits for the turn after (the signal is queued again), in order.
+            loop?.signal(self)
+            return
+        }
         lock.lock()
         guard case .callback(let body, let onClosed) = consumer else {
             lock.unlock()
