@@ -125,6 +125,63 @@ extension PlexusTests {
             try await listener?.close()
         }
 
+        /// Writes parked on a full connection; this side shuts its write side through
+        /// Plexus: each ends with EPIPE, once. Once failed on epoll and poll for a Unix stream
+        /// socket: unix_poll reports no POLLOUT or POLLHUP for a shut send side while the
+        /// peer's buffer is full, so the writes waited for ever (io_uring: EPIPE).
+        @Test(arguments: Backends.kinds, ["unix", "unix, async shutdown", "tcp"])
+        func parkedWritesEndWithEPIPEAtALocalWriteShutdown(kind: BackendKind, variant: String) async throws {
+            let tcp = variant.hasPrefix("tcp"), async = variant.hasSuffix("async shutdown")
+            let loop = try Backends.loopThread(kind)
+            defer { loop.shutdownAndWait() }
+            #expect(loop.backendKind == kind)
+            let a: StreamConnection, b: StreamConnection
+            var listener: StreamListener?
+            if tcp { (a, b, listener) = try await Self.tcpPair(loop) } else { (a, b) = try StreamConnection.pair(on: loop) }
+            try a.setOption(.sendBufferSize, 4096)
+            // Fill a's send buffer (and b's receive buffer) synchronously.
+            var junk = [UInt8](repeating: 7, count: 65536)
+            while Glibc.send(a.fd.rawValue, &junk, junk.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) > 0 {}
+            let results: [String] = try await Self.onLoop(loop) { finish in
+                let got = Locked<[String]>([])
+                for _ in 0..<3 {
+                    a.write(IOBuffer(String(repeating: "z", count: 100_000))) { result, _ in
+                        let s: String
+                        switch result {
+                        case .success(let n): s = "ok \(n)"
+                        case .failure(let e): s = "\(e.errno)"
+                        }
+                        let all = got.withLock { $0.append(s); return $0 }
+                        if all.count == 3 { finish(all) }
+                    }
+                }
+                if async {
+                    Task(executorPreference: loop) { try await a.shutdown(.write) }
+                } else {
+                    a.shutdown(.write) { result in #expect((try? result.get()) != nil, "\(result)") }
+                }
+            }
+            let epipe = "\(Errno.brokenPipe)"
+            if tcp {
+                // Loopback TCP may still move bytes to the peer before the shutdown runs: a
+                // write may get some through; the ones still waiting end with EPIPE.
+                #expect(results.last == epipe && results.allSatisfy { $0 == epipe || $0.hasPrefix("ok ") }, "\(kind) \(results)")
+            } else {
+                #expect(results == [epipe, epipe, epipe], "\(kind), \(variant)")
+            }
+            // The peer still reads what was sent before, then end of file.
+            var total = 0
+            while true {
+                let n = Glibc.recv(b.fd.rawValue, &junk, junk.count, Int32(MSG_DONTWAIT))
+                if n <= 0 { #expect(n == 0, "errno \(errno)"); break }
+                total += n
+            }
+            #expect(total > 0)
+            try await a.close()
+            try await b.close()
+            try await listener?.close()
+        }
+
         /// A connections() sequence with a buffer limit of 1 takes every one of 20
         /// connections, none lost or doubled.
         @Test(arguments: Backends.kinds)

@@ -612,7 +612,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         case .fsync:
             complete(index, view.flags & 1 != 0 ? Sys.fdatasync(fd) : Sys.fsync(fd))
         case .shutdown:
-            complete(index, Sys.shutdown(fd, view.flags))
+            let result = Sys.shutdown(fd, view.flags)
+            if result == 0 && view.flags != Int32(SHUT_RD) { retryWritesAfterShutdown(fd) }
+            complete(index, result)  // last, so `attempt` finds it
         case .close:
             close(index, fd)
         case .poll, .pollMultishot:
@@ -1134,6 +1136,20 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             changed = true
         }
         return changed
+    }
+
+    /// The fd's write side was shut down through Plexus: its parked writes end now (EPIPE).
+    /// No readiness report would say so for a Unix stream socket: unix_poll reports no
+    /// POLLOUT (nor POLLHUP) for a send side shut down while the peer's buffer is full, so
+    /// they would wait for ever (io_uring's retry after the wake-up sees EPIPE).
+    private func retryWritesAfterShutdown(_ fd: Int32) {
+        guard Int(fd) < fds.count else { return }
+        let state = fds.pointer(Int(fd))
+        // Sockets only (a shutdown of anything else fails). A send never blocks here
+        // (MSG_DONTWAIT); a parked connect asks again and, still in progress, stays parked.
+        guard state.pointee.mode == .socket || state.pointee.mode == .blockingSocket,
+              state.pointee.writeHead != OperationTable.none else { return }
+        if retry(fd, .write) { refreshInterest(fd, rearm: false) }
     }
 
     /// Reports readiness to the parked poll records of `fd`. Returns true when one ended.
