@@ -425,4 +425,50 @@ extension PlexusTests.NetReviewTests {
             try await f.close()
         }.value
     }
+
+    /// A positional read of an empty pipe is ESPIPE at once, as on io_uring: the blocking
+    /// pipe stdin usually is, and an O_NONBLOCK one after a short read emptied it (both
+    /// once waited for data on epoll and poll, and so for ever on a pipe nobody writes).
+    @Test(arguments: Backends.kinds, ["blocking", "nonblocking-drained", "socket-drained"])
+    func aPositionalReadOfAnEmptyPipeIsESPIPEAtOnce(kind: BackendKind, variant: String) async throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        #expect(loop.backendKind == kind)
+        let r: FileDescriptor, w: FileDescriptor
+        if variant.hasPrefix("socket") {
+            var fds: [Int32] = [-1, -1]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0, &fds) == 0)
+            (r, w) = (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
+        } else {
+            (r, w) = try FileDescriptor.pipe()
+            if variant.hasPrefix("nonblocking") {
+                _ = fcntl(r.rawValue, F_SETFL, O_NONBLOCK)
+                _ = fcntl(w.rawValue, F_SETFL, O_NONBLOCK)
+            }
+        }
+        let reader = File(fd: r, loop: loop)
+        let writer = File(fd: w, loop: loop)
+        let results: [String] = try await Self.onLoop(loop) { finish in
+            func describe(_ result: Result<Int, PlexusError>) -> String {
+                switch result {
+                case .success(let n): "read \(n)"
+                case .failure(let e): "\(e.errno)"
+                }
+            }
+            if variant.hasSuffix("drained") {
+                // A short read: the engine now knows the stream is empty.
+                writer.write(IOBuffer("ab"), at: nil) { _, _ in }
+                reader.read(into: IOBuffer(capacity: 64), at: nil) { first, _ in
+                    reader.read(into: IOBuffer(capacity: 8), at: 0) { second, _ in
+                        finish([describe(first), describe(second)])
+                    }
+                }
+            } else {
+                reader.read(into: IOBuffer(capacity: 8), at: 0) { result, _ in finish(["read 2", describe(result)]) }
+            }
+        }
+        #expect(results == ["read 2", "\(Errno.illegalSeek)"], "\(kind), \(variant)")
+        try await reader.close()
+        try await writer.close()
+    }
 }

@@ -639,6 +639,14 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             complete(index, result)
             return
         }
+        if infos[index].view.offset >= 0, kind == .read || kind == .write || kind == .readv || kind == .writev,
+           mode == .socket || mode == .blockingSocket || state.pointee.isStream {
+            // A socket or a pipe cannot seek (ESPIPE, as io_uring says at once): not a
+            // reason to wait for readiness first (a blocking pipe, a drained stream) or
+            // behind parked records, which on a pipe nobody writes would be for ever.
+            complete(index, -ESPIPE)
+            return
+        }
         let waitFirst = mode == .blocking && kind != .connect && kind != .accept && kind != .acceptMultishot
             || mode == .blockingSocket && (kind == .accept || kind == .acceptMultishot)
             || state.pointee.readDrained && (kind == .read || kind == .recv)
