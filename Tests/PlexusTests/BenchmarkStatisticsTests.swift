@@ -58,6 +58,8 @@ extension PlexusTests {
             weak var window: AsyncWindow<TakingTurns>?
             var completed = 0
             var completedWhileTimed = 0
+            /// Units the second worker (not the timekeeper) completed while the window was open.
+            var otherWorkerWhileTimed = 0
             var completedOperations: Int { completed }
 
             init() throws { loop = try EventLoop(backend: .poll) }
@@ -68,7 +70,10 @@ extension PlexusTests {
                     while monotonicNanoseconds() < end {}
                     await Task.yield()
                     completed += 1
-                    if window?.phase == .timed { completedWhileTimed += 1 }
+                    if window?.phase == .timed {
+                        completedWhileTimed += 1
+                        if worker != 0 { otherWorkerWhileTimed += 1 }
+                    }
                 }
                 return times
             }
@@ -82,7 +87,7 @@ extension PlexusTests {
         /// such a call counted the timekeeper's units alone (echo-50 async, 30 ms: 1.9k/s
         /// of 96k/s).
         @Test func asyncWindowCountsEveryWorkersOperationsAsTheyComplete() throws {
-            for duration in [2, 3, 5] {
+            for duration in [5, 10, 20] {
                 let workload = try TakingTurns()
                 let window = AsyncWindow(workload)
                 workload.window = window
@@ -91,7 +96,8 @@ extension PlexusTests {
                 try window.finish()
                 #expect(figures.operations == workload.completedWhileTimed,
                         "\(duration) ms: counted \(figures.operations), completed \(workload.completedWhileTimed) in the window")
-                #expect(workload.completedWhileTimed > duration * 1000 / 20 / 2, "the other worker did not take turns")
+                // The premise (no timing asserted): the other worker worked in the window too.
+                #expect(workload.otherWorkerWhileTimed > 0, "the other worker did not take turns")
             }
         }
 
