@@ -91,7 +91,9 @@ public final class URingBackend: IOBackend {
         /// Parked reads, oldest first.
         var parked: [Int] = []
         /// 0 not looked at, 1 ordered (pipe, FIFO, any socket: io_uring keeps no order
-        /// between two receives or two blocked sends of a datagram socket either), 2 not.
+        /// between two receives or two blocked sends of a datagram socket either; a
+        /// regular file or block device, whose reads and writes at the file position take
+        /// f_pos when they are issued: two in the ring read the same bytes), 2 not.
         var stream: UInt8 = 0
         /// Stream writes to this fd sent to the ring and not completed. io_uring keeps no
         /// order between two writes to a full pipe or socket (on 6.18 the later ones land
@@ -1224,8 +1226,12 @@ public final class URingBackend: IOBackend {
                 state.pointee.pipes[i].nonBlocking = flags >= 0 && flags & O_NONBLOCK != 0
             }
             // Every socket, datagram ones too: four receives parked on a UDP socket got its
-            // datagrams in reverse.
-            let stream = fifo || type == Int32(Glibc.S_IFSOCK)
+            // datagrams in reverse. Files too, for their reads and writes at the file
+            // position (offset nil; positional ones are never ordered): io_uring takes
+            // f_pos when a read is issued and moves it when it completes, so reads of
+            // uncached pages, punted to its workers together, all read the same bytes.
+            let stream = fifo || type == Int32(Glibc.S_IFSOCK) || type == Int32(Glibc.S_IFREG)
+                || type == Int32(Glibc.S_IFBLK)
             state.pointee.pipes[i].stream = stream ? 1 : 2
         }
         return i
