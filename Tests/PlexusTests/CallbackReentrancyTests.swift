@@ -274,6 +274,40 @@ extension PlexusTests {
         Self.finish(loop)
     }
 
+    /// A job of the loop's thread turns the loop itself and blocks in that turn
+    /// (`runOnce(timeout: nil)`, as a helper that pumps the loop until something happens
+    /// does); a job queued from another thread meanwhile ends the nested turn's wait, as
+    /// it ends the wait of `run()`. Only `run()` announced its sleep (`sleepState`), so a
+    /// job queued while a nested turn waited wrote no eventfd and woke nobody: the turn
+    /// slept until some I/O came (here the test's watchdog write, after 5 s).
+    @Test(arguments: Backends.kinds)
+    func aJobFromAnotherThreadWakesATurnBlockedInsideACallback(kind: BackendKind) throws {
+        let loop = try Backends.loopThread(kind)
+        defer { loop.shutdownAndWait() }
+        let (r, w) = Self.pipe()
+        defer { close(r.rawValue); close(w.rawValue) }
+        final class State: @unchecked Sendable { var watchdog = false; var ended: String? }
+        let s = State()
+        let inside = Gate()
+        let done = Gate()
+        loop.execute {
+            // What ends the nested turn if the job does not: the test's write, after 5 s.
+            loop.read(r, IOBuffer(capacity: 1)) { _, _ in s.watchdog = true }
+            inside.signal()
+            loop.runOnce(timeout: nil)
+            s.ended = s.watchdog ? "by the watchdog" : "by the job"
+            done.signal()
+        }
+        #expect(inside.wait(timeout: .seconds(10)))
+        usleep(20_000)  // let the nested turn block (if it has not, it only returns at once)
+        loop.execute {}
+        if !done.wait(timeout: .seconds(5)) {
+            Self.put(w, "!")
+            #expect(done.wait(timeout: .seconds(10)))
+        }
+        #expect(s.ended == "by the job", "\(s.ended ?? "never")")
+    }
+
     // MARK: Close from inside callbacks
 
     /// A nop's callback closes a pipe's read end while three reads and a poll wait on it,

@@ -201,7 +201,16 @@ public final class EventLoop: @unchecked Sendable {
         fireDueTimers()
         var limit = nextTimeout()
         if let t = timeout, limit == nil || t < limit! { limit = t }
+        // Announce the sleep as `run()` does: a job queued from another thread while this
+        // turn waits must wake it. A callback's nested turn waits while `run()` counts as
+        // awake (or has had its announcement taken by an earlier job), and a loop driven
+        // by `runOnce` never announced one: its wait slept through the job.
+        if limit != .zero {
+            sleepState.store(1, ordering: .sequentiallyConsistent)
+            if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { limit = .zero }
+        }
         wait(timeout: limit)
+        sleepState.store(0, ordering: .sequentiallyConsistent)
         fireDueTimers()
         settleTimers()
     }
