@@ -274,6 +274,49 @@ extension PlexusTests {
         Self.finish(loop)
     }
 
+    /// A message queue's callback consumer sends to its own queue and then pumps the loop
+    /// (`runOnce(timeout: nil)`) until a read completes: the queue's signal, which must
+    /// wait until the batch being delivered is done, waits without keeping the nested
+    /// turns from blocking. It was queued again at once each time it came round, so every
+    /// nested turn found a job and returned without waiting: the pump spun a core until
+    /// the read came (thousands of turns instead of one).
+    @Test(arguments: Backends.kinds)
+    func aQueueConsumerPumpingTheLoopWaitsInsteadOfSpinning(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        let queue = MessageQueue<Int>(capacity: 8, loop: loop)
+        let (r, w) = Self.pipe()
+        defer { close(r.rawValue); close(w.rawValue) }
+        nonisolated(unsafe) var got: [Int] = []
+        nonisolated(unsafe) var turns = 0
+        let writer = Gate()
+        loop.execute {
+            queue.onMessage { [unowned queue] n in  // the queue holds this closure: no cycle
+                got.append(n)
+                guard n == 0 else { return }
+                if case .sent = queue.trySend(1) {} else { Issue.record("send 1 refused") }
+                var read = false
+                loop.read(r, IOBuffer(capacity: 1)) { _, _ in read = true }
+                writer.signal()  // the test thread writes the byte the read waits for
+                while !read && turns < 1_000_000 {
+                    loop.runOnce(timeout: nil)
+                    turns += 1
+                }
+            }
+        }
+        _ = queue.trySend(0)
+        let thread = LoopTestSupport.spawn {
+            _ = writer.wait(timeout: .seconds(10))
+            usleep(20_000)  // let the pump block (if it does not, it spins meanwhile)
+            Self.put(w, "x")
+        }
+        #expect(Self.turn(loop) { got.count == 2 })
+        pthread_join(thread, nil)
+        #expect(got == [0, 1], "\(got)")
+        #expect(turns <= 3, "the consumer's pump turned the loop \(turns) times for one read")
+        #expect(queue.close().isEmpty)
+        Self.finish(loop)
+    }
+
     /// A job of the loop's thread turns the loop itself and blocks in that turn
     /// (`runOnce(timeout: nil)`, as a helper that pumps the loop until something happens
     /// does); a job queued from another thread meanwhile ends the nested turn's wait, as

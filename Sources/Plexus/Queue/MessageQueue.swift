@@ -106,6 +106,9 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
     private var batch: [Message] = []
     private var resumeScratch: [UnsafeContinuation<SenderOutcome, Never>] = []
     private var isDelivering = false
+    /// The queue's signal came round while `isDelivering` (a nested turn): it is queued
+    /// again once the batch is delivered.
+    private var signalledWhileDelivering = false
 
     private enum Consumer {
         case none
@@ -334,8 +337,10 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
         if isDelivering {
             // The consumer's callback turned the loop itself (a nested runOnce) and this
             // queue's signal came round: its batch is still being handed over, so the next
-            // one waits for the turn after (the signal is queued again), in order.
-            loop?.signal(self)
+            // one waits for the turn after the batch (the signal is queued again then), in
+            // order. Not queued again now: every nested turn would find it and not wait, so
+            // a callback pumping the loop would spin.
+            signalledWhileDelivering = true
             return
         }
         lock.lock()
@@ -361,7 +366,9 @@ public final class MessageQueue<Message: Sendable>: @unchecked Sendable {
             isDelivering = false
             batch.removeAll(keepingCapacity: true)
         }
-        if more, let loop { loop.signal(self) }
+        let signalled = signalledWhileDelivering
+        signalledWhileDelivering = false
+        if more || signalled, let loop { loop.signal(self) }
         if reportEnd { onClosed?() }
     }
 
