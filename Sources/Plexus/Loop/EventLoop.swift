@@ -32,7 +32,7 @@ public final class EventLoop: @unchecked Sendable {
     let asyncSlots = AsyncSlots()
     /// Runs the task jobs that reach the loop after `run()` returned.
     let orphans = OrphanJobs()
-    /// 0 running, 1 about to sleep or asleep in the backend's wait, 2 shutting down.
+    /// 1 from the announcement of a wait (`announceSleep`) until a waker or the loop takes it back, else 0.
     private let sleepState = Atomic<Int>(0)
     private let stopRequested = Atomic<Bool>(false)
     private let wakeFD: Int32
@@ -139,14 +139,8 @@ public final class EventLoop: @unchecked Sendable {
                 spinBeforeSleep()
                 timeout = nextTimeout()  // .zero if a job came; else the timers' wait, from now
             }
-            // Announce the sleep, then look once more: a job queued before the announcement
-            // is seen here, one queued after it sees the announcement and writes the eventfd.
-            if timeout != .zero {
-                sleepState.store(1, ordering: .sequentiallyConsistent)
-                if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { timeout = .zero }
-            }
-            wait(timeout: timeout)
-            sleepState.store(0, ordering: .sequentiallyConsistent)
+            wait(timeout: announceSleep(timeout))
+            endSleep()
             settleTimers()
         }
         drainForShutdown()
@@ -176,6 +170,27 @@ public final class EventLoop: @unchecked Sendable {
         runEnded.signal()
     }
 
+    /// Announces that the loop is about to wait up to `timeout` (unless that is `.zero`),
+    /// then looks once more; returns the wait to make. A job queued before the
+    /// announcement is seen here (the wait becomes a poll); one queued after it sees the
+    /// announcement and wakes the loop (`wakeForRemoteJob`). Both sides are sequentially
+    /// consistent: each stores, then loads what the other stored.
+    @inline(__always)
+    private func announceSleep(_ timeout: Duration?) -> Duration? {
+        guard timeout != .zero else { return timeout }
+        sleepState.store(1, ordering: .sequentiallyConsistent)
+        if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { return .zero }
+        return timeout
+    }
+
+    /// Awake again. Relaxed: a waker that still reads the announcement only writes one
+    /// wake-up too many, which the next wait takes at once; the next announcement is
+    /// sequentially consistent again. (A fence per turn saved.)
+    @inline(__always)
+    private func endSleep() {
+        sleepState.store(0, ordering: .relaxed)
+    }
+
     /// Yields the CPU until a job comes from another thread, `shutdown` is called or
     /// `idleSpin` passed. Wakers see no sleep announced yet, so they only queue (no
     /// eventfd write).
@@ -201,16 +216,12 @@ public final class EventLoop: @unchecked Sendable {
         fireDueTimers()
         var limit = nextTimeout()
         if let t = timeout, limit == nil || t < limit! { limit = t }
-        // Announce the sleep as `run()` does: a job queued from another thread while this
+        // Announced as `run()` announces it: a job queued from another thread while this
         // turn waits must wake it. A callback's nested turn waits while `run()` counts as
         // awake (or has had its announcement taken by an earlier job), and a loop driven
         // by `runOnce` never announced one: its wait slept through the job.
-        if limit != .zero {
-            sleepState.store(1, ordering: .sequentiallyConsistent)
-            if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { limit = .zero }
-        }
-        wait(timeout: limit)
-        sleepState.store(0, ordering: .sequentiallyConsistent)
+        wait(timeout: announceSleep(limit))
+        endSleep()
         fireDueTimers()
         settleTimers()
     }
