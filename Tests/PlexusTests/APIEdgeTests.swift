@@ -598,7 +598,9 @@ extension PlexusTests {
         /// A group larger than the fd limit allows: a typed error, and the loops already
         /// started are stopped with nothing leaked (in a child, which lowers its RLIMIT_NOFILE).
         @Test func eventLoopGroupBeyondTheFdLimitFailsTypedAndLeaksNothing() async {
-            let result = await #expect(processExitsWith: .success, observing: [\.standardOutputContent]) {
+            let report = ChildReport()
+            let result = await #expect(processExitsWith: .success) { [report = report.path as String] in
+                func print(_ line: String) { ChildReport.append(line, to: report) }
                 // Dispatch's own timerfd may appear meanwhile: not the loops'.
                 func count() -> Int { openFileDescriptors().filter { !$0.value.contains("timerfd") }.count }
                 let before = count()
@@ -628,7 +630,7 @@ extension PlexusTests {
                 }
                 exit(0)
             }
-            _ = result
+            report.finish(result)
         }
 
         // MARK: 5. Streams and files

@@ -130,7 +130,9 @@ extension PlexusTests {
             _ = try Backends.start(kind)
             guard getenv("PLEXUS_SANITIZER") == nil else { try Test.cancel("skipped: sanitizers reserve address space") }
             let name = kind.rawValue
-            let result = await #expect(processExitsWith: .success, observing: [\.standardOutputContent]) { [name = name as String] in
+            let report = ChildReport()
+            let result = await #expect(processExitsWith: .success) { [name = name as String, report = report.path as String] in
+                func print(_ line: String) { ChildReport.append(line, to: report) }
                 alarm(60)
                 func fds() -> Int { openFileDescriptors().filter { !$0.value.contains("timerfd") }.count }
                 func vmSize() -> Int {
@@ -172,9 +174,7 @@ extension PlexusTests {
                 guard outcome.contains("errno") else { exit(13) }
                 exit(0)
             }
-            if let result, result.exitStatus != .exitCode(0) {
-                Issue.record("\(String(decoding: result.standardOutputContent, as: UTF8.self))")
-            }
+            report.finish(result)
         }
 
         // MARK: Construction edges
@@ -197,7 +197,9 @@ extension PlexusTests {
         func aGroupThatFailsMidwayLeavesNoFdNorThreadAndSaysWhy(kind: BackendKind) async throws {
             _ = try Backends.start(kind)
             let name = kind.rawValue
-            let result = await #expect(processExitsWith: .success, observing: [\.standardOutputContent]) { [name = name as String] in
+            let report = ChildReport()
+            let result = await #expect(processExitsWith: .success) { [name = name as String, report = report.path as String] in
+                func print(_ line: String) { ChildReport.append(line, to: report) }
                 alarm(60)
                 func fds() -> [Int32: String] { openFileDescriptors().filter { !$0.value.contains("timerfd") } }
                 var limit = rlimit()
@@ -243,9 +245,7 @@ extension PlexusTests {
                 }
                 exit(0)
             }
-            if let result, result.exitStatus != .exitCode(0) {
-                Issue.record("\(String(decoding: result.standardOutputContent, as: UTF8.self))")
-            }
+            report.finish(result)
         }
 
         /// `entries` is a size that io_uring clamps (the backend sets IORING_SETUP_CLAMP) and
@@ -440,7 +440,9 @@ extension PlexusTests {
         func plexusBackendValuesForAGroup(kind: BackendKind) async throws {
             _ = try Backends.start(kind)
             let name = kind.rawValue
-            let result = await #expect(processExitsWith: .success, observing: [\.standardOutputContent]) { [name = name as String] in
+            let report = ChildReport()
+            let result = await #expect(processExitsWith: .success) { [name = name as String, report = report.path as String] in
+                func print(_ line: String) { ChildReport.append(line, to: report) }
                 alarm(30)
                 // Mixed case names the backend.
                 for spelled in [name.uppercased(), name.prefix(1).uppercased() + name.dropFirst()] {
@@ -480,9 +482,7 @@ extension PlexusTests {
                 guard openFileDescriptors().count == fdsBefore else { exit(30) }
                 exit(0)
             }
-            if let result, result.exitStatus != .exitCode(0) {
-                Issue.record("\(String(decoding: result.standardOutputContent, as: UTF8.self))")
-            }
+            report.finish(result)
         }
 
         /// A backend named in code wins over PLEXUS_BACKEND, even an invalid one.

@@ -118,3 +118,35 @@ func readWholeFile(_ path: String) -> String {
     }
     return String(decoding: data, as: UTF8.self)
 }
+
+/// Where an exit test's child writes what went wrong, for the parent to show:
+/// `#expect(processExitsWith:)` hands back nothing (not even observed output) when the
+/// child's exit status is not the expected one, so output printed by the child was lost
+/// exactly when it explained a failure.
+struct ChildReport {
+    let path: String
+
+    init() {
+        path = "/tmp/plexus-child-report-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        unlink(path)
+    }
+
+    /// In the child: appends `line`. Opens and closes the file each time, so it holds no
+    /// fd while the child counts its fds.
+    static func append(_ line: String, to path: String) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        let text = Array((line + "\n").utf8)
+        _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+    }
+
+    /// In the parent, after the exit test: records what the child wrote when the exit
+    /// test failed (`result` nil), and removes the file.
+    func finish(_ result: ExitTest.Result?, sourceLocation: SourceLocation = #_sourceLocation) {
+        if result == nil {
+            Issue.record("the child said: \(readWholeFile(path))", sourceLocation: sourceLocation)
+        }
+        unlink(path)
+    }
+}
