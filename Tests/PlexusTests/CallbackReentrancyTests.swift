@@ -351,6 +351,57 @@ extension PlexusTests {
         #expect(s.ended == "by the job", "\(s.ended ?? "never")")
     }
 
+    /// Component told of the shutdown (a message queue) that registers another as it is told.
+    final class ChainedObserver: LoopShutdownObserver {
+        let loop: EventLoop
+        let name: String
+        let next: ChainedObserver?
+        let told: Locked<[String]>
+        init(_ name: String, loop: EventLoop, told: Locked<[String]>, then next: ChainedObserver? = nil) {
+            self.name = name
+            self.loop = loop
+            self.told = told
+            self.next = next
+        }
+        func loopWillShutDown() {
+            told.withLock { $0.append(name) }
+            if let next { loop.onShutdown(next) }
+        }
+    }
+
+    /// An observer that registers another while the shutdown tells them: both are told,
+    /// once each, before the shutdown goes on. The one registered during the telling used
+    /// to be kept for a telling that had already happened: never told.
+    @Test(arguments: Backends.kinds)
+    func anObserverRegisteredWhileTheShutdownTellsIsTold(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        let told = Locked<[String]>([])
+        let second = ChainedObserver("second", loop: loop, told: told)
+        loop.runOnce(timeout: .zero)  // this thread drives the loop
+        loop.onShutdown(ChainedObserver("first", loop: loop, told: told, then: second))
+        Self.finish(loop)
+        #expect(told.withLock { $0 } == ["first", "second"])
+    }
+
+    /// runOnce on a loop whose run() has returned does nothing (a callback of an operation
+    /// the finished loop refused may call it): the calling thread does not become the
+    /// loop's thread again, so a task job from it still goes to the finished loop's
+    /// hand-off and runs.
+    @Test(arguments: Backends.kinds)
+    func aTurnOfAFinishedLoopDoesNothing(kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        Self.finish(loop)
+        var called = false
+        loop.nop { result in
+            called = true
+            #expect(result.failureValue?.errno == .canceled)
+            loop.runOnce(timeout: .milliseconds(1))
+        }
+        #expect(called)
+        loop.runOnce(timeout: .milliseconds(1))
+        #expect(!loop.inLoop, "the caller became the finished loop's thread")
+    }
+
     // MARK: Close from inside callbacks
 
     /// A nop's callback closes a pipe's read end while three reads and a poll wait on it,

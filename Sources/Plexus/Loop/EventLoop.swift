@@ -205,8 +205,19 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs one turn: remote jobs, due timers, and the backend's ready completions,
     /// waiting at most `timeout`. For tests and for embedding in another loop.
+    ///
+    /// A callback may turn the loop itself (a nested turn: a helper that pumps the loop
+    /// until something completes); every callback, job and message still runs once. A
+    /// turn runs the jobs queued so far first, then waits: a pump should check its
+    /// condition before each turn and give the turn a timeout when nothing else may come.
+    /// Shutdown cancels pending operations only once the callbacks running return, so a
+    /// pump inside a `run()` loop should also stop on `isShuttingDown`. On a loop whose
+    /// `run()` has returned it does nothing.
     public func runOnce(timeout: Duration? = .zero) {
         precondition(!running || inLoop, "runOnce() must be called on the loop thread: another thread runs this loop; use execute { } from other threads")
+        // A loop whose run() has returned has nothing left to turn (whatever reaches it ends
+        // at once), and its thread must not become the loop's thread again.
+        if hasFinished { return }
         if loopThreadID.load(ordering: .relaxed) == 0 {
             loopThreadID.store(UInt(pthread_self()), ordering: .relaxed)
             armWake()
@@ -720,9 +731,13 @@ public final class EventLoop: @unchecked Sendable {
 
     private func drainForShutdown() {
         runRemoteJobs()
-        let observers = shutdownObservers
-        shutdownObservers.removeAll()
-        for observer in observers { observer.loopWillShutDown() }
+        // Until none is left: an observer told may register another (a queue's consumer
+        // attaching as a closed queue hands its rest over, or a job a nested turn runs).
+        while !shutdownObservers.isEmpty {
+            let observers = shutdownObservers
+            shutdownObservers.removeAll()
+            for observer in observers { observer.loopWillShutDown() }
+        }
         observersTold = true
         runRemoteJobs()
         for callback in timers.removeAll() {
