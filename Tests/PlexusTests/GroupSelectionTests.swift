@@ -142,8 +142,8 @@ extension PlexusTests {
                     }
                     return 0
                 }
-                // Warm up: the printing and the /proc reading below allocate once.
-                _ = fds()
+                // Warm up: the /proc reading below allocates once, and the runtime's start-up fds settle.
+                _ = settledOpenFileDescriptors()
                 let before = fds()
                 var limit = rlimit(), saved = rlimit()
                 getrlimit(Int32(RLIMIT_AS.rawValue), &saved)
@@ -202,6 +202,7 @@ extension PlexusTests {
                 func print(_ line: String) { ChildReport.append(line, to: report) }
                 alarm(60)
                 func fds() -> [Int32: String] { openFileDescriptors().filter { !$0.value.contains("timerfd") } }
+                _ = settledOpenFileDescriptors()
                 var limit = rlimit()
                 getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
                 let saved = limit
@@ -235,7 +236,7 @@ extension PlexusTests {
                         var after = fds()
                         for _ in 0..<100 where after.count != before.count { usleep(10_000); after = fds() }
                         guard after.count == before.count || getenv("PLEXUS_SANITIZER") != nil else {
-                            print("\(name) extra \(extra) count \(count): \(before.count) fds before, \(after.count) after: \(after.filter { before[$0.key] == nil })")
+                            print("\(name) extra \(extra) count \(count): \(before.count) fds before, \(after.count) after: new \(after.filter { before[$0.key] == nil }), gone \(before.filter { after[$0.key] == nil })")
                             exit(15)
                         }
                         var threads = threadCount(named: "plexus-loop")

@@ -79,3 +79,18 @@ extension Trait where Self == FileDescriptorLeakCheck {
     /// Requires the same set of open fds before and after every test case.
     static var checksFileDescriptors: Self { Self() }
 }
+
+/// The open fds once they stop changing (two readings 10 ms apart agree, for at most
+/// 2 s), for a child process that counts its fds right after it starts: the runtime
+/// starting up beside it opens and closes fds of its own (an eventfd at fd 3 was seen
+/// open in the first reading and gone by the next, under load, with no Plexus code run).
+func settledOpenFileDescriptors(_ filter: ([Int32: String]) -> [Int32: String] = { $0 }) -> [Int32: String] {
+    var last = filter(openFileDescriptors())
+    for _ in 0..<200 {
+        usleep(10_000)
+        let now = filter(openFileDescriptors())
+        if now == last { return now }
+        last = now
+    }
+    return last
+}
