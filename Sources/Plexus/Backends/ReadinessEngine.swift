@@ -639,11 +639,13 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             complete(index, result)
             return
         }
-        if infos[index].view.offset >= 0, kind == .read || kind == .write || kind == .readv || kind == .writev,
+        if infos[index].view.offset >= 0, kind.takesOffset,
            mode == .socket || mode == .blockingSocket || state.pointee.isStream {
-            // A socket or a pipe cannot seek (ESPIPE, as io_uring says at once): not a
-            // reason to wait for readiness first (a blocking pipe, a drained stream) or
-            // behind parked records, which on a pipe nobody writes would be for ever.
+            // A socket or a pipe cannot seek: ESPIPE, as pread(2) and io_uring say (recv and
+            // send would silently ignore the offset), at once: not after waiting for
+            // readiness (a blocking pipe, a drained stream) or behind parked records, which
+            // on a pipe nobody writes would be for ever. No record with an offset is ever
+            // parked on such an fd, so `perform` need not check again.
             complete(index, -ESPIPE)
             return
         }
@@ -817,11 +819,6 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let fd = v.fd
         let socket = mode == .socket || mode == .blockingSocket
         let dontWait = Int32(MSG_DONTWAIT)
-        // pread(2) and pwrite(2) refuse a socket with ESPIPE, as io_uring does here; recv and
-        // send would silently ignore the offset.
-        if socket, v.offset >= 0, kind == .read || kind == .write || kind == .readv || kind == .writev {
-            return -ESPIPE
-        }
         let result: Int
         switch kind {
         case .read:

@@ -592,7 +592,7 @@ public final class URingBackend: IOBackend {
             state.pointee.immediate.append((index, -EOPNOTSUPP))
             return
         }
-        if view.offset >= 0, Self.takesOffset(kind), !isSeekable(view.fd) {
+        if view.offset >= 0, kind.takesOffset, !isSeekable(view.fd) {
             state.pointee.immediate.append((index, -ESPIPE))
             return
         }
@@ -1058,10 +1058,6 @@ public final class URingBackend: IOBackend {
         case .read, .write, .readv, .writev, .send, .recv, .sendMessage, .receiveMessage, .accept: true
         default: false
         }
-    }
-
-    private static func takesOffset(_ kind: OperationKind) -> Bool {
-        kind == .read || kind == .write || kind == .readv || kind == .writev
     }
 
     /// lseek(2) answers ESPIPE for exactly the fds pread(2) refuses; asked once per fd.

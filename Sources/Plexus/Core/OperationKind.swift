@@ -38,4 +38,8 @@ public enum OperationKind: String, Sendable, CaseIterable {
 
     /// True for the kinds that complete more than once.
     public var isMultishot: Bool { self == .acceptMultishot || self == .pollMultishot || self == .receiveMultishot }
+
+    /// True for the kinds that take an offset (pread, pwrite, preadv, pwritev), which a
+    /// socket or a pipe refuses with ESPIPE.
+    var takesOffset: Bool { self == .read || self == .write || self == .readv || self == .writev }
 }
