@@ -12,23 +12,22 @@ enum Session {
     /// redis-server's client-query-buffer-limit). Set before the loops serve.
     nonisolated(unsafe) static var maxQuery = 1 << 30
 
-    /// Makes room behind a partial command for the next read. False when that command
-    /// already holds `maxQuery` bytes: the connection is then closed, as redis-server
-    /// closes a client past its limit, instead of growing the buffer without bound (a
-    /// client announcing arguments it never finishes could take all memory).
+    /// Makes room behind a partial command for the next read. False, with a line on
+    /// stderr, when that command already holds `maxQuery` bytes: the caller then closes
+    /// the connection, as redis-server closes a client past its limit, instead of growing
+    /// the buffer without bound (a client announcing arguments it never finishes could
+    /// take all memory).
     static func makeRoom(_ buffer: inout IOBuffer) -> Bool {
         guard buffer.spareCapacity < minimumSpare else { return true }
         buffer.compact()
         if buffer.spareCapacity < minimumSpare {
-            guard buffer.count < maxQuery else { return false }
+            guard buffer.count < maxQuery else {
+                writeLine(2, "plexus-ping: closing a connection whose unfinished command passed --max-query (\(maxQuery) bytes)")
+                return false
+            }
             buffer = buffer.copy(capacity: min(buffer.capacity * 2, maxQuery + minimumSpare))
         }
         return true
-    }
-
-    /// The line plexus-ping logs when it closes a connection for `maxQuery`.
-    static var queryTooBig: String {
-        "plexus-ping: closing a connection whose unfinished command passed --max-query (\(maxQuery) bytes)"
     }
 
     /// Parses what `input` holds and answers into `output`, growing the output for an
@@ -74,7 +73,6 @@ final class CallbackSession {
     private func receive(_ buffer: consuming IOBuffer) {
         var buffer = buffer
         guard Session.makeRoom(&buffer) else {
-            writeLine(2, Session.queryTooBig)
             finish()
             return
         }
@@ -146,10 +144,7 @@ func serveAsync(_ connection: StreamConnection) async {
     var output = IOBuffer(capacity: Session.outputCapacity)
     do {
         session: while true {
-            guard Session.makeRoom(&input) else {
-                writeLine(2, Session.queryTooBig)
-                break session
-            }
+            guard Session.makeRoom(&input) else { break session }
             let read = try await connection.read(into: input)
             let count = read.count
             input = read.takeBuffer()
