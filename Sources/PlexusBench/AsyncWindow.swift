@@ -57,10 +57,10 @@ protocol AsyncWorkload: AnyObject, Sendable {
     /// True when the workload records its own latency samples (per request).
     var recordsOwnLatency: Bool { get }
     /// `times` units of work for `worker`, each awaiting the adapter and checking its
-    /// result; returns the units done. With a sampler, the first unit's latency
-    /// is recorded in it, timed around that unit alone. The loop belongs in the concrete
-    /// type (see the top of this file).
-    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int
+    /// result (the window counts them through `completedOperations`). With a sampler, the
+    /// first unit's latency is recorded in it, timed around that unit alone. The loop
+    /// belongs in the concrete type (see the top of this file).
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws
     /// A helper task's whole life; returns once `workersDone` asked it to.
     func help(_ helper: Int) async throws
     /// Operations completed so far by every worker, counted as each completes (the window
@@ -168,7 +168,7 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
     /// instructions per operation, callgrind file-qd32).
     nonisolated(nonsending) private func worker(_ w: Int) async {
         do {
-            while phase != .stop { _ = try await workload.work(w, times: Self.workerBatch, timing: nil) }
+            while phase != .stop { try await workload.work(w, times: Self.workerBatch, timing: nil) }
         } catch { fail(error) }
         workerReturned()
     }
@@ -188,7 +188,7 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
         var now = warmupStart
         var warmupCalls = 0
         repeat {
-            _ = try await workload.work(0, times: 1, timing: nil)
+            try await workload.work(0, times: 1, timing: nil)
             warmupCalls += 1
             now = monotonicNanoseconds()
         } while (now < warmupStart &+ warmup || warmupCalls < 3) && phase != .stop
@@ -206,14 +206,14 @@ final class AsyncWindow<W: AsyncWorkload>: @unchecked Sendable {
         var end = start
         while phase != .stop {
             // One timed unit, then a jittered gap (one stride on average) in one call.
-            _ = try await workload.work(0, times: 1, timing: timeCalls ? sampler : nil)
+            try await workload.work(0, times: 1, timing: timeCalls ? sampler : nil)
             let now = monotonicNanoseconds()
             if now >= deadline {
                 end = now
                 break
             }
             let untimed = gaps.next()
-            if untimed > 0 { _ = try await workload.work(0, times: untimed, timing: nil) }
+            if untimed > 0 { try await workload.work(0, times: untimed, timing: nil) }
         }
         let allocations = MallocCounter.count &- allocationsBefore
         let operations = workload.completedOperations &- operationsBefore

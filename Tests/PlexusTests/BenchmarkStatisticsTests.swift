@@ -64,7 +64,7 @@ extension PlexusTests {
 
             init() throws { loop = try EventLoop(backend: .poll) }
 
-            nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+            nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws {
                 for _ in 0..<times {
                     let end = monotonicNanoseconds() &+ 20_000
                     while monotonicNanoseconds() < end {}
@@ -75,7 +75,6 @@ extension PlexusTests {
                         if worker != 0 { otherWorkerWhileTimed += 1 }
                     }
                 }
-                return times
             }
 
             func check() throws {}

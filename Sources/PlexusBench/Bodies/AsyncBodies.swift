@@ -98,13 +98,12 @@ final class AsyncNop: AsyncWorkload, @unchecked Sendable {
 
     var completedOperations: Int { tally.completed }
 
-    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
             try await unit(worker)
             sampler.stopTiming(start)
         }
-        return times
     }
 
     @inline(__always)
@@ -192,13 +191,12 @@ final class FloorNop: AsyncWorkload, @unchecked Sendable {
 
     var completedOperations: Int { tally.completed }
 
-    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
             try await unit(worker)
             sampler.stopTiming(start)
         }
-        return times
     }
 
     @inline(__always)
@@ -262,13 +260,12 @@ final class AsyncPingPong: PingPongState, AsyncWorkload, @unchecked Sendable {
         }
     }
 
-    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
             try await unit(worker)
             sampler.stopTiming(start)
         }
-        return times
     }
 
     /// The reader: one round trip.
@@ -359,13 +356,12 @@ final class AsyncEcho: AsyncWorkload, @unchecked Sendable {
 
     var completedOperations: Int { stats.requests }
 
-    nonisolated(nonsending) func work(_ i: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+    nonisolated(nonsending) func work(_ i: Int, times: Int, timing sampler: LatencySampler?) async throws {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
             try await unit(i)
             sampler.stopTiming(start)
         }
-        return times
     }
 
     /// The client of connection `i`: one request, send then receive the whole echo.
@@ -440,13 +436,12 @@ final class AsyncFileRead: FileReadState, AsyncWorkload, @unchecked Sendable {
 
     var completedOperations: Int { reads }
 
-    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws -> Int {
+    nonisolated(nonsending) func work(_ worker: Int, times: Int, timing sampler: LatencySampler?) async throws {
         for unitIndex in 0..<times {
             let start = sampler.startTiming(unitIndex)
             try await unit(worker)
             sampler.stopTiming(start)
         }
-        return times
     }
 
     @inline(__always)
