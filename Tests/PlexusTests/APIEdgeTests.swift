@@ -603,7 +603,7 @@ extension PlexusTests {
                 func print(_ line: String) { ChildReport.append(line, to: report) }
                 // Dispatch's own timerfd may appear meanwhile: not the loops'.
                 func count() -> Int { openFileDescriptors().filter { !$0.value.contains("timerfd") }.count }
-                _ = settledOpenFileDescriptors()
+                waitUntilFileDescriptorsSettle()
                 let before = count()
                 var limit = rlimit()
                 getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)

@@ -143,7 +143,7 @@ extension PlexusTests {
                     return 0
                 }
                 // Warm up: the /proc reading below allocates once, and the runtime's start-up fds settle.
-                _ = settledOpenFileDescriptors()
+                waitUntilFileDescriptorsSettle()
                 let before = fds()
                 var limit = rlimit(), saved = rlimit()
                 getrlimit(Int32(RLIMIT_AS.rawValue), &saved)
@@ -202,7 +202,7 @@ extension PlexusTests {
                 func print(_ line: String) { ChildReport.append(line, to: report) }
                 alarm(60)
                 func fds() -> [Int32: String] { openFileDescriptors().filter { !$0.value.contains("timerfd") } }
-                _ = settledOpenFileDescriptors()
+                waitUntilFileDescriptorsSettle()
                 var limit = rlimit()
                 getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
                 let saved = limit

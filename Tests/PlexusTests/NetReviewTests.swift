@@ -25,13 +25,29 @@ extension PlexusTests {
             }
         }
 
-        static func tcpPair(_ loop: EventLoop) async throws -> (StreamConnection, StreamConnection, StreamListener) {
+        /// Two connected stream sockets on `loop`: over loopback TCP (with their listener)
+        /// or a Unix socketpair.
+        struct Pair {
+            let a: StreamConnection, b: StreamConnection
+            let listener: StreamListener?
+
+            func close() async throws {
+                try await a.close()
+                try await b.close()
+                try await listener?.close()
+            }
+        }
+
+        static func pair(_ loop: EventLoop, tcp: Bool) async throws -> Pair {
+            guard tcp else {
+                let (a, b) = try StreamConnection.pair(on: loop)
+                return Pair(a: a, b: b, listener: nil)
+            }
             let listener = try StreamListener.tcp(port: 0, on: loop)
             let address = try listener.localAddress()
             let accepted = Task(executorPreference: loop) { try await listener.accept() }
             let client = try await StreamConnection.connect(to: address, on: loop, timeout: .seconds(5))
-            let server = try await accepted.value
-            return (client, server, listener)
+            return Pair(a: client, b: try await accepted.value, listener: listener)
         }
 
         /// Three reads parked on a connection; the peer shuts its write side: every read
@@ -41,9 +57,8 @@ extension PlexusTests {
             let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             #expect(loop.backendKind == kind)
-            let a: StreamConnection, b: StreamConnection
-            var listener: StreamListener?
-            if tcp { (a, b, listener) = try await Self.tcpPair(loop) } else { (a, b) = try StreamConnection.pair(on: loop) }
+            let pair = try await Self.pair(loop, tcp: tcp)
+            let (a, b) = (pair.a, pair.b)
             let results: [Int] = try await Self.onLoop(loop) { finish in
                 let got = Locked<[Int]>([])
                 for _ in 0..<3 {
@@ -61,9 +76,7 @@ extension PlexusTests {
                 b.shutdown(.write)
             }
             #expect(results == [0, 0, 0, 0], "\(kind) tcp=\(tcp)")
-            try await a.close()
-            try await b.close()
-            try await listener?.close()
+            try await pair.close()
         }
 
         /// A read parked on a connection; this side shuts its read side: the read ends (0).
@@ -72,17 +85,14 @@ extension PlexusTests {
             let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             #expect(loop.backendKind == kind)
-            let a: StreamConnection, b: StreamConnection
-            var listener: StreamListener?
-            if tcp { (a, b, listener) = try await Self.tcpPair(loop) } else { (a, b) = try StreamConnection.pair(on: loop) }
+            let pair = try await Self.pair(loop, tcp: tcp)
+            let a = pair.a
             let result: Int = try await Self.onLoop(loop) { finish in
                 a.read(IOBuffer(capacity: 64)) { result, _ in finish((try? result.get()) ?? -1) }
                 a.shutdown(.read)
             }
             #expect(result == 0, "\(kind) tcp=\(tcp)")
-            try await a.close()
-            try await b.close()
-            try await listener?.close()
+            try await pair.close()
         }
 
         /// Half-close: after this side shuts its write side, it still reads what the peer
@@ -92,9 +102,8 @@ extension PlexusTests {
             let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             #expect(loop.backendKind == kind)
-            let a: StreamConnection, b: StreamConnection
-            var listener: StreamListener?
-            if tcp { (a, b, listener) = try await Self.tcpPair(loop) } else { (a, b) = try StreamConnection.pair(on: loop) }
+            let pair = try await Self.pair(loop, tcp: tcp)
+            let (a, b) = (pair.a, pair.b)
             try await loop.withTimeout(.seconds(10)) {
                 try await Task(executorPreference: loop) {
                     let parked = Task(executorPreference: loop) { () throws -> String in
@@ -120,9 +129,7 @@ extension PlexusTests {
                     }
                 }.value
             }
-            try await a.close()
-            try await b.close()
-            try await listener?.close()
+            try await pair.close()
         }
 
         /// Writes parked on a full connection; this side shuts its write side through
@@ -135,9 +142,8 @@ extension PlexusTests {
             let loop = try Backends.loopThread(kind)
             defer { loop.shutdownAndWait() }
             #expect(loop.backendKind == kind)
-            let a: StreamConnection, b: StreamConnection
-            var listener: StreamListener?
-            if tcp { (a, b, listener) = try await Self.tcpPair(loop) } else { (a, b) = try StreamConnection.pair(on: loop) }
+            let pair = try await Self.pair(loop, tcp: tcp)
+            let (a, b) = (pair.a, pair.b)
             try a.setOption(.sendBufferSize, 4096)
             // Fill a's send buffer (and b's receive buffer) synchronously.
             var junk = [UInt8](repeating: 7, count: 65536)
@@ -177,9 +183,7 @@ extension PlexusTests {
                 total += n
             }
             #expect(total > 0)
-            try await a.close()
-            try await b.close()
-            try await listener?.close()
+            try await pair.close()
         }
 
         /// A connections() sequence with a buffer limit of 1 takes every one of 20

@@ -80,17 +80,16 @@ extension Trait where Self == FileDescriptorLeakCheck {
     static var checksFileDescriptors: Self { Self() }
 }
 
-/// The open fds once they stop changing (two readings 10 ms apart agree, for at most
+/// Waits until the open fds stop changing (two readings 10 ms apart agree, for at most
 /// 2 s), for a child process that counts its fds right after it starts: the runtime
 /// starting up beside it opens and closes fds of its own (an eventfd at fd 3 was seen
 /// open in the first reading and gone by the next, under load, with no Plexus code run).
-func settledOpenFileDescriptors(_ filter: ([Int32: String]) -> [Int32: String] = { $0 }) -> [Int32: String] {
-    var last = filter(openFileDescriptors())
+func waitUntilFileDescriptorsSettle() {
+    var last = openFileDescriptors()
     for _ in 0..<200 {
         usleep(10_000)
-        let now = filter(openFileDescriptors())
-        if now == last { return now }
+        let now = openFileDescriptors()
+        if now == last { return }
         last = now
     }
-    return last
 }
