@@ -110,6 +110,74 @@ extension PlexusTests {
         }
     }
 
+    /// An awaited send or write to a socket whose buffer has room finishes at once on every
+    /// backend (io_uring: send(2) with MSG_DONTWAIT, not a suspension for the ring), and
+    /// the bytes arrive in order.
+    @Test(arguments: Backends.kinds)
+    func aSendToASocketWithRoomFinishesAtOnceOnEveryBackend(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let sent = h.attempt(.send(a, IOBuffer("ping,")))
+            let written = h.attempt(.write(a, IOBuffer("pong")))
+            #expect(sent.atOnce && written.atOnce, "\(kind): send at once \(sent.atOnce), write at once \(written.atOnce)")
+            let got = try h.waitFor([sent.token, written.token])
+            #expect(got.map(\.result) == [5, 4])
+            #expect(Self.waitingBytes(b) == Array("ping,pong".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// A send attempted behind a send prepared (not yet submitted) on the same socket
+    /// waits for it: the bytes keep the order the operations were made in.
+    @Test(arguments: Backends.kinds)
+    func anAttemptedSendGoesAfterTheSendsPreparedBeforeIt(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let first = h.prepare(.send(a, IOBuffer("first,")))
+            let second = h.attempt(.send(a, IOBuffer("second"))).token
+            let got = try h.waitFor([first, second])
+            #expect(got.map(\.result) == [6, 6])
+            #expect(Self.waitingBytes(b) == Array("first,second".utf8))
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// A send to a full socket is prepared (it waits, on io_uring in the ring) and
+    /// completes once the peer reads; one to a socket whose peer is gone ends at once with
+    /// EPIPE and leaves no SIGPIPE pending on the thread.
+    @Test(arguments: Backends.kinds)
+    func aSendToAFullOrBrokenSocketWaitsOrFailsAtOnce(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let filled = h.fillSendBuffer(a)
+            #expect(filled > 0)
+            let (token, atOnce) = h.attempt(.send(a, IOBuffer("tail")))
+            #expect(!atOnce, "\(kind): a send to a full socket finished at once")
+            try h.waitOnce(timeout: .zero)
+            #expect(h.isPending(token))
+            #expect(try StreamWriteTests.drainPeer(h, b, filled: filled, then: 4) == Array("tail".utf8))
+            #expect(try h.waitFor(token).result == 4)
+
+            let (c, d) = try h.socketPair()
+            Glibc.close(d.rawValue)
+            h.disown(d)
+            let broken = h.attempt(.send(c, IOBuffer("gone")))
+            #expect(broken.atOnce, "\(kind): a send to a closed peer was prepared")
+            #expect(try h.waitFor(broken.token).result == -EPIPE)
+            var pending = sigset_t()
+            sigpending(&pending)
+            #expect(sigismember(&pending, SIGPIPE) == 0, "SIGPIPE left pending")
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// What the peer `fd` of a socket pair has to read now (at most 64 bytes).
+    static func waitingBytes(_ fd: FileDescriptor) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: 64)
+        let n = Glibc.recv(fd.rawValue, &bytes, bytes.count, Int32(MSG_DONTWAIT))
+        return Array(bytes.prefix(max(n, 0)))
+    }
+
     /// An unlinked temporary file holding "abcdefgh", in the page cache: every positional
     /// read of it can finish at once.
     static func cachedEightByteFile(_ name: String) throws -> Int32 {

@@ -30,7 +30,8 @@ public protocol IOBackend: AnyObject {
     /// Prepares `operation` like `prepare`, except that when the backend would start it
     /// with a syscall that may finish at once, it starts it now: on io_uring, a page-cached
     /// file read through preadv2(RWF_NOWAIT), a pipe write done at once (pwritev2 or
-    /// write(2)), and input refused before the ring; on epoll and poll, which try the
+    /// write(2)), a send or write to a socket done at once (send(2) with MSG_DONTWAIT),
+    /// and input refused before the ring; on epoll and poll, which try the
     /// syscall first, a read, write, readv, writev, send, receive, sendmsg, recvmsg or
     /// accept, and a nop, fsync, shutdown, open or close, which they run on the loop
     /// thread anyway. It starts it after everything prepared before it, and a final result

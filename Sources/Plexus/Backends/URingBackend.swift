@@ -121,6 +121,8 @@ public final class URingBackend: IOBackend {
         /// preadv2/pwritev2 (a pipe ping-pong in C, 3M round trips: 475 against 610 ns per
         /// write and read), which import an iovec.
         var nonBlocking = false
+        /// A socket (stream or datagram): `attempt` sends to it at once (`sendNow`).
+        var socket = false
     }
 
     /// The per-fd watches, in memory of their own: `pipes[i].field = x` through an array
@@ -1162,8 +1164,23 @@ public final class URingBackend: IOBackend {
             return .waits
         }
         if kind == .write, state.pointee.pipes[i].kind == 1, let n = writeToPipeNow(fd, view) { return .done(n) }
+        if state.pointee.attempting, state.pointee.pipes[i].socket, kind == .send || kind == .write,
+           let n = sendNow(fd, view) {
+            return .done(n)
+        }
         countInRing(index, fd, write: true)
         return .ring
+    }
+
+    /// An awaited send (or write) to a socket with nothing of its writes in the ring,
+    /// done at once with send(2) and MSG_DONTWAIT, as epoll and poll try it first: the
+    /// task need not suspend for a send the socket buffer takes. nil on EAGAIN: then it
+    /// goes to the ring. (write(2) on a socket is send(2) without flags; MSG_NOSIGNAL
+    /// makes a reset peer EPIPE without the signal, as the ring's SIGPIPE is discarded.)
+    private func sendNow(_ fd: Int32, _ view: KernelView) -> Int32? {
+        let result = Sys.send(fd, view.base, view.length, view.flags | Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
+        if result == -Int(EAGAIN) || result == -Int(EWOULDBLOCK) { return nil }
+        return Int32(truncatingIfNeeded: result)
     }
 
     /// Reads at the file position (read, readv) and receives: the ones that could take a
@@ -1251,9 +1268,10 @@ public final class URingBackend: IOBackend {
             // position (offset nil; positional ones are never ordered): io_uring takes
             // f_pos when a read is issued and moves it when it completes, so reads of
             // uncached pages, punted to its workers together, all read the same bytes.
-            let stream = fifo || type == Int32(Glibc.S_IFSOCK) || type == Int32(Glibc.S_IFREG)
-                || type == Int32(Glibc.S_IFBLK)
+            let socket = type == Int32(Glibc.S_IFSOCK)
+            let stream = fifo || socket || type == Int32(Glibc.S_IFREG) || type == Int32(Glibc.S_IFBLK)
             state.pointee.pipes[i].stream = stream ? 1 : 2
+            state.pointee.pipes[i].socket = socket
         }
         return i
     }
