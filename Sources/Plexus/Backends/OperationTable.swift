@@ -60,6 +60,8 @@ struct OperationTable {
         var freeHead: UInt32 = OperationTable.none
         var chunkCount = 0
         var live = 0
+        /// Every slot's first generation (`GenerationSeed`).
+        let seed = GenerationSeed.next()
     }
 
     private let header: UnsafeMutablePointer<Header>
@@ -152,7 +154,7 @@ struct OperationTable {
         precondition(c < Self.maxChunks, "more than \(Self.maxChunks << Self.chunkShift) operations in flight")
         let chunk = UnsafeMutablePointer<OperationRecord>.allocate(capacity: Self.chunkSize)
         for i in 0..<Self.chunkSize {
-            (chunk + i).initialize(to: OperationRecord())
+            (chunk + i).initialize(to: OperationRecord(generation: header.pointee.seed))
         }
         let scratch = UnsafeMutablePointer<plexus_op_scratch>.allocate(capacity: Self.chunkSize)
         scratch.initialize(repeating: plexus_op_scratch(), count: Self.chunkSize)

@@ -1,8 +1,13 @@
+import Synchronization
+
 /// Names one submitted operation until its final completion.
 ///
 /// A backend hands out a token from `prepare`; it is the slot of the operation's record
 /// (low 32 bits) and that slot's generation (high 32 bits), so a token kept after its
 /// operation completed can never cancel or match the operation that reuses the slot.
+/// Each backend's generations start at a value of its own (`GenerationSeed`), so a token
+/// given to another loop's `cancel` finds nothing there instead of that loop's operation
+/// in the same slot.
 /// `index` is below the backend's record count, so callers can keep per-operation state
 /// in a plain array indexed by it.
 public struct Token: Hashable, Sendable, CustomStringConvertible {
@@ -25,4 +30,17 @@ public struct Token: Hashable, Sendable, CustomStringConvertible {
     static let ringWake = Token(index: .max - 1, generation: .max)
 
     public var description: String { "#\(index).\(generation)" }
+}
+
+/// Where the slot generations of a new operation table or timer queue start. Tables made
+/// one after another start 2^32/φ apart (Fibonacci hashing of a process-wide count), so
+/// the slots of two loops, used the same way, never hand out the same token or timer
+/// handle: one loop's handle given to another's `cancel` matches nothing there, unless one
+/// slot was reused about a billion times more than the other's.
+enum GenerationSeed {
+    private static let count = Atomic<UInt32>(0)
+
+    static func next() -> UInt32 {
+        count.wrappingAdd(1, ordering: .relaxed).newValue &* 0x9E37_79B9
+    }
 }

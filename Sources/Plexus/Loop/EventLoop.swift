@@ -407,7 +407,9 @@ public final class EventLoop: @unchecked Sendable {
     /// yields after the cancel (a stream pausing for backpressure wants every connection).
     func cancel(_ token: Token, discardingDescriptors: Bool) {
         assertInLoop()
-        if finished || token == Self.refusedToken { return }
+        // A token this loop never handed out (another loop's, or made up) may name a slot
+        // past the table: looking it up must not grow the table to it.
+        if finished || token == Self.refusedToken || token.index >= handlers.capacity { return }
         let slot = handlers.slot(token.index)
         if case .none = slot.pointee.handler { return }
         guard slot.pointee.token == token, !slot.pointee.cancelRequested else { return }

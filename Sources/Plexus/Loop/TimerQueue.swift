@@ -77,6 +77,8 @@ final class TimerQueue {
     @exclusivity(unchecked) private var deferredCapacity: Int
     @exclusivity(unchecked) private var freeHead: UInt32 = .max
     @exclusivity(unchecked) private var sequence: UInt64 = 0
+    /// Every slot's first generation (`GenerationSeed`): another loop's handles match none.
+    private let seed = GenerationSeed.next()
     /// Live timers.
     @exclusivity(unchecked) private(set) var count = 0
 
@@ -148,7 +150,7 @@ final class TimerQueue {
             if slotCount == slotCapacity { Self.grow(&slots, &slotCapacity, count: slotCount) }
             index = UInt32(truncatingIfNeeded: slotCount)
             slot = slots + slotCount
-            slot.initialize(to: Slot(callback: consume callback, interval: interval))
+            slot.initialize(to: Slot(callback: consume callback, generation: seed, interval: interval))
             slotCount += 1
         }
         sequence &+= 1
