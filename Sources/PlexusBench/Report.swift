@@ -81,11 +81,14 @@ public struct Report: Sendable {
 
     /// Suspensions per operation that an async body cannot avoid and its callback body
     /// does not have: ping-pong's reader suspends on its read of the empty pipe and its
-    /// writer on being let go (AsyncPingPong); an io_uring NOP always goes to the kernel,
-    /// so each task awaiting one suspends (nop-1's one task, each of nop-32's 32).
+    /// writer on being let go (AsyncPingPong); an echo request's client suspends on its
+    /// receive of the echo, which the server has not sent yet, and the server on its
+    /// receive of the next request, which the client has not sent yet (AsyncEcho); an
+    /// io_uring NOP always goes to the kernel, so each task awaiting one suspends (nop-1's
+    /// one task, each of nop-32's 32).
     static func unavoidableSuspensions(_ c: BenchmarkCase) -> Int? {
         switch c.benchmark {
-        case .pingPong: 2
+        case .pingPong, .echo1, .echo50: 2
         case .nop1, .nop32: c.backend == .ioUring ? 1 : nil
         default: nil
         }
@@ -210,7 +213,7 @@ public struct Report: Sendable {
             if !bounds.isEmpty {
                 out += "async over callback, the runtime's limit: a suspension costs at least \(Int(s.rounded())) ns here "
                     + "(the floor row minus raw-io_uring's nop-1); with the suspensions the callback body does not have "
-                    + "(pingpong 2 per round trip, io_uring nop-1 and nop-32 1 per NOP), async/cb can reach " + bounds.joined(separator: ", ") + ".\n"
+                    + "(pingpong 2 per round trip, echo 2 per request, io_uring nop-1 and nop-32 1 per NOP), async/cb can reach " + bounds.joined(separator: ", ") + ".\n"
             }
         }
         let goalLines = goals()

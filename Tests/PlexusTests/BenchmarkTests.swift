@@ -97,6 +97,11 @@ extension PlexusTests {
             let nop32Bound = try #require(report.asyncBound(result(.nop32, .ioUring, .async, nsPerOp: 400)))
             #expect(abs(nop32Bound - 100.0 / 350.0) < 1e-9)
             #expect(report.asyncBound(result(.nop32, .poll, .async, nsPerOp: 100)) == nil, "a poll NOP need not suspend")
+            // An echo request: the client's and the server's receive, 5000 / (5000 + 500).
+            report.results.append(result(.echo1, .ioUring, .callback, nsPerOp: 5000))
+            let echoBound = try #require(report.asyncBound(result(.echo1, .ioUring, .async, nsPerOp: 6000)))
+            #expect(abs(echoBound - 5000.0 / 5500.0) < 1e-9)
+            #expect(report.asyncBound(result(.file1, .ioUring, .async, nsPerOp: 600)) == nil, "a cached read need not suspend")
             #expect(report.table(allocationsCounted: true).contains("pingpong epoll at most 0.75x (measured 0.75x)"))
         }
 
