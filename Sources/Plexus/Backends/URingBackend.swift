@@ -375,7 +375,7 @@ public final class URingBackend: IOBackend {
             return delivered + reap(body)
         }
         state.pointee.skippedEnters = 0
-        if delivered > 0 || timeout == .zero {
+        if delivered > 0 || timeout.isZero {
             r = io_uring_submit_and_get_events(ring)
         } else if let timeout {
             var ts = __kernel_timespec(nanoseconds: timeout.nanosecondsClamped)

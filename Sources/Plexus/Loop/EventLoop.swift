@@ -134,7 +134,7 @@ public final class EventLoop: @unchecked Sendable {
             fireDueTimers()
             if stopRequested.load(ordering: .acquiring) { break }
             var timeout = nextTimeout()
-            if timeout != .zero, idleSpin > .zero, timeout.map({ $0 > idleSpin }) ?? true,
+            if !timeout.isZero, idleSpin.attoseconds > 0, timeout.map({ $0 > idleSpin }) ?? true,
                backend.pendingCount <= (wakeToken == nil ? 0 : 1) {
                 spinBeforeSleep()
                 timeout = nextTimeout()  // .zero if a job came; else the timers' wait, from now
@@ -177,7 +177,7 @@ public final class EventLoop: @unchecked Sendable {
     /// consistent: each stores, then loads what the other stored.
     @inline(__always)
     private func announceSleep(_ timeout: Duration?) -> Duration? {
-        guard timeout != .zero else { return timeout }
+        guard !timeout.isZero else { return timeout }
         sleepState.store(1, ordering: .sequentiallyConsistent)
         if remote.hasJobs || !localJobs.isEmpty || stopRequested.load(ordering: .sequentiallyConsistent) { return .zero }
         return timeout
