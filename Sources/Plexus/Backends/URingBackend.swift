@@ -624,6 +624,14 @@ public final class URingBackend: IOBackend {
                 break
             }
         }
+        if kind == .shutdown, view.flags != Int32(SHUT_RD), record.pointee.state != .inFlight,
+           let i = watch(view.fd), state.pointee.pipes[i].stream == 1 {
+            // io_uring runs a SHUTDOWN in its workers (REQ_F_FORCE_ASYNC): a send after it
+            // in the SQ ran first. Counted as the stream's write in the ring, so the writes
+            // prepared after it wait for it (and those before it do not hold it back: they
+            // end with EPIPE, as on epoll and poll).
+            countInRing(index, view.fd, write: true)
+        }
         guard let sqe = sqe() else {
             state.pointee.backlog.append(index)
             return
@@ -1003,7 +1011,7 @@ public final class URingBackend: IOBackend {
         let scratch = table.scratch(index)
         if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
         if record.pointee.state == .inFlight {
-            if Self.writes(kind) { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
+            if Self.writes(kind) || kind == .shutdown { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
             if Self.isReadSide(kind) { streamReadDone(record.pointee.fd, stamp: record.pointee.next) }
         }
         record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
@@ -1164,16 +1172,30 @@ public final class URingBackend: IOBackend {
             return .waits
         }
         if kind == .write, state.pointee.pipes[i].kind == 1, let n = writeToPipeNow(fd, view) { return .done(n) }
+        // Only with nothing of this socket prepared before it and still unsubmitted (in
+        // the SQ or the backlog): a connect or shutdown there must run first.
         if state.pointee.attempting, state.pointee.pipes[i].socket, kind == .send || kind == .write,
-           let n = sendNow(fd, view) {
+           nothingUnsubmitted(on: fd), let n = sendNow(fd, view) {
             return .done(n)
         }
         countInRing(index, fd, write: true)
         return .ring
     }
 
-    /// An awaited send (or write) to a socket with nothing of its writes in the ring,
-    /// done at once with send(2) and MSG_DONTWAIT, as epoll and poll try it first: the
+    /// No SQE for `fd` waits to be submitted (between liburing's sqe_head and sqe_tail)
+    /// and no operation on it waits for SQ space.
+    private func nothingUnsubmitted(on fd: Int32) -> Bool {
+        let sq = ring.pointee.sq
+        var head = sq.sqe_head
+        while head != sq.sqe_tail {
+            if sq.sqes[Int(head & sq.ring_mask)].fd == fd { return false }
+            head &+= 1
+        }
+        return state.pointee.backlog.isEmpty || !state.pointee.backlog.contains { table.record($0).pointee.fd == fd }
+    }
+
+    /// An awaited send (or write) to a socket with nothing of its writes in the ring and
+    /// nothing of it unsubmitted, done at once with send(2) and MSG_DONTWAIT, as epoll and poll try it first: the
     /// task need not suspend for a send the socket buffer takes. nil on EAGAIN: then it
     /// goes to the ring. (write(2) on a socket is send(2) without flags; MSG_NOSIGNAL
     /// makes a reset peer EPIPE without the signal, as the ring's SIGPIPE is discarded.)
