@@ -32,11 +32,12 @@ public struct Token: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "#\(index).\(generation)" }
 }
 
-/// Where the slot generations of a new operation table or timer queue start. Tables made
-/// one after another start 2^32/φ apart (Fibonacci hashing of a process-wide count), so
-/// the slots of two loops, used the same way, never hand out the same token or timer
-/// handle: one loop's handle given to another's `cancel` matches nothing there, unless one
-/// slot was reused about a billion times more than the other's.
+/// Where the slot generations of a new operation table or timer queue start: a
+/// process-wide count times 2^32/φ (Fibonacci hashing), so the N tables and queues made
+/// so far start at least about 0.38 · 2^32 / N apart (consecutive ones 1.6 · 10^9). Two loops
+/// used the same way never hand out the same token or timer handle: one loop's handle
+/// given to another's `cancel` matches nothing there, unless one of its slots was reused
+/// that many more times than the other's.
 enum GenerationSeed {
     private static let count = Atomic<UInt32>(0)
 
