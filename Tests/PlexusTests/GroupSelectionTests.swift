@@ -28,12 +28,6 @@ extension PlexusTests {
     @Suite struct GroupSelectionTests {
         // MARK: Helpers
 
-        static func pipe() throws -> (r: FileDescriptor, w: FileDescriptor) {
-            var p: [Int32] = [-1, -1]
-            try #require(plexus_pipe2(&p, O_CLOEXEC | O_NONBLOCK) == 0)
-            return (FileDescriptor(rawValue: p[0]), FileDescriptor(rawValue: p[1]))
-        }
-
         /// Waits up to `seconds` for `condition`.
         static func eventually(within seconds: Double = 5, _ condition: () -> Bool) -> Bool {
             let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
@@ -316,7 +310,7 @@ extension PlexusTests {
         @Test(arguments: Backends.kinds)
         func shutdownOfAGroupWithJobsHoppingBetweenLoopsReturns(kind: BackendKind) throws {
             let g = try Self.group(kind, loops: 3)
-            let pipes = try (0..<3).map { _ in try Self.pipe() }
+            let pipes = try (0..<3).map { _ in try APIEdgeTests.pipe() }
             defer { for p in pipes { close(p.r.rawValue); close(p.w.rawValue) } }
             let readEnds = Locked<[String]>([])
             let timerEnds = Locked<[TimerEvent]>([])
@@ -361,7 +355,7 @@ extension PlexusTests {
         @Test(arguments: Backends.kinds)
         func tasksAwaitingOtherLoopsEndWhenTheGroupShutsDown(kind: BackendKind) async throws {
             let g = try Self.group(kind, loops: 3)
-            let pipes = try (0..<6).map { _ in try Self.pipe() }
+            let pipes = try (0..<6).map { _ in try APIEdgeTests.pipe() }
             defer { for p in pipes { close(p.r.rawValue); close(p.w.rawValue) } }
             let started = Counter()
             var tasks: [Task<String, Never>] = []

@@ -1,4 +1,3 @@
-import CPlexus
 import Glibc
 @testable import Plexus
 import SystemPackage
@@ -11,16 +10,10 @@ extension PlexusTests {
 /// the other loop's operation or timer in that slot was cancelled. A made-up token must
 /// not grow the loop's handler table to its slot either.
 @Suite struct ForeignHandleTests {
-    static func pipe() throws -> (read: FileDescriptor, write: FileDescriptor) {
-        var fds: [Int32] = [-1, -1]
-        try #require(plexus_pipe2(&fds, O_CLOEXEC | O_NONBLOCK) == 0)
-        return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
-    }
-
     @Test(arguments: Backends.kinds)
     func anotherLoopsTokenCancelsNothingHere(_ kind: BackendKind) throws {
         let a = try Backends.loop(kind), b = try Backends.loop(kind)
-        let (ra, wa) = try Self.pipe(), (rb, wb) = try Self.pipe()
+        let (ra, wa) = try APIEdgeTests.pipe(), (rb, wb) = try APIEdgeTests.pipe()
         defer { for fd in [ra, wa, rb, wb] { try? fd.close() } }
         a.runOnce(); b.runOnce()  // each arms its wake-up read first
         var aResult: Result<Int, PlexusError>?, bResult: Result<Int, PlexusError>?
