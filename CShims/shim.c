@@ -88,11 +88,10 @@ int plexus_errno(void) { return errno; }
 
 // Whether plexus_block_sigpipe blocked SIGPIPE on this thread, and whether the thread had
 // it blocked already (then plexus_release_sigpipe leaves it blocked).
-static __thread int plexus_sigpipe_blocked;
+__thread int plexus_sigpipe_blocked;
 static __thread int plexus_sigpipe_was_blocked;
 
-void plexus_block_sigpipe(void) {
-    if (plexus_sigpipe_blocked) return;
+void plexus_block_sigpipe_now(void) {
     sigset_t set, old;
     sigemptyset(&set);
     sigaddset(&set, SIGPIPE);

@@ -96,8 +96,13 @@ int plexus_errno(void);
 
 /// Blocks SIGPIPE on the calling thread, once per thread: a write to a pipe or socket
 /// whose reader is gone then fails with EPIPE and kills nothing, whatever the process's
-/// disposition. Called by every backend on the thread that submits and waits.
-void plexus_block_sigpipe(void);
+/// disposition. Called by every backend on the thread that submits and waits, on every
+/// turn: inline, so the common case (blocked already) is a thread-local load, not a call.
+extern __thread int plexus_sigpipe_blocked;
+void plexus_block_sigpipe_now(void);
+static inline void plexus_block_sigpipe(void) {
+    if (!plexus_sigpipe_blocked) plexus_block_sigpipe_now();
+}
 
 /// Undoes plexus_block_sigpipe on the calling thread (discarding a pending SIGPIPE first),
 /// unless the thread had SIGPIPE blocked before. Backends call it when they go away; any
