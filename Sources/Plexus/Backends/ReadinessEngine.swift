@@ -183,6 +183,11 @@ struct FDState {
     /// A read parked on this fd without the poller's rearm, which also proves the fd is
     /// still the one registered; it is in the engine's `unverified` list.
     var unverified = false
+    /// A Unix stream socket: its peer's shutdown(SHUT_RD) ends the writes parked here
+    /// (EPIPE) without a readiness report.
+    var isUnixStream = false
+    /// Writes are parked here and the fd is in the engine's `unixWriters` list.
+    var inUnixWriters = false
 
     var isIdle: Bool {
         readHead == OperationTable.none && writeHead == OperationTable.none && pollHead == OperationTable.none
@@ -268,6 +273,14 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     let unverified = RawArray<Int32>(capacity: 16)
     /// Polls since the oldest entry of `unverified` went in.
     @exclusivity(unchecked) var unverifiedPolls = 0
+    /// Unix stream sockets with writes parked, retried every `unixWritersRecheck` ns: a
+    /// blocking send(2) there fails with EPIPE once the peer shuts down its read side (the
+    /// kernel wakes it), but unix_poll reports no POLLOUT, POLLERR or POLLHUP for that, so
+    /// no readiness report would ever end them.
+    let unixWriters = RawArray<Int32>(capacity: 8)
+    /// When `unixWriters` are next retried (CLOCK_MONOTONIC ns).
+    @exclusivity(unchecked) var unixWritersDue: UInt64 = 0
+    static var unixWritersRecheck: UInt64 { 100_000_000 }
     static var unverifiedPollsAllowed: Int { 32 }
     static var pollsSkippable: Int { 7 }
     @exclusivity(unchecked) var timers = Heap<TimerEntry>()
@@ -296,6 +309,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         prepared.destroy()
         completions.destroy()
         unverified.destroy()
+        unixWriters.destroy()
         plexus_release_sigpipe()  // the caller's thread gets its signal mask back
     }
 
@@ -384,11 +398,14 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 if haveCompletions {
                     waitFor = 0
                 } else {
-                    let now = limit != nil || !timers.isEmpty ? Deadline.now.nanoseconds : 0
+                    let now = limit != nil || !timers.isEmpty || !unixWriters.isEmpty ? Deadline.now.nanoseconds : 0
                     if let limit { waitFor = limit > now ? limit - now : 0 }
                     if let next = timers.min {
                         let left = next.deadline > now ? next.deadline - now : 0
                         waitFor = min(waitFor ?? .max, left)
+                    }
+                    if !unixWriters.isEmpty {
+                        waitFor = min(waitFor ?? .max, unixWritersDue > now ? unixWritersDue - now : 0)
                     }
                 }
                 if !unverified.isEmpty {
@@ -414,6 +431,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                     n = poller.wait(nil)
                 }
                 interrupted = try handleEvents(n)
+                if !unixWriters.isEmpty { retryUnixWriters() }
             }
             if !timers.isEmpty { fireTimers() }
             if completions.count > deliverHead || interrupted { break }
@@ -938,6 +956,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             : (nonBlocking ? .nonBlocking : .blocking)
         state.pointee.isStream = type == Int32(Glibc.S_IFIFO)
             || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
+        state.pointee.isUnixStream = type == Int32(Glibc.S_IFSOCK) && state.pointee.isStream
+            && Sys.socketDomain(fd) == AF_UNIX
         let registered = poller.register(fd)
         if registered == -EPERM {
             state.pointee.mode = .direct
@@ -1011,6 +1031,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             if state.pointee.writeTail == OperationTable.none { state.pointee.writeHead = i }
             else { table.record(Int(state.pointee.writeTail)).pointee.next = i }
             state.pointee.writeTail = i
+            if _slowPath(state.pointee.isUnixStream) && !state.pointee.inUnixWriters { watchUnixWriter(fd) }
         default:
             if state.pointee.pollTail == OperationTable.none { state.pointee.pollHead = i }
             else { table.record(Int(state.pointee.pollTail)).pointee.next = i }
@@ -1146,6 +1167,45 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             changed = true
         }
         return changed
+    }
+
+    /// Puts `fd`, a Unix stream socket with a write just parked, in `unixWriters`.
+    @inline(never)
+    private func watchUnixWriter(_ fd: Int32) {
+        if unixWriters.isEmpty { unixWritersDue = Deadline.now.nanoseconds.addingSaturated(Self.unixWritersRecheck) }
+        fds.pointer(Int(fd)).pointee.inUnixWriters = true
+        unixWriters.append(fd)
+    }
+
+    /// Retries the writes parked on `unixWriters` when they are due; keeps the fds whose
+    /// writes still wait.
+    @inline(never)
+    private func retryUnixWriters() {
+        let now = Deadline.now.nanoseconds
+        guard now >= unixWritersDue else { return }
+        // An fd number forgotten and reused may be listed twice: the first entry takes the
+        // mark, so each fd is retried once.
+        var listed = 0
+        for i in 0..<unixWriters.count {
+            let fd = unixWriters[i]
+            guard Int(fd) < fds.count, fds[Int(fd)].inUnixWriters else { continue }
+            fds.pointer(Int(fd)).pointee.inUnixWriters = false
+            unixWriters[listed] = fd
+            listed += 1
+        }
+        var kept = 0
+        for i in 0..<listed {
+            let fd = unixWriters[i]
+            let state = fds.pointer(Int(fd))
+            guard state.pointee.isUnixStream, state.pointee.writeHead != OperationTable.none else { continue }
+            if retry(fd, .write) { refreshInterest(fd, rearm: state.pointee.mode == .blockingSocket) }
+            guard state.pointee.isUnixStream, state.pointee.writeHead != OperationTable.none else { continue }
+            state.pointee.inUnixWriters = true
+            unixWriters[kept] = fd
+            kept += 1
+        }
+        while unixWriters.count > kept { unixWriters.removeLast() }
+        unixWritersDue = now.addingSaturated(Self.unixWritersRecheck)
     }
 
     /// The fd's write side was shut down through Plexus: its parked writes end now (EPIPE).

@@ -224,6 +224,14 @@ enum Sys {
         return r < 0 ? r : type
     }
 
+    /// getsockopt(2) SO_DOMAIN: AF_UNIX, AF_INET..., or -errno.
+    static func socketDomain(_ fd: Int32) -> Int32 {
+        var domain: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        let r = check(getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length))
+        return r < 0 ? r : domain
+    }
+
     /// fcntl(2) with F_GETFL: the file status flags, or -errno.
     static func statusFlags(_ fd: Int32) -> Int32 {
         check(Glibc.fcntl(fd, F_GETFL))
