@@ -8,6 +8,7 @@
 #   scripts/instructions-per-op.sh nop-1 raw-io_uring,io_uring raw,callback
 #
 # Benchmarks whose step is a fixed batch only: nop-1, nop-32, pingpong (per round trip),
+# timers (64 per step: 32 fired, 32 cancelled),
 # file-qd1, file-qd32. Every row runs under callgrind for 200 ms of (slowed) time; the
 # count is the step's inclusive instructions over its operations, the runner's timing
 # excluded. The kernel's share of a syscall is not counted (callgrind sees user space).
@@ -19,7 +20,8 @@ adapters=${3:-raw,callback}
 case $bench in
     nop-1|pingpong|file-qd1) per_step=1 ;;
     nop-32|file-qd32) per_step=32 ;;
-    *) echo "instructions-per-op: $bench has no fixed batch per step; use nop-1, nop-32, pingpong, file-qd1 or file-qd32" >&2; exit 2 ;;
+    timers) per_step=64 ;;
+    *) echo "instructions-per-op: $bench has no fixed batch per step; use nop-1, nop-32, pingpong, timers, file-qd1 or file-qd32" >&2; exit 2 ;;
 esac
 command -v valgrind >/dev/null || { echo "instructions-per-op: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 cd "$(dirname "$0")/.."

@@ -103,5 +103,8 @@ public struct BackendStatistics: Sendable, Equatable {
     public var multishotRearms: UInt64 = 0
     /// Syscalls tried that returned EAGAIN and were parked for readiness (epoll, poll).
     public var wouldBlock: UInt64 = 0
+    /// Parked writes retried without a readiness report (epoll, poll): those on Unix stream
+    /// and seqpacket sockets, whose peer's shutdown(SHUT_RD) ends them with no report.
+    public var unreportedRetries: UInt64 = 0
     public init() {}
 }

@@ -183,9 +183,10 @@ struct FDState {
     /// A read parked on this fd without the poller's rearm, which also proves the fd is
     /// still the one registered; it is in the engine's `unverified` list.
     var unverified = false
-    /// A Unix stream socket: its peer's shutdown(SHUT_RD) ends the writes parked here
-    /// (EPIPE) without a readiness report.
-    var isUnixStream = false
+    /// A Unix stream or seqpacket socket: its peer's shutdown(SHUT_RD) ends the writes
+    /// parked here (EPIPE) without a readiness report. Nil until a write first parks on
+    /// the socket (two getsockopt calls then, not one per accepted TCP connection).
+    var isUnixStream: Bool? = nil
     /// Writes are parked here and the fd is in the engine's `unixWriters` list.
     var inUnixWriters = false
 
@@ -273,14 +274,18 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     let unverified = RawArray<Int32>(capacity: 16)
     /// Polls since the oldest entry of `unverified` went in.
     @exclusivity(unchecked) var unverifiedPolls = 0
-    /// Unix stream sockets with writes parked, retried every `unixWritersRecheck` ns: a
-    /// blocking send(2) there fails with EPIPE once the peer shuts down its read side (the
-    /// kernel wakes it), but unix_poll reports no POLLOUT, POLLERR or POLLHUP for that, so
-    /// no readiness report would ever end them.
+    /// Unix stream and seqpacket sockets with writes parked, retried after 100 ms, then
+    /// at doubling intervals up to 1.6 s while any stay parked: a blocking send(2) there
+    /// fails with EPIPE once the peer shuts down its read side (the kernel wakes it), but
+    /// unix_poll reports no POLLOUT, POLLERR or POLLHUP for that, so no readiness report
+    /// would ever end them. The backoff bounds what a loop with many slow readers pays:
+    /// one send(2) per parked socket per interval.
     let unixWriters = RawArray<Int32>(capacity: 8)
-    /// When `unixWriters` are next retried (CLOCK_MONOTONIC ns).
+    /// When `unixWriters` are next retried (CLOCK_MONOTONIC ns), and the interval after that.
     @exclusivity(unchecked) var unixWritersDue: UInt64 = 0
-    static var unixWritersRecheck: UInt64 { 100_000_000 }
+    @exclusivity(unchecked) var unixWritersInterval: UInt64 = 0
+    static var unixWritersFirstRetry: UInt64 { 100_000_000 }
+    static var unixWritersLongestInterval: UInt64 { 1_600_000_000 }
     static var unverifiedPollsAllowed: Int { 32 }
     static var pollsSkippable: Int { 7 }
     @exclusivity(unchecked) var timers = Heap<TimerEntry>()
@@ -956,8 +961,6 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             : (nonBlocking ? .nonBlocking : .blocking)
         state.pointee.isStream = type == Int32(Glibc.S_IFIFO)
             || type == Int32(Glibc.S_IFSOCK) && Sys.socketType(fd) == Int32(SOCK_STREAM.rawValue)
-        state.pointee.isUnixStream = type == Int32(Glibc.S_IFSOCK) && state.pointee.isStream
-            && Sys.socketDomain(fd) == AF_UNIX
         let registered = poller.register(fd)
         if registered == -EPERM {
             state.pointee.mode = .direct
@@ -1006,6 +1009,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let state = fds.pointer(Int(fd))
             state.pointee.mode = .unknown
             state.pointee.registered = false
+            state.pointee.isUnixStream = nil
             if classify(fd) == 0 { _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds) }
         }
     }
@@ -1031,7 +1035,10 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             if state.pointee.writeTail == OperationTable.none { state.pointee.writeHead = i }
             else { table.record(Int(state.pointee.writeTail)).pointee.next = i }
             state.pointee.writeTail = i
-            if _slowPath(state.pointee.isUnixStream) && !state.pointee.inUnixWriters { watchUnixWriter(fd) }
+            if _slowPath(state.pointee.mode == .socket || state.pointee.mode == .blockingSocket),
+               state.pointee.isUnixStream != false, !state.pointee.inUnixWriters {
+                watchUnixWriter(fd)
+            }
         default:
             if state.pointee.pollTail == OperationTable.none { state.pointee.pollHead = i }
             else { table.record(Int(state.pointee.pollTail)).pointee.next = i }
@@ -1169,11 +1176,22 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         return changed
     }
 
-    /// Puts `fd`, a Unix stream socket with a write just parked, in `unixWriters`.
+    /// Puts `fd`, a socket with a write just parked, in `unixWriters` if it is a Unix
+    /// stream or seqpacket socket.
     @inline(never)
     private func watchUnixWriter(_ fd: Int32) {
-        if unixWriters.isEmpty { unixWritersDue = Deadline.now.nanoseconds.addingSaturated(Self.unixWritersRecheck) }
-        fds.pointer(Int(fd)).pointee.inUnixWriters = true
+        let state = fds.pointer(Int(fd))
+        if state.pointee.isUnixStream == nil {
+            let type = Sys.socketType(fd)
+            state.pointee.isUnixStream = (type == Int32(SOCK_STREAM.rawValue) || type == Int32(SOCK_SEQPACKET.rawValue))
+                && Sys.socketDomain(fd) == AF_UNIX
+        }
+        guard state.pointee.isUnixStream == true else { return }
+        if unixWriters.isEmpty {
+            unixWritersInterval = Self.unixWritersFirstRetry
+            unixWritersDue = Deadline.now.nanoseconds.addingSaturated(unixWritersInterval)
+        }
+        state.pointee.inUnixWriters = true
         unixWriters.append(fd)
     }
 
@@ -1197,15 +1215,22 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         for i in 0..<listed {
             let fd = unixWriters[i]
             let state = fds.pointer(Int(fd))
-            guard state.pointee.isUnixStream, state.pointee.writeHead != OperationTable.none else { continue }
+            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+            // First prove the fd is still the one registered, as parked reads are before the
+            // loop blocks: closed outside Plexus, its writes end with EBADF (`forget`); its
+            // number reused, the new fd is registered in its place.
+            refreshInterest(fd, rearm: false)
+            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+            statistics.unreportedRetries += 1
             if retry(fd, .write) { refreshInterest(fd, rearm: state.pointee.mode == .blockingSocket) }
-            guard state.pointee.isUnixStream, state.pointee.writeHead != OperationTable.none else { continue }
+            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
             state.pointee.inUnixWriters = true
             unixWriters[kept] = fd
             kept += 1
         }
         while unixWriters.count > kept { unixWriters.removeLast() }
-        unixWritersDue = now.addingSaturated(Self.unixWritersRecheck)
+        unixWritersInterval = min(unixWritersInterval * 2, Self.unixWritersLongestInterval)
+        unixWritersDue = now.addingSaturated(unixWritersInterval)
     }
 
     /// The fd's write side was shut down through Plexus: its parked writes end now (EPIPE).
