@@ -35,6 +35,36 @@ extension PlexusTests {
         #expect(queue.count == 0)
     }
 
+    /// `Duration.nanosecondsClamped` against `components` (whole seconds and attoseconds,
+    /// an independent computation) around both of its paths' edges (2^64 and 2^73
+    /// attoseconds) and at random; negative as 0, past UInt64 as `.max`. (Within 2^122
+    /// attoseconds either way: `components` traps past Int64 seconds.)
+    @Test func nanosecondsClampedMatchesComponents() {
+        func reference(_ d: Duration) -> UInt64 {
+            let (seconds, attoseconds) = d.components
+            if seconds < 0 || (seconds == 0 && attoseconds <= 0) { return 0 }
+            let (whole, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
+            if overflow { return .max }
+            let (sum, carry) = whole.addingReportingOverflow(UInt64(attoseconds / 1_000_000_000))
+            return carry ? .max : sum
+        }
+        var cases: [Int128] = [0, 1, -1, 999_999_999, 1_000_000_000, 1_000_000_001, Int128(Int64.max), Int128(1) << 120, -(Int128(1) << 120)]
+        for edge in [Int128(1) << 64, Int128(1) << 73, Int128(1_000_000_000) << 64] {
+            cases += [edge - 1_000_000_001, edge - 1, edge, edge + 1, edge + 999_999_999]
+        }
+        cases += [3_600 * 1_000_000_000_000_000_000, Int128(UInt64.max) * 1_000_000_000, Int128(UInt64.max) * 1_000_000_000 + 999_999_999]
+        var rng = SplitMix64(seed: 0x5EC0)
+        for bits in [40, 64, 72, 73, 74, 90, 94, 100] {
+            for _ in 0..<200 {
+                cases.append((Int128(rng.next()) << 64 | Int128(rng.next())) >> (128 - bits))
+            }
+        }
+        for attoseconds in cases {
+            let d = Duration(attoseconds: attoseconds)
+            #expect(d.nanosecondsClamped == reference(d), "\(attoseconds) attoseconds")
+        }
+    }
+
     /// Timers due now interleaved with far ones that are cancelled before the turn (the
     /// churn benchmark's turn): the due ones fire in scheduling order, each timer ends once.
     @Test(arguments: Backends.kinds)

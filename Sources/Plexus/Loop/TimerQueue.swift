@@ -144,8 +144,9 @@ final class TimerQueue {
             index = freeHead
             slot = slots + Int(index)
             freeHead = slot.pointee.nextFree
-            slot.pointee.callback = consume callback
-            slot.pointee.interval = interval
+            // Initialized over, not assigned: a free slot's callback is nil (taken when the
+            // timer ended), and assigning destroys that nil through an outlined call.
+            slot.initialize(to: Slot(callback: consume callback, generation: slot.pointee.generation, interval: interval))
         } else {
             if slotCount == slotCapacity { Self.grow(&slots, &slotCapacity, count: slotCount) }
             index = UInt32(truncatingIfNeeded: slotCount)
