@@ -72,6 +72,37 @@ extension PlexusTests {
         }
     }
 
+    /// A write parked on a full Unix socket whose fd number is then closed outside Plexus
+    /// and reused (dup2 of another socket over it): its bytes never reach the new socket.
+    /// epoll proves the fd before a retry (EPOLL_CTL_MOD says ENOENT) and ends the write
+    /// with EBADF; io_uring's write holds the old socket, and ends when its peer closes.
+    /// poll(2) has no such check (README, "Backends"), so it is left out.
+    @Test(arguments: Backends.kinds)
+    func aParkedWriteNeverGoesToTheSocketThatReusedItsNumber(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            guard kind != .poll else { return }
+            let (a, b) = try h.socketPair()
+            let (c, d) = try h.socketPair()
+            _ = h.fillSendBuffer(a)
+            let blocked = h.prepare(.send(a, IOBuffer("OLD!")))
+            try h.waitOnce(timeout: .zero)
+            #expect(h.finals[blocked] == nil, "\(kind): the send did not park on a full socket")
+            #expect(dup2(c.rawValue, a.rawValue) == a.rawValue)  // a now names c's socket
+            if kind == .ioUring {
+                try h.idle(for: .milliseconds(250))
+                #expect(h.finals[blocked] == nil, "\(kind): the send ended on a live socket")
+                h.closeNow(b)
+            }
+            let got = try h.waitFor(blocked, within: .seconds(5))
+            if kind == .ioUring {
+                #expect(got.result == -EPIPE || got.result == -ECONNRESET, "\(kind): \(got)")
+            } else {
+                #expect(got.result == -EBADF, "\(kind): \(got)")
+            }
+            #expect(AttemptTests.waitingBytes(d) == [], "\(kind): the old write reached the socket that took its number")
+        }
+    }
+
     /// The same through the event loop's async adapter: the awaited send throws EPIPE.
     @Test(arguments: Backends.kinds)
     func anAwaitedSendThrowsWhenThePeerShutsItsReadSide(_ kind: BackendKind) async throws {

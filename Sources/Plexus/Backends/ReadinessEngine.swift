@@ -189,6 +189,10 @@ struct FDState {
     var isUnixStream: Bool? = nil
     /// Writes are parked here and the fd is in the engine's `unixWriters` list.
     var inUnixWriters = false
+    /// When its parked writes are next retried without a report (CLOCK_MONOTONIC ns),
+    /// and the interval after that one (ms, doubling from 100 to 1600).
+    var unixRetryDue: UInt64 = 0
+    var unixRetryInterval: UInt32 = 0
 
     var isIdle: Bool {
         readHead == OperationTable.none && writeHead == OperationTable.none && pollHead == OperationTable.none
@@ -274,18 +278,17 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     let unverified = RawArray<Int32>(capacity: 16)
     /// Polls since the oldest entry of `unverified` went in.
     @exclusivity(unchecked) var unverifiedPolls = 0
-    /// Unix stream and seqpacket sockets with writes parked, retried after 100 ms, then
-    /// at doubling intervals up to 1.6 s while any stay parked: a blocking send(2) there
-    /// fails with EPIPE once the peer shuts down its read side (the kernel wakes it), but
-    /// unix_poll reports no POLLOUT, POLLERR or POLLHUP for that, so no readiness report
-    /// would ever end them. The backoff bounds what a loop with many slow readers pays:
-    /// one send(2) per parked socket per interval.
+    /// Unix stream and seqpacket sockets with writes parked, each retried 100 ms after a
+    /// write first parks there, then at doubling intervals up to 1.6 s while writes stay
+    /// parked: a blocking send(2) there fails with EPIPE once the peer shuts down its read
+    /// side (the kernel wakes it), but unix_poll reports no POLLOUT, POLLERR or POLLHUP for
+    /// that, so no readiness report would ever end them. The backoff, per socket, bounds
+    /// what a loop with many slow readers pays without delaying a socket parked later.
     let unixWriters = RawArray<Int32>(capacity: 8)
-    /// When `unixWriters` are next retried (CLOCK_MONOTONIC ns), and the interval after that.
+    /// The earliest `FDState.unixRetryDue` of the listed fds.
     @exclusivity(unchecked) var unixWritersDue: UInt64 = 0
-    @exclusivity(unchecked) var unixWritersInterval: UInt64 = 0
-    static var unixWritersFirstRetry: UInt64 { 100_000_000 }
-    static var unixWritersLongestInterval: UInt64 { 1_600_000_000 }
+    static var unixFirstRetryMilliseconds: UInt32 { 100 }
+    static var unixLongestRetryMilliseconds: UInt32 { 1600 }
     static var unverifiedPollsAllowed: Int { 32 }
     static var pollsSkippable: Int { 7 }
     @exclusivity(unchecked) var timers = Heap<TimerEntry>()
@@ -1181,21 +1184,22 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     private func watchUnixWriter(_ fd: Int32) {
         let state = fds.pointer(Int(fd))
         if state.pointee.isUnixStream == nil {
-            let type = Sys.socketType(fd)
+            let type = state.pointee.isStream ? Int32(SOCK_STREAM.rawValue) : Sys.socketType(fd)  // classify read it
             state.pointee.isUnixStream = (type == Int32(SOCK_STREAM.rawValue) || type == Int32(SOCK_SEQPACKET.rawValue))
                 && Sys.socketDomain(fd) == AF_UNIX
         }
         guard state.pointee.isUnixStream == true else { return }
-        if unixWriters.isEmpty {
-            unixWritersInterval = Self.unixWritersFirstRetry
-            unixWritersDue = Deadline.now.nanoseconds.addingSaturated(unixWritersInterval)
-        }
+        let interval = Self.unixFirstRetryMilliseconds
+        let due = Deadline.now.nanoseconds.addingSaturated(UInt64(interval) * 1_000_000)
+        state.pointee.unixRetryInterval = interval
+        state.pointee.unixRetryDue = due
+        if unixWriters.isEmpty || due < unixWritersDue { unixWritersDue = due }
         state.pointee.inUnixWriters = true
         unixWriters.append(fd)
     }
 
-    /// Retries the writes parked on `unixWriters` when they are due; keeps the fds whose
-    /// writes still wait.
+    /// Retries the writes parked on the listed fds that are due; keeps the fds whose writes
+    /// still wait. Nothing here parks or lists a write, so the list is rewritten in place.
     @inline(never)
     private func retryUnixWriters() {
         let now = Deadline.now.nanoseconds
@@ -1211,25 +1215,35 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             listed += 1
         }
         var kept = 0
+        var nextDue = UInt64.max
         for i in 0..<listed {
             let fd = unixWriters[i]
             let state = fds.pointer(Int(fd))
             guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
-            // First prove the fd is still the one registered, as parked reads are before the
-            // loop blocks: closed outside Plexus, its writes end with EBADF (`forget`); its
-            // number reused, the new fd is registered in its place.
-            refreshInterest(fd, rearm: false)
-            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
-            statistics.unreportedRetries += 1
-            if retry(fd, .write) { refreshInterest(fd, rearm: state.pointee.mode == .blockingSocket) }
-            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+            if now >= state.pointee.unixRetryDue {
+                // First prove the fd is still the socket the writes were made on (epoll:
+                // EPOLL_CTL_MOD; poll(2) has no such check). Closed outside Plexus, or closed
+                // and its number reused, its writes end with EBADF: their bytes must not go to
+                // whatever the number names now.
+                let r = poller.update(fd, interest: interest(fd), rearm: true, states: fds)
+                if r == -EBADF || r == -ENOENT {
+                    forget(fd)
+                    continue
+                }
+                statistics.unreportedRetries += 1
+                if retry(fd, .write) { refreshInterest(fd, rearm: state.pointee.mode == .blockingSocket) }
+                guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+                let interval = min(state.pointee.unixRetryInterval * 2, Self.unixLongestRetryMilliseconds)
+                state.pointee.unixRetryInterval = interval
+                state.pointee.unixRetryDue = now.addingSaturated(UInt64(interval) * 1_000_000)
+            }
+            nextDue = min(nextDue, state.pointee.unixRetryDue)
             state.pointee.inUnixWriters = true
             unixWriters[kept] = fd
             kept += 1
         }
         while unixWriters.count > kept { unixWriters.removeLast() }
-        unixWritersInterval = min(unixWritersInterval * 2, Self.unixWritersLongestInterval)
-        unixWritersDue = now.addingSaturated(unixWritersInterval)
+        unixWritersDue = nextDue
     }
 
     /// The fd's write side was shut down through Plexus: its parked writes end now (EPIPE).
