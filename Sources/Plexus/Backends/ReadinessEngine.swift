@@ -185,8 +185,8 @@ struct FDState {
     var unverified = false
     /// A Unix stream or seqpacket socket: its peer's shutdown(SHUT_RD) ends the writes
     /// parked here (EPIPE) without a readiness report. Nil until a write first parks on
-    /// the socket (two getsockopt calls then, not one per accepted TCP connection).
-    var isUnixStream: Bool? = nil
+    /// the socket (getsockopt then, not for every accepted TCP connection).
+    var isUnixConnection: Bool? = nil
     /// Writes are parked here and the fd is in the engine's `unixWriters` list.
     var inUnixWriters = false
     /// When its parked writes are next retried without a report (CLOCK_MONOTONIC ns),
@@ -1011,7 +1011,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             let state = fds.pointer(Int(fd))
             state.pointee.mode = .unknown
             state.pointee.registered = false
-            state.pointee.isUnixStream = nil
+            state.pointee.isUnixConnection = nil
             if classify(fd) == 0 { _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds) }
         }
     }
@@ -1038,7 +1038,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             else { table.record(Int(state.pointee.writeTail)).pointee.next = i }
             state.pointee.writeTail = i
             if _slowPath(state.pointee.mode == .socket || state.pointee.mode == .blockingSocket),
-               state.pointee.isUnixStream != false, !state.pointee.inUnixWriters {
+               state.pointee.isUnixConnection != false, !state.pointee.inUnixWriters {
                 watchUnixWriter(fd)
             }
         default:
@@ -1183,12 +1183,12 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @inline(never)
     private func watchUnixWriter(_ fd: Int32) {
         let state = fds.pointer(Int(fd))
-        if state.pointee.isUnixStream == nil {
+        if state.pointee.isUnixConnection == nil {
             let type = state.pointee.isStream ? Int32(SOCK_STREAM.rawValue) : Sys.socketType(fd)  // classify read it
-            state.pointee.isUnixStream = (type == Int32(SOCK_STREAM.rawValue) || type == Int32(SOCK_SEQPACKET.rawValue))
+            state.pointee.isUnixConnection = (type == Int32(SOCK_STREAM.rawValue) || type == Int32(SOCK_SEQPACKET.rawValue))
                 && Sys.socketDomain(fd) == AF_UNIX
         }
-        guard state.pointee.isUnixStream == true else { return }
+        guard state.pointee.isUnixConnection == true else { return }
         let interval = Self.unixFirstRetryMilliseconds
         let due = Deadline.now.nanoseconds.addingSaturated(UInt64(interval) * 1_000_000)
         state.pointee.unixRetryInterval = interval
@@ -1219,7 +1219,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         for i in 0..<listed {
             let fd = unixWriters[i]
             let state = fds.pointer(Int(fd))
-            guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+            guard state.pointee.isUnixConnection == true, state.pointee.writeHead != OperationTable.none else { continue }
             if now >= state.pointee.unixRetryDue {
                 // First prove the fd is still the socket the writes were made on (epoll:
                 // EPOLL_CTL_MOD; poll(2) has no such check). Closed outside Plexus, or closed
@@ -1232,7 +1232,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 }
                 statistics.unreportedRetries += 1
                 if retry(fd, .write) { refreshInterest(fd, rearm: state.pointee.mode == .blockingSocket) }
-                guard state.pointee.isUnixStream == true, state.pointee.writeHead != OperationTable.none else { continue }
+                guard state.pointee.isUnixConnection == true, state.pointee.writeHead != OperationTable.none else { continue }
                 let interval = min(state.pointee.unixRetryInterval * 2, Self.unixLongestRetryMilliseconds)
                 state.pointee.unixRetryInterval = interval
                 state.pointee.unixRetryDue = now.addingSaturated(UInt64(interval) * 1_000_000)

@@ -217,19 +217,17 @@ enum Sys {
     }
 
     /// getsockopt(2) SO_TYPE: SOCK_STREAM, SOCK_DGRAM..., or -errno.
-    static func socketType(_ fd: Int32) -> Int32 {
-        var type: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        let r = check(getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length))
-        return r < 0 ? r : type
-    }
+    static func socketType(_ fd: Int32) -> Int32 { socketOption(fd, SO_TYPE) }
 
     /// getsockopt(2) SO_DOMAIN: AF_UNIX, AF_INET..., or -errno.
-    static func socketDomain(_ fd: Int32) -> Int32 {
-        var domain: Int32 = 0
+    static func socketDomain(_ fd: Int32) -> Int32 { socketOption(fd, SO_DOMAIN) }
+
+    /// getsockopt(2) of an int-valued SOL_SOCKET option, or -errno.
+    private static func socketOption(_ fd: Int32, _ name: Int32) -> Int32 {
+        var value: Int32 = 0
         var length = socklen_t(MemoryLayout<Int32>.size)
-        let r = check(getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length))
-        return r < 0 ? r : domain
+        let r = check(getsockopt(fd, SOL_SOCKET, name, &value, &length))
+        return r < 0 ? r : value
     }
 
     /// fcntl(2) with F_GETFL: the file status flags, or -errno.
