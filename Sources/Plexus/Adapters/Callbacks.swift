@@ -25,14 +25,14 @@ extension EventLoop {
     @discardableResult
     public func read(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil,
                      _ callback: consuming @escaping (Result<Int, PlexusError>, consuming IOBuffer) throws -> Void) -> Token {
-        submit(.read(fd, buffer, offset: offset), .buffer(callback))
+        submit(.read, fd, buffer, offset: offset, .buffer(callback))
     }
 
     /// write(2)/pwrite(2) of `buffer`'s readable bytes; the count written (consumed from the buffer).
     @discardableResult
     public func write(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil,
                       _ callback: consuming @escaping (Result<Int, PlexusError>, consuming IOBuffer) throws -> Void) -> Token {
-        submit(.write(fd, buffer, offset: offset), .buffer(callback))
+        submit(.write, fd, buffer, offset: offset, .buffer(callback))
     }
 
     /// readv(2)/preadv(2).
@@ -53,14 +53,14 @@ extension EventLoop {
     @discardableResult
     public func send(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, flags: Int32 = 0,
                      _ callback: consuming @escaping (Result<Int, PlexusError>, consuming IOBuffer) throws -> Void) -> Token {
-        submit(.send(fd, buffer, flags: flags), .buffer(callback))
+        submit(.send, fd, buffer, flags: flags, .buffer(callback))
     }
 
     /// recv(2).
     @discardableResult
     public func recv(_ fd: FileDescriptor, _ buffer: consuming IOBuffer, flags: Int32 = 0,
                      _ callback: consuming @escaping (Result<Int, PlexusError>, consuming IOBuffer) throws -> Void) -> Token {
-        submit(.recv(fd, buffer, flags: flags), .buffer(callback))
+        submit(.recv, fd, buffer, flags: flags, .buffer(callback))
     }
 
     /// sendmsg(2).

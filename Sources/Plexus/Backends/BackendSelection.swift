@@ -58,13 +58,15 @@ public enum BackendChoice: String, Sendable, CaseIterable, CustomStringConvertib
 
 /// A started backend and how it was chosen.
 public struct SelectedBackend {
-    public let backend: any IOBackend
+    public var backend: any IOBackend { started }
+    /// The backend, with the loop's shortcut for single-buffer operations.
+    let started: any PreparesBufferOperations
     public let choice: BackendChoice
     /// Why `automatic` did not use io_uring; nil when it did, or when a backend was named.
     public let fallbackReason: PlexusError?
 
-    init(_ backend: any IOBackend, choice: BackendChoice, fallbackReason: PlexusError? = nil) {
-        self.backend = backend
+    init(_ backend: any PreparesBufferOperations, choice: BackendChoice, fallbackReason: PlexusError? = nil) {
+        self.started = backend
         self.choice = choice
         self.fallbackReason = fallbackReason
     }

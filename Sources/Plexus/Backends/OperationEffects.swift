@@ -14,23 +14,17 @@ extension Operation {
     /// (to -EINVAL, -EBADF or -ENOENT) for input no backend may pass to the kernel: an
     /// empty buffer (a read of 0 bytes would look like end of file), a negative offset
     /// (io_uring reads -1 as "the file position"), a negative fd, an empty path.
+    /// A record holds a read's, write's, send's or recv's buffer apart, and
+    /// `OperationRecord.kernelView` makes their views; this makes the others'.
     mutating func kernelView(scratch: UnsafeMutablePointer<plexus_op_scratch>) -> KernelView {
         var v = KernelView()
         switch consume self {
-        case .read(let fd, let b, let offset):
-            v.set(fd, b.spareRegion, offset); self = .read(fd, b, offset: offset)
-        case .write(let fd, let b, let offset):
-            v.set(fd, b.readableRegion, offset); self = .write(fd, b, offset: offset)
         case .readv(let fd, let vector, let offset):
             let (iov, count, total) = vector.fillVectors(forWriting: false)
             v.setVector(fd, iov, count, total, offset); self = .readv(fd, vector, offset: offset)
         case .writev(let fd, let vector, let offset):
             let (iov, count, total) = vector.fillVectors(forWriting: true)
             v.setVector(fd, iov, count, total, offset); self = .writev(fd, vector, offset: offset)
-        case .send(let fd, let b, let flags):
-            v.set(fd, b.readableRegion, nil); v.flags = flags | Int32(MSG_NOSIGNAL); self = .send(fd, b, flags: flags)
-        case .recv(let fd, let b, let flags):
-            v.set(fd, b.spareRegion, nil); v.flags = flags; self = .recv(fd, b, flags: flags)
         case .sendMessage(let fd, let m, let flags):
             v.set(fd, m.buffer.readableRegion, nil, emptyAllowed: true); v.flags = flags | Int32(MSG_NOSIGNAL)
             Self.fillMessage(scratch, m.buffer.readableRegion, address: m.address)
@@ -51,9 +45,8 @@ extension Operation {
     /// and rebuilding `self` moves the whole enum through registers and back (~90
     /// instructions for a NOP). Buffers cannot be bound without consuming (a borrowing
     /// binding of a noncopyable payload in a tuple is a compiler error in Swift 6.3), so
-    /// `kernelView` handles those. The io_uring backend, which knows the kind, calls this
-    /// directly for the others. `mutating` only so that it applies to a record's
-    /// `operation!` in place.
+    /// `kernelView` handles those; `OperationRecord.kernelView` calls this directly for
+    /// the others. `mutating` only so that it applies to a record's `operation!` in place.
     mutating func bufferlessView(scratch: UnsafeMutablePointer<plexus_op_scratch>) -> KernelView {
         var v = KernelView()
         switch self {
@@ -81,40 +74,21 @@ extension Operation {
         case .shutdown(let fd, let how):
             v.setFD(fd); v.flags = how
         default:  // nop, cancel (and the operations with buffers, which never come here)
-            break
+            assert(!kind.hasBuffers, "\(kind) has buffers: it needs kernelView")
         }
         return v
     }
 
     /// Applies a final result to the operation's buffers: reads append, writes consume,
-    /// a received message learns its sender from `scratch`. Inline, so that a result
-    /// with nothing to apply (0, an error) costs no call.
+    /// a received message learns its sender from `scratch` (a read's, write's, send's or
+    /// recv's buffer, held apart in its record, in `OperationRecord.apply`). Inline, so
+    /// that a result with nothing to apply (0, an error) costs no call.
     @inline(__always)
     mutating func apply(result: Int32, kind: OperationKind, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
-        if result > 0 {
-            apply(transferred: Int(result), scratch: scratch)
-        } else if kind == .receiveMessage {
-            // An empty datagram has a sender too; a failed receive has none (not even one
-            // the message held before).
+        // An empty datagram has a sender too; a failed receive has none (not even one the
+        // message held before).
+        if result > 0 || kind == .receiveMessage {
             applyToVectorOrMessage(transferred: Int(result), scratch: scratch)
-        }
-    }
-
-    private mutating func apply(transferred n: Int, scratch: UnsafeMutablePointer<plexus_op_scratch>) {
-        // The single-buffer kinds first, in a switch of their own: the compiler loads the
-        // payload of every case before it jumps, so fewer cases cost less.
-        switch consume self {
-        case .read(let fd, var b, let offset):
-            b.didAppend(n); self = .read(fd, b, offset: offset)
-        case .write(let fd, var b, let offset):
-            b.consume(min(n, b.count)); self = .write(fd, b, offset: offset)
-        case .send(let fd, var b, let flags):
-            b.consume(min(n, b.count)); self = .send(fd, b, flags: flags)
-        case .recv(let fd, var b, let flags):
-            b.didAppend(n); self = .recv(fd, b, flags: flags)
-        case let other:
-            self = other
-            applyToVectorOrMessage(transferred: n, scratch: scratch)
         }
     }
 

@@ -63,83 +63,6 @@ extension ReadinessPoller {
     func explain(_ errno: Int32) -> String? { nil }
 }
 
-/// A growable array of trivial values behind one pointer: the engine keeps it in a
-/// `let`, so reads and writes cost what they cost in C (no exclusivity checks, no
-/// retain/release). It allocates only when it grows.
-struct RawArray<Element: BitwiseCopyable> {
-    private struct Header {
-        var base: UnsafeMutablePointer<Element>
-        var count: Int
-        var capacity: Int
-    }
-
-    private let header: UnsafeMutablePointer<Header>
-
-    init(capacity: Int) {
-        let capacity = max(capacity, 1)
-        header = .allocate(capacity: 1)
-        header.initialize(to: Header(base: .allocate(capacity: capacity), count: 0, capacity: capacity))
-    }
-
-    func destroy() {
-        header.pointee.base.deallocate()
-        header.deallocate()
-    }
-
-    var count: Int {
-        @inline(__always) get { header.pointee.count }
-    }
-
-    var isEmpty: Bool {
-        @inline(__always) get { header.pointee.count == 0 }
-    }
-
-    var base: UnsafeMutablePointer<Element> {
-        @inline(__always) get { header.pointee.base }
-    }
-
-    @inline(__always)
-    func pointer(_ i: Int) -> UnsafeMutablePointer<Element> {
-        header.pointee.base + i
-    }
-
-    subscript(_ i: Int) -> Element {
-        @inline(__always) get { header.pointee.base[i] }
-        @inline(__always) nonmutating set { header.pointee.base[i] = newValue }
-    }
-
-    @inline(__always)
-    func append(_ element: Element) {
-        if header.pointee.count == header.pointee.capacity { reserve(header.pointee.capacity * 2) }
-        (header.pointee.base + header.pointee.count).initialize(to: element)
-        header.pointee.count += 1
-    }
-
-    /// Drops the last element.
-    @inline(__always)
-    func removeLast() { header.pointee.count -= 1 }
-
-    /// Forgets every element; keeps the memory.
-    @inline(__always)
-    func removeAll() { header.pointee.count = 0 }
-
-    /// Grows to `count` elements (at least), filling new ones with `value`.
-    func grow(to count: Int, filling value: Element) {
-        guard count > header.pointee.count else { return }
-        if count > header.pointee.capacity { reserve(max(count, header.pointee.capacity * 2)) }
-        (header.pointee.base + header.pointee.count).initialize(repeating: value, count: count - header.pointee.count)
-        header.pointee.count = count
-    }
-
-    private func reserve(_ capacity: Int) {
-        let new = UnsafeMutablePointer<Element>.allocate(capacity: capacity)
-        new.moveInitialize(from: header.pointee.base, count: header.pointee.count)
-        header.pointee.base.deallocate()
-        header.pointee.base = new
-        header.pointee.capacity = capacity
-    }
-}
-
 /// What the engine knows about one fd number, filled on first sight (fstat + F_GETFL)
 /// and forgotten when Plexus closes the fd or hands out a new fd with the same number.
 struct FDState {
@@ -327,7 +250,18 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
 
     @inline(__always)
     func prepare(_ operation: consuming Operation) -> Token {
-        let token = table.insert(operation)
+        placed(table.insert(operation))
+    }
+
+    @inline(__always)
+    func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
+                 flags: Int32) -> Token {
+        placed(table.insert(kind, fd, buffer, offset: offset, flags: flags))
+    }
+
+    /// Puts a freshly inserted record in the prepared FIFO.
+    @inline(__always)
+    private func placed(_ token: Token) -> Token {
         if token.index >= infos.count { infos.grow(to: table.slotCount, filling: RecordInfo()) }
         infos.pointer(token.index).pointee.place = .prepared
         prepared.append(UInt32(token.index))
@@ -559,7 +493,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             dropTimer(index)
         }
         // Applied in the record, then moved out once into the completion.
-        table.record(index).pointee.operation!.apply(result: c.result, kind: kind, scratch: table.scratch(index))
+        table.record(index).pointee.apply(result: c.result, kind: kind, scratch: table.scratch(index))
         return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
                           kind: kind, operation: table.remove(index))
     }
@@ -577,9 +511,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             complete(index, 0)  // nothing to read from the operation
             return
         }
-        // (Choosing `bufferlessView` here for kinds without buffers, as io_uring's `prep`
-        // does, saved those ~40 instructions but cost reads and writes 17: spills.)
-        let view = record.pointee.operation!.kernelView(scratch: table.scratch(index))
+        let view = record.pointee.kernelView(scratch: table.scratch(index))
         info.pointee.view = view
         if let invalid = view.invalid {
             complete(index, invalid)

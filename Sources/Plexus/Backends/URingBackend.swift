@@ -12,7 +12,7 @@ import SystemPackage
 /// full SQ is flushed with io_uring_submit before the next SQE is taken, so no
 /// operation and no completion is lost. Multishot accept and poll are native where the
 /// kernel has them and re-armed when the kernel ends them without IORING_CQE_F_MORE.
-public final class URingBackend: IOBackend {
+public final class URingBackend: IOBackend, PreparesBufferOperations {
     public let kind = BackendKind.ioUring
     public let capabilities: Capabilities
     /// The IORING_SETUP_* flags the ring was created with.
@@ -27,6 +27,17 @@ public final class URingBackend: IOBackend {
 
     private let ring: UnsafeMutablePointer<io_uring>
     private let table = OperationTable()
+    /// Results known without the kernel (a cached read, a pipe write done at once, invalid
+    /// input, a cancel of a dead token), in order; those before `State.immediateHead` are
+    /// delivered. Raw memory, not a Swift array: an append there paid a uniqueness and a
+    /// capacity check, and emptying it a call (file-qd1 queues one per read).
+    private let immediate = RawArray<Immediate>(capacity: 64)
+
+    private struct Immediate {
+        var index: Int
+        var result: Int32
+        init(_ index: Int, _ result: Int32) { self.index = index; self.result = result }
+    }
     private let state: UnsafeMutablePointer<State>
     /// The CQ ring's size: a reap takes at least this many CQEs when they are there.
     private let cqeBatch: Int
@@ -35,9 +46,7 @@ public final class URingBackend: IOBackend {
         var statistics = BackendStatistics()
         /// Operations whose SQE could not be had yet (SQ full and the kernel busy).
         var backlog: [Int] = []
-        /// Results known without the kernel (invalid input, a cancel of a dead token), in
-        /// order; those before `immediateHead` are delivered (see `deliverImmediateNow`).
-        var immediate: [(index: Int, result: Int32)] = []
+        /// The first of `immediate` not yet delivered (see `deliverImmediateNow`).
         var immediateHead = 0
         /// Per fd number: 0 unknown, 1 seekable, 2 a stream (pipe, socket, tty). io_uring
         /// ignores the offset of a stream where pread(2) fails with ESPIPE; this keeps the
@@ -218,6 +227,7 @@ public final class URingBackend: IOBackend {
         guard result == 0 else {
             ring.deallocate()
             table.destroy()
+            immediate.destroy()
             throw PlexusError(operation: "io_uring_queue_init", errno: Errno(rawValue: -result),
                               message: "io_uring_setup failed: \(Errno(rawValue: -result))")
         }
@@ -230,6 +240,7 @@ public final class URingBackend: IOBackend {
             io_uring_queue_exit(ring)
             ring.deallocate()
             table.destroy()
+            immediate.destroy()
             if probed != 0 {
                 throw PlexusError(operation: "io_uring_register", errno: Errno(rawValue: -probed),
                                   message: "io_uring_register(IORING_REGISTER_PROBE) failed: \(Errno(rawValue: -probed))")
@@ -251,7 +262,6 @@ public final class URingBackend: IOBackend {
         state = .allocate(capacity: 1)
         state.initialize(to: State())
         state.pointee.backlog.reserveCapacity(64)
-        state.pointee.immediate.reserveCapacity(64)
         cqeBatch = Int(ring.pointee.cq.ring_entries)
         takesRingMessages.store(flags & IORING_SETUP_R_DISABLED == 0, ordering: .releasing)
     }
@@ -270,6 +280,7 @@ public final class URingBackend: IOBackend {
         state.deinitialize(count: 1)
         state.deallocate()
         table.destroy()
+        immediate.destroy()
         plexus_release_sigpipe()  // the caller's thread gets its signal mask back
     }
 
@@ -298,6 +309,14 @@ public final class URingBackend: IOBackend {
         return token
     }
 
+    func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
+                 flags: Int32) -> Token {
+        let token = table.insert(kind, fd, buffer, offset: offset, flags: flags)
+        state.pointee.statistics.prepared &+= 1
+        prep(token.index)
+        return token
+    }
+
     /// The operation's SQE with IOSQE_IO_LINK, then an IORING_OP_LINK_TIMEOUT at
     /// `deadline` (IORING_TIMEOUT_ABS): the kernel cancels the operation when it passes.
     /// The timeout's own CQE is internal.
@@ -309,12 +328,12 @@ public final class URingBackend: IOBackend {
             _ = io_uring_submit(ring)
         }
         let tailBefore = ring.pointee.sq.sqe_tail
-        let immediateBefore = state.pointee.immediate.count
+        let immediateBefore = immediate.count
         state.pointee.noParking = true
         let token = prepare(operation)
         state.pointee.noParking = false
         let index = Int(token.index)
-        if state.pointee.immediate.count > immediateBefore, state.pointee.immediate.last?.index == index {
+        if immediate.count > immediateBefore, immediate.last?.index == index {
             return token  // finished at once (a cached read, a pipe write, refused input)
         }
         let tail = ring.pointee.sq.sqe_tail
@@ -340,9 +359,9 @@ public final class URingBackend: IOBackend {
         state.pointee.attempting = true
         let token = prepare(operation)
         state.pointee.attempting = false
-        guard state.pointee.immediate.count > state.pointee.immediateHead, let last = state.pointee.immediate.last,
+        guard immediate.count > state.pointee.immediateHead, let last = immediate.last,
               last.index == Int(token.index) else { return .prepared(token) }
-        state.pointee.immediate.removeLast()
+        immediate.removeLast()
         var completion: Completion? = nil
         _ = finish(last.index, result: last.result, flags: []) { (c: consuming Completion) in completion = .some(c) }
         return .completed(completion.take()!)
@@ -515,7 +534,7 @@ public final class URingBackend: IOBackend {
         case .prepared:
             if let i = state.pointee.backlog.firstIndex(of: index) {  // waiting for SQ space
                 state.pointee.backlog.remove(at: i)
-                state.pointee.immediate.append((index, -ECANCELED))
+                immediate.append(Immediate(index, -ECANCELED))
             }
         case .inFlight, .awaitingReadiness:  // in the ring since: cancel it there
             if let sqe = sqe() {
@@ -555,52 +574,51 @@ public final class URingBackend: IOBackend {
             return
         }
         let scratch = table.scratch(index)
-        let view = kind.hasBuffers ? record.pointee.operation!.kernelView(scratch: scratch)
-                                   : record.pointee.operation!.bufferlessView(scratch: scratch)
+        let view = record.pointee.kernelView(scratch: scratch)
         let token = Token(index: UInt32(index), generation: record.pointee.generation)
         if let invalid = view.invalid {
-            state.pointee.immediate.append((index, invalid))
+            immediate.append(Immediate(index, invalid))
             return
         }
         if _slowPath(!state.pointee.closing.isEmpty), kind != .close, view.fd >= 0, state.pointee.closing[view.fd] != nil {
             // Prepared after a close of its fd that has not completed: in the ring it could
             // take the file before the close runs and then wait on it forever. The fd is
             // closed for its caller already, as on epoll and poll.
-            state.pointee.immediate.append((index, -EBADF))
+            immediate.append(Immediate(index, -EBADF))
             return
         }
         if kind == .cancel, let target = record.pointee.operation.cancelTarget {
             guard let targetRecord = table.live(target) else {
-                state.pointee.immediate.append((index, -ENOENT))
+                immediate.append(Immediate(index, -ENOENT))
                 return
             }
             if targetRecord.pointee.state == .awaitingBuffers {
                 // Nothing of it is in the kernel: it ends here.
                 endStarved { $0 == target.index }
-                state.pointee.immediate.append((index, 0))
+                immediate.append(Immediate(index, 0))
                 return
             }
             if targetRecord.pointee.state == .awaitingPipe {
                 endWaitingOperations(on: targetRecord.pointee.fd, result: -ECANCELED) { $0 == target.index }
-                state.pointee.immediate.append((index, 0))
+                immediate.append(Immediate(index, 0))
                 return
             }
             if let waiting = state.pointee.backlog.firstIndex(of: target.index) {
                 // Still waiting for SQ space: nothing of it is in the kernel, which would
                 // see this cancel first and answer ENOENT.
                 state.pointee.backlog.remove(at: waiting)
-                state.pointee.immediate.append((target.index, -ECANCELED))
-                state.pointee.immediate.append((index, 0))
+                immediate.append(Immediate(target.index, -ECANCELED))
+                immediate.append(Immediate(index, 0))
                 return
             }
             targetRecord.pointee.cancelRequested = true
         }
         if kind == .receiveMultishot && !capabilities.contains(.multishotReceive) {
-            state.pointee.immediate.append((index, -EOPNOTSUPP))
+            immediate.append(Immediate(index, -EOPNOTSUPP))
             return
         }
         if view.offset >= 0, kind.takesOffset, !isSeekable(view.fd) {
-            state.pointee.immediate.append((index, -ESPIPE))
+            immediate.append(Immediate(index, -ESPIPE))
             return
         }
         // A cached read costs a syscall of its own through preadv2, where in the ring it
@@ -609,14 +627,14 @@ public final class URingBackend: IOBackend {
         // `attempt`, which wants the result now. (file-qd32 on 6.18: 32 reads per enter
         // cost 421 ns each, 32 preadv2 555 ns.)
         if kind == .read, view.offset >= 0, state.pointee.attempting || isFirstOfTurn, let n = readIfCached(view) {
-            state.pointee.immediate.append((index, n))
+            immediate.append(Immediate(index, n))
             return
         }
         if Self.isStreamRead(kind, view), orderedRead(index, kind, view) { return }
         if Self.isStreamWrite(kind, view) {
             switch orderedWrite(index, kind, view) {
             case .done(let n):
-                state.pointee.immediate.append((index, n))
+                immediate.append(Immediate(index, n))
                 return
             case .waits:
                 return
@@ -743,7 +761,7 @@ public final class URingBackend: IOBackend {
 
     @inline(__always)
     private func deliverImmediate(_ body: (consuming Completion) -> Void) -> Int {
-        state.pointee.immediateHead < state.pointee.immediate.count ? deliverImmediateNow(body) : 0
+        state.pointee.immediateHead < immediate.count ? deliverImmediateNow(body) : 0
     }
 
     /// Delivers the immediate results queued so far, in order (see the budget below).
@@ -761,19 +779,19 @@ public final class URingBackend: IOBackend {
         // finish at once (cached file reads, refused input) would keep the loop in this
         // wait for ever, its timers and jobs starved. The next wait delivers them first
         // and, having delivered, does not block.
-        var budget = state.pointee.immediate.count - state.pointee.immediateHead
-        while budget > 0 && state.pointee.immediateHead < state.pointee.immediate.count {
+        var budget = immediate.count - state.pointee.immediateHead
+        while budget > 0 && state.pointee.immediateHead < immediate.count {
             if state.pointee.immediateHead == 256 {
-                state.pointee.immediate.removeFirst(256)
+                immediate.removeFirst(256)
                 state.pointee.immediateHead = 0
             }
-            let (index, result) = state.pointee.immediate[state.pointee.immediateHead]
+            let entry = immediate[state.pointee.immediateHead]
             state.pointee.immediateHead += 1
             budget -= 1
-            n += finish(index, result: result, flags: [], body)
+            n += finish(entry.index, result: entry.result, flags: [], body)
         }
-        if state.pointee.immediateHead >= state.pointee.immediate.count {
-            state.pointee.immediate.empty()
+        if state.pointee.immediateHead >= immediate.count {
+            immediate.removeAll()
             state.pointee.immediateHead = 0
         }
         return n
@@ -938,7 +956,7 @@ public final class URingBackend: IOBackend {
                 guard let record = table.live(token), record.pointee.state == .awaitingBuffers else { continue }
                 if matching(token.index) {
                     record.pointee.state = .inFlight
-                    state.pointee.immediate.append((token.index, result))
+                    immediate.append(Immediate(token.index, result))
                 } else {
                     kept.append(token)
                 }
@@ -1009,12 +1027,13 @@ public final class URingBackend: IOBackend {
         let token = Token(index: UInt32(index), generation: record.pointee.generation)
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
-        if kind == .read, result > 0 { notePipeRead(record, scratch, result) }
+        // (A positional read is no pipe's: pipes refuse offsets with ESPIPE.)
+        if kind == .read, result > 0, !record.pointee.hasOffset { notePipeRead(record, scratch, result) }
         if record.pointee.state == .inFlight {
             if Self.writes(kind) || kind == .shutdown { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
             if Self.isReadSide(kind) { streamReadDone(record.pointee.fd, stamp: record.pointee.next) }
         }
-        record.pointee.operation!.apply(result: result, kind: kind, scratch: scratch)
+        record.pointee.apply(result: result, kind: kind, scratch: scratch)
         if result == -EPIPE { plexus_discard_sigpipe() }
         let deadlineCause: CompletionFlags = _slowPath(record.pointee.deadline != .none) && result == -ECANCELED
             ? deadlinePassed(record, scratch) : []
@@ -1040,7 +1059,7 @@ public final class URingBackend: IOBackend {
         state.pointee.backlog.removeAll { index in
             let record = table.record(index)
             guard record.pointee.fd == fd, record.pointee.kind != .close else { return false }
-            state.pointee.immediate.append((index, result))
+            immediate.append(Immediate(index, result))
             return true
         }
     }
@@ -1083,7 +1102,7 @@ public final class URingBackend: IOBackend {
     /// Nothing is waiting to be submitted and no result to be delivered: the next wait
     /// would enter the kernel for this operation alone.
     private var isFirstOfTurn: Bool {
-        io_uring_sq_ready(ring) == 0 && state.pointee.immediateHead == state.pointee.immediate.count
+        io_uring_sq_ready(ring) == 0 && state.pointee.immediateHead == immediate.count
     }
 
     /// lseek(2) answers ESPIPE for exactly the fds pread(2) refuses; asked once per fd.
@@ -1133,7 +1152,7 @@ public final class URingBackend: IOBackend {
         guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
               record.pointee.state != .awaitingPipe,
               capabilities.isSuperset(of: [.multishotPoll, .cancelByFileDescriptor]) else { return }
-        let view = record.pointee.operation!.kernelView(scratch: scratch)
+        let view = record.pointee.kernelView(scratch: scratch)
         if view.offset < 0 && Int(result) < view.length { state.pointee.pipes[i].drained = true }
     }
 
@@ -1265,7 +1284,7 @@ public final class URingBackend: IOBackend {
             _ = state.pointee.pipes[i].waitingReads.removeOldest()
             record.pointee.state = .prepared
             if parking, record.pointee.kind == .read,
-               parkOnPipe(index, fd, record.pointee.operation!.kernelView(scratch: table.scratch(index))) { continue }
+               parkOnPipe(index, fd, record.pointee.kernelView(scratch: table.scratch(index))) { continue }
             countInRing(index, fd, write: false)
             prep(index)
         }
@@ -1338,8 +1357,8 @@ public final class URingBackend: IOBackend {
             let record = table.record(index)
             record.pointee.state = .prepared
             if record.pointee.kind == .write, state.pointee.pipes[i].kind == 1,
-               let n = writeToPipeNow(fd, record.pointee.operation!.kernelView(scratch: table.scratch(index))) {
-                state.pointee.immediate.append((index, n))
+               let n = writeToPipeNow(fd, record.pointee.kernelView(scratch: table.scratch(index))) {
+                immediate.append(Immediate(index, n))
                 continue
             }
             countInRing(index, fd, write: true)
@@ -1461,7 +1480,7 @@ public final class URingBackend: IOBackend {
         for index in waiting {
             if matching(index) {
                 table.record(index).pointee.state = .prepared  // never in the ring: not counted
-                state.pointee.immediate.append((index, result))
+                immediate.append(Immediate(index, result))
             } else {
                 kept.append(index)
             }

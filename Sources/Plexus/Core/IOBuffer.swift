@@ -103,6 +103,8 @@ public struct IOBuffer: ~Copyable, @unchecked Sendable {
     }
     /// Records that the kernel appended `n` bytes.
     mutating func didAppend(_ n: Int) { writerIndex += min(max(n, 0), spareCapacity) }
+    /// Records that the kernel took `n` bytes of the readable ones.
+    mutating func didSend(_ n: Int) { consume(min(max(n, 0), count)) }
 }
 
 /// Several `IOBuffer`s used as one scatter/gather vector by readv and writev.

@@ -106,6 +106,7 @@ public enum Operation: ~Copyable, Sendable {
     }
 
     /// Takes the single buffer of a read, write, send or recv back out of the operation.
+    @inline(__always)  // the loop's dispatch: no call, and no copy of the operation for one
     public consuming func takeBuffer() -> IOBuffer? {
         switch consume self {
         case .read(_, let b, _): return b

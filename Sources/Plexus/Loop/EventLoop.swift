@@ -14,7 +14,7 @@ import SystemPackage
 /// `backendKind` and `selection` may be called from any thread; everything else belongs to the loop thread and checks it.
 public final class EventLoop: @unchecked Sendable {
     /// The backend, used only on the loop thread.
-    let backend: any IOBackend
+    let backend: any PreparesBufferOperations
     /// How the backend was chosen (and why io_uring was not, under `auto`).
     public let selection: BackendSelectionInfo
     /// Called on the loop thread with every error a callback threw; the loop keeps running.
@@ -75,7 +75,7 @@ public final class EventLoop: @unchecked Sendable {
     public init(backend choice: BackendChoice? = nil, entries: UInt32 = 256) throws {
         let chosen = try choice ?? BackendChoice.fromEnvironment()
         let selected = try chosen.start(entries: entries)
-        backend = selected.backend
+        backend = selected.started
         selection = BackendSelectionInfo(kind: selected.kind, choice: chosen, fallbackReason: selected.fallbackReason,
                                          capabilities: selected.backend.capabilities)
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
@@ -332,6 +332,18 @@ public final class EventLoop: @unchecked Sendable {
         return token
     }
 
+    /// `submit` of the read, write, send or recv (`kind`) of these parts, which the backend
+    /// takes apart into its record without an `Operation` in between.
+    @inline(__always)
+    func submit(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64? = nil,
+                flags: Int32 = 0, _ handler: consuming Handler) -> Token {
+        assertInLoop()
+        if _slowPath(finished) { return refuse(Operation(kind, fd, buffer, offset: offset, flags: flags), handler) }
+        let token = backend.prepare(kind, fd, buffer, offset: offset, flags: flags)
+        register(handler, for: token)
+        return token
+    }
+
     /// `submit`, or the operation's final completion when the backend finished it at
     /// once (`IOBackend.attempt`). The handler is made (by `handler`) only when it is
     /// needed, when the operation was prepared or is refused: an awaited operation that
@@ -353,9 +365,11 @@ public final class EventLoop: @unchecked Sendable {
     @inline(__always)
     private func register(_ handler: consuming Handler, for token: Token) {
         let slot = handlers.slot(token.index)
-        slot.pointee.handler = handler
-        slot.pointee.token = token
-        slot.pointee.cancelRequested = false
+        // The slot's handler is `.none`: the final completion of the slot's last operation
+        // moved it out (`dispatch`). Initialized over, not assigned, which would destroy
+        // that `.none` through an outlined call, once per operation.
+        if case .none = slot.pointee.handler {} else { assertionFailure("slot \(token.index) still has a handler") }
+        slot.initialize(to: HandlerSlot(handler: handler, token: token, cancelRequested: false))
     }
 
     /// Awaited operations one task may finish without suspending, in a row: then it
