@@ -1,0 +1,149 @@
+import CPlexus
+import Glibc
+@testable import Plexus
+import SystemPackage
+import Testing
+
+/// A final completion hands the operation back as it was prepared. The backends keep a
+/// read's, write's, send's or recv's buffer, offset or flags and fd apart in the record
+/// (`OperationRecord`) and rebuild the operation at the end: an offset of 0 must not come
+/// back as none, a negative one must come back as given, flags must keep every bit (and
+/// not gain the MSG_NOSIGNAL the backends add for the kernel).
+extension PlexusTests {
+@Suite struct HandBackTests {
+    /// What came back in a completion's operation.
+    struct Back: Equatable, CustomStringConvertible {
+        var kind: OperationKind
+        var fd: Int32
+        var offset: Int64? = nil
+        var flags: Int32? = nil
+        var bytes: [UInt8] = []
+        var result: Int32 = 0
+
+        var description: String {
+            "\(kind) fd \(fd) offset \(offset.map(String.init) ?? "none") flags \(flags.map(String.init) ?? "none") bytes \(bytes) result \(result)"
+        }
+    }
+
+    static func back(_ completion: consuming Completion) -> Back? {
+        let result = completion.result
+        guard let operation = completion.operation.take() else { return nil }
+        switch consume operation {
+        case .read(let fd, let b, let offset):
+            return Back(kind: .read, fd: fd.rawValue, offset: offset, bytes: b.bytes, result: result)
+        case .write(let fd, let b, let offset):
+            return Back(kind: .write, fd: fd.rawValue, offset: offset, bytes: b.bytes, result: result)
+        case .send(let fd, let b, let flags):
+            return Back(kind: .send, fd: fd.rawValue, flags: flags, bytes: b.bytes, result: result)
+        case .recv(let fd, let b, let flags):
+            return Back(kind: .recv, fd: fd.rawValue, flags: flags, bytes: b.bytes, result: result)
+        case let other:
+            other.discard()
+            return nil
+        }
+    }
+
+    @Test(arguments: Backends.kinds)
+    func singleBufferOperationsComeBackAsTheyWerePrepared(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            #expect(h.backend.kind == kind)
+            let file = try h.temporaryFile(contents: Array("0123456789".utf8))
+            let (a, b) = try h.socketPair()
+            let (r, w) = try h.pipe()
+            let (_, w2) = try h.pipe()  // written at its position: not `w`, whose read would take it too
+            #expect(Glibc.write(w.rawValue, "pipe", 4) == 4)
+            #expect(Glibc.write(b.rawValue, "sock", 4) == 4)
+            // The sign bit and MSG_DONTWAIT: refused before any syscall (a bad fd), so the
+            // kernel never sees the unknown bit; the flags must still come back whole.
+            let signed = Int32(bitPattern: 0x8000_0000) | Int32(MSG_DONTWAIT)
+            let bad = FileDescriptor(rawValue: -1)
+            var expected: [Token: Back] = [:]
+            func add(_ operation: consuming Operation, _ back: Back) {
+                expected[h.backend.prepare(operation)] = back
+            }
+            add(.read(file.fd, IOBuffer(capacity: 4), offset: 3),
+                Back(kind: .read, fd: file.fd.rawValue, offset: 3, bytes: Array("3456".utf8), result: 4))
+            add(.read(r, IOBuffer(capacity: 16)),
+                Back(kind: .read, fd: r.rawValue, bytes: Array("pipe".utf8), result: 4))
+            add(.read(file.fd, IOBuffer(capacity: 4), offset: -2),
+                Back(kind: .read, fd: file.fd.rawValue, offset: -2, result: -EINVAL))
+            add(.write(file.fd, IOBuffer("ab"), offset: 0),
+                Back(kind: .write, fd: file.fd.rawValue, offset: 0, result: 2))
+            add(.write(w2, IOBuffer("zz")),
+                Back(kind: .write, fd: w2.rawValue, result: 2))
+            add(.send(a, IOBuffer("hi"), flags: Int32(MSG_DONTWAIT)),
+                Back(kind: .send, fd: a.rawValue, flags: Int32(MSG_DONTWAIT), result: 2))
+            add(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_PEEK)),
+                Back(kind: .recv, fd: a.rawValue, flags: Int32(MSG_PEEK), bytes: Array("sock".utf8), result: 4))
+            add(.send(bad, IOBuffer("x"), flags: signed),
+                Back(kind: .send, fd: -1, flags: signed, bytes: Array("x".utf8), result: -EBADF))
+            add(.recv(bad, IOBuffer(capacity: 1), flags: signed),
+                Back(kind: .recv, fd: -1, flags: signed, result: -EBADF))
+
+            var got: [Token: Back] = [:]
+            var handedBackNothing: [Token] = []
+            let deadline = Deadline.now + .seconds(10)
+            while got.count + handedBackNothing.count < expected.count && Deadline.now < deadline {
+                _ = try h.backend.wait(timeout: .milliseconds(100)) { completion in
+                    let token = completion.token
+                    if let back = Self.back(completion) { got[token] = back } else { handedBackNothing.append(token) }
+                }
+            }
+            #expect(handedBackNothing.isEmpty, "final completions without their operation: \(handedBackNothing)")
+            for (token, want) in expected {
+                #expect(got[token] == want, "\(kind): \(want.kind) came back as \(got[token].map(String.init(describing:)) ?? "nothing"), prepared as \(want)")
+            }
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
+    /// The callback adapter's read, write, send and recv hand the backend their parts
+    /// (`EventLoop.submit(_:_:_:offset:flags:_:)`): the offset and the flags must reach
+    /// the syscall, and the buffer come back through the callback.
+    @Test(arguments: Backends.kinds)
+    func theCallbackAdapterPassesOffsetsAndFlagsThrough(_ kind: BackendKind) throws {
+        let loop = try Backends.loop(kind)
+        let dir = "/tmp/plexus-handback-\(getpid())-\(kind)"
+        mkdir(dir, 0o700)
+        let path = dir + "/file"
+        let file = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        #expect(file >= 0)
+        #expect(Glibc.write(file, "0123456789", 10) == 10)
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer {
+            Glibc.close(file); Glibc.close(pair[0]); Glibc.close(pair[1])
+            unlink(path); rmdir(dir)
+        }
+        let fd = FileDescriptor(rawValue: file), a = FileDescriptor(rawValue: pair[0]), b = FileDescriptor(rawValue: pair[1])
+        var outcomes: [String: String] = [:]
+        func record(_ name: String, _ result: Result<Int, PlexusError>, _ buffer: borrowing IOBuffer) {
+            switch result {
+            case .success(let n): outcomes[name] = "\(n) \(buffer.string)"
+            case .failure(let e): outcomes[name] = "\(e.operation) \(e.errno)"
+            }
+        }
+        #expect(Glibc.write(b.rawValue, "sock", 4) == 4)
+        loop.read(fd, IOBuffer(capacity: 4), offset: 3) { r, buffer in record("read@3", r, buffer) }
+        loop.read(fd, IOBuffer(capacity: 4), offset: -1) { r, buffer in record("read@-1", r, buffer) }
+        loop.write(fd, IOBuffer("AB"), offset: 8) { r, buffer in record("write@8", r, buffer) }
+        // Peeked, the bytes stay for the plain recv after it.
+        loop.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_PEEK)) { r, buffer in record("peek", r, buffer) }
+        LoopTestSupport.turn(loop, until: { outcomes.count == 4 })
+        loop.recv(a, IOBuffer(capacity: 8)) { r, buffer in record("recv", r, buffer) }
+        loop.send(a, IOBuffer("hi"), flags: Int32(MSG_DONTWAIT)) { r, buffer in record("send", r, buffer) }
+        LoopTestSupport.turn(loop, until: { outcomes.count == 6 })
+        #expect(outcomes["read@3"] == "4 3456")
+        #expect(outcomes["read@-1"] == "read \(Errno.invalidArgument)")
+        #expect(outcomes["write@8"] == "2 ")  // written bytes are consumed from the buffer
+        #expect(outcomes["peek"] == "4 sock")
+        #expect(outcomes["recv"] == "4 sock")
+        #expect(outcomes["send"] == "2 ")
+        var tail = [UInt8](repeating: 0, count: 4)
+        #expect(pread(file, &tail, 4, 6) == 4 && tail == Array("67AB".utf8), "the write did not land at offset 8")
+        var peer = [UInt8](repeating: 0, count: 2)
+        #expect(Glibc.read(b.rawValue, &peer, 2) == 2 && peer == Array("hi".utf8))
+        loop.shutdown(); loop.run()
+    }
+}
+}
