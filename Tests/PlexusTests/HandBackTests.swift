@@ -147,3 +147,42 @@ extension PlexusTests {
     }
 }
 }
+
+extension PlexusTests.HandBackTests {
+    /// Reads and writes of a file the readiness engine has seen already skip its general
+    /// path (`ReadinessEngine.transferDirectly`); the answers must be the general path's,
+    /// which the first operation on the fd still takes. io_uring runs the same operations.
+    @Test(arguments: Backends.kinds)
+    func operationsOnAKnownFileAnswerAsTheFirstOneDid(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            #expect(h.backend.kind == kind)
+            let file = try h.temporaryFile(contents: Array("0123456789".utf8))
+            // The first operation classifies the fd (fstat); everything after it is direct.
+            let first = h.prepare(.read(file.fd, IOBuffer(capacity: 2), offset: 0))
+            #expect(try h.waitFor(first).bytes == Array("01".utf8))
+            let empty = h.prepare(.read(file.fd, IOBuffer(capacity: 0), offset: 0))
+            let negative = h.prepare(.write(file.fd, IOBuffer("x"), offset: -1))
+            let atPosition = h.prepare(.read(file.fd, IOBuffer(capacity: 3)))
+            let written = h.prepare(.write(file.fd, IOBuffer("AB"), offset: 8))
+            try h.waitFor([empty, negative, atPosition, written])
+            #expect(h.finals[empty]?.result == -EINVAL)
+            #expect(h.finals[negative]?.result == -EINVAL)
+            #expect(h.finals[negative]?.bytes == Array("x".utf8), "a refused write keeps its bytes")
+            // The file position is untouched by the positional operations: 0.
+            #expect(h.finals[atPosition]?.result == 3)
+            #expect(h.finals[atPosition]?.bytes == Array("012".utf8))
+            #expect(h.finals[written]?.result == 2)
+            let reread = h.prepare(.read(file.fd, IOBuffer(capacity: 16), offset: 6))
+            #expect(try h.waitFor(reread).bytes == Array("67AB".utf8))
+            // A read at the file position goes on from where the last one ended.
+            let next = h.prepare(.read(file.fd, IOBuffer(capacity: 2)))
+            #expect(try h.waitFor(next).bytes == Array("34".utf8))
+            // Closed through Plexus, the fd is forgotten: a read after it is EBADF.
+            let close = h.prepare(.close(file.fd))
+            #expect(try h.waitFor(close).result == 0)
+            h.disown(file.fd)
+            let late = h.prepare(.read(file.fd, IOBuffer(capacity: 2), offset: 0))
+            #expect(try h.waitFor(late).result == -EBADF)
+        }
+    }
+}
