@@ -72,6 +72,8 @@ extension OperationRecord {
     /// none of it.
     @inline(__always)
     mutating func take() -> Operation? {
+        // Case by case, not through `Operation(kind, fd, ...)`: its precondition and second
+        // switch cost every read 6-12 instructions here.
         let fd = FileDescriptor(rawValue: self.fd)
         switch kind {
         case .read: return .read(fd, buffer.take()!, offset: hasOffset ? argument : nil)
@@ -89,11 +91,7 @@ extension OperationRecord {
         switch kind {
         case .read, .write, .send, .recv:
             var v = KernelView()
-            var region = UnsafeMutableRawBufferPointer(start: nil, count: 0)
-            switch buffer {  // borrowed: `buffer!` would move it out
-            case .some(let b): region = kind == .read || kind == .recv ? b.spareRegion : b.readableRegion
-            case .none: break
-            }
+            let region = bufferRegion
             if kind == .read || kind == .write {
                 v.set(FileDescriptor(rawValue: fd), region, hasOffset ? argument : nil)
             } else {
@@ -105,6 +103,17 @@ extension OperationRecord {
             return operation!.kernelView(scratch: scratch)
         default:
             return operation!.bufferlessView(scratch: scratch)
+        }
+    }
+
+    /// What the kernel sees of a read's, write's, send's or recv's buffer: the spare
+    /// capacity to read or receive into, the readable bytes to write or send; empty
+    /// without a buffer.
+    @inline(__always)
+    var bufferRegion: UnsafeMutableRawBufferPointer {
+        switch buffer {  // borrowed: `buffer!` would move it out
+        case .some(let b): kind == .read || kind == .recv ? b.spareRegion : b.readableRegion
+        case .none: UnsafeMutableRawBufferPointer(start: nil, count: 0)
         }
     }
 

@@ -605,18 +605,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         guard fd >= 0, Int(fd) < fds.count, fds.pointer(Int(fd)).pointee.mode == .direct else { return nil }
         let positional = record.pointee.hasOffset, offset = record.pointee.argument
         if positional && offset < 0 { return nil }
-        var base: UnsafeMutableRawPointer? = nil
-        var count = 0
-        switch record.pointee.buffer {  // borrowed
-        case .some(let b):
-            let region = kind == .read ? b.spareRegion : b.readableRegion
-            base = region.baseAddress
-            count = region.count
-        case .none:
-            return nil
-        }
-        if count == 0 { return nil }
-        let length = min(count, Operation.maxTransfer)
+        let region = record.pointee.bufferRegion
+        if region.count == 0 { return nil }
+        let base = region.baseAddress, length = min(region.count, Operation.maxTransfer)
         let n: Int
         if kind == .read {
             n = positional ? Sys.pread(fd, base, length, offset) : Sys.read(fd, base, length)

@@ -1028,7 +1028,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         let kind = record.pointee.kind
         let scratch = table.scratch(index)
         // (A positional read is no pipe's: pipes refuse offsets with ESPIPE.)
-        if kind == .read, result > 0, !record.pointee.hasOffset { notePipeRead(record, scratch, result) }
+        if kind == .read, result > 0, !record.pointee.hasOffset { notePipeRead(record, result) }
         if record.pointee.state == .inFlight {
             if Self.writes(kind) || kind == .shutdown { streamWriteDone(record.pointee.fd, stamp: record.pointee.next) }
             if Self.isReadSide(kind) { streamReadDone(record.pointee.fd, stamp: record.pointee.next) }
@@ -1141,10 +1141,9 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
 
     // MARK: Pipes
 
-    /// After a read of `record`'s fd returned `result` > 0 bytes: a short read of a pipe
-    /// (file-position read, not positional) leaves it empty.
-    private func notePipeRead(_ record: UnsafeMutablePointer<OperationRecord>,
-                              _ scratch: UnsafeMutablePointer<plexus_op_scratch>, _ result: Int32) {
+    /// After a read at the position of `record`'s fd returned `result` > 0 bytes, before
+    /// the result is applied to its buffer: a short read of a pipe leaves it empty.
+    private func notePipeRead(_ record: UnsafeMutablePointer<OperationRecord>, _ result: Int32) {
         // Looked up, not made: a read at a pipe's position made its watch when it was
         // prepared (`orderedRead`), and every other read (a file's, a positional one) need
         // not pay for a watch here. (A parked read's pipeReport has judged it already.)
@@ -1152,8 +1151,10 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
               record.pointee.state != .awaitingPipe,
               capabilities.isSuperset(of: [.multishotPoll, .cancelByFileDescriptor]) else { return }
-        let view = record.pointee.kernelView(scratch: scratch)
-        if view.offset < 0 && Int(result) < view.length { state.pointee.pipes[i].drained = true }
+        // The spare capacity is still what the read asked for (capped as in its view).
+        if Int(result) < min(record.pointee.bufferRegion.count, Operation.maxTransfer) {
+            state.pointee.pipes[i].drained = true
+        }
     }
 
     private enum OrderedWrite { case done(Int32), waits, ring }
