@@ -596,6 +596,54 @@ extension PlexusTests {
         #expect(b.pendingCount == 0)
     }
 
+    /// A read parked on a socket whose number, closed outside Plexus, now names a regular
+    /// file. epoll's check of the registration (EPOLL_CTL_MOD) says EPERM for a file: the
+    /// read ends with EBADF, and the next read of the number reads the file. poll(2) has no
+    /// such check and reports the file ready: the read is tried there (and fails, as the
+    /// engine still takes the number for a socket). Either way it ends, once. (Once failed on epoll, found by review: EPERM was taken for success and the
+    /// read waited for ever, with every later operation on the number queued behind it.)
+    @Test(arguments: kinds)
+    func aReadParkedOnAnFDWhoseNumberNowNamesAFileEnds(_ kind: BackendKind) throws {
+        let before = Self.openFDCount()
+        do {
+            let b = try Self.make(kind)
+            let (x, y) = Self.socketPair()
+            #expect(write(y, "ab", 2) == 2)
+            let first = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64)))
+            let drained = try Self.collect(b, 1)
+            #expect(drained.count == 1 && drained.first?.token == first && drained.first?.result == 2)
+
+            var path = Array("/tmp/plexus-reused-XXXXXX".utf8CString)
+            let file = mkstemp(&path)
+            #expect(file >= 0)
+            path.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+            #expect(pwrite(file, "file", 4, 0) == 4)
+            // The read is prepared on the socket; the number names the file by the time the
+            // engine starts it (as it would if another thread closed and reopened it).
+            let rd = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64)))
+            #expect(close(x) == 0)
+            #expect(dup2(file, x) == x)
+            let got = try Self.collect(b, 1)
+            #expect(got.count == 1 && got.first?.token == rd, "the read never ended: \(got)")
+            if kind == .epoll {
+                #expect(got.first?.result == -EBADF, "\(got)")
+            }
+            #expect(b.pendingCount == 0)
+            if kind == .epoll {
+                // The number is the file's now, for every later operation. (poll keeps what
+                // it knew of the socket until Plexus closes the number: the engine's
+                // documented limit for fds replaced outside Plexus.)
+                let again = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64), offset: 0))
+                let read = try Self.collect(b, 1)
+                #expect(read.count == 1 && read.first?.token == again && read.first?.bytes == Array("file".utf8),
+                        "\(read)")
+                #expect(b.pendingCount == 0)
+            }
+            close(x); close(y); close(file)
+        }
+        #expect(Self.openFDCount() == before)
+    }
+
     @Test(arguments: kinds)
     func orderingAndEdgeCases(_ kind: BackendKind) throws {
         let b = try Self.make(kind)

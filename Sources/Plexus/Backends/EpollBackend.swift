@@ -100,8 +100,9 @@ struct EpollPoller: ReadinessPoller {
     func update(_ fd: Int32, interest: UInt32, rearm: Bool, states: RawArray<FDState>) -> Int32 {
         guard rearm, interest != 0 else { return 0 }
         let r = control(EPOLL_CTL_MOD, fd)
-        // ENOENT: closed outside Plexus and the number reused; EBADF: closed and not reused.
-        return r == -ENOENT || r == -EBADF ? r : 0
+        // ENOENT: closed outside Plexus and the number reused; EBADF: closed and not reused;
+        // EPERM: reused by a regular file (epoll checks the target before the registration).
+        return r == -ENOENT || r == -EBADF || r == -EPERM ? r : 0
     }
 
     func remove(_ fd: Int32, states: RawArray<FDState>) {

@@ -41,8 +41,10 @@ protocol ReadinessPoller {
     /// The parked operations of `fd` now want `interest` (POLLIN/POLLOUT/... bits; 0 when
     /// none are parked). `rearm` asks for a fresh report of the fd's current readiness
     /// (edge-triggered pollers would otherwise miss a state that has not changed).
-    /// Returns 0, -EBADF when the fd was closed outside Plexus, or -ENOENT when the fd's registration was lost (the fd was closed
-    /// outside Plexus and its number reused) and it must be registered again.
+    /// Returns 0, -EBADF when the fd was closed outside Plexus, -ENOENT when the fd's
+    /// registration was lost (the fd was closed outside Plexus and its number reused) and
+    /// it must be registered again, or -EPERM when the number was reused by an fd the
+    /// poller cannot watch (a regular file under epoll).
     func update(_ fd: Int32, interest: UInt32, rearm: Bool, states: RawArray<FDState>) -> Int32
 
     /// Forgets `fd` before it is closed.
@@ -966,18 +968,26 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     @inline(__always)
     private func refreshInterest(_ fd: Int32, rearm: Bool) {
         let r = poller.update(fd, interest: interest(fd), rearm: rearm, states: fds)
-        if r == -EBADF {
-            // Closed outside Plexus: no readiness will ever be reported for what is parked on it.
+        if r == -EBADF || r == -EPERM {
+            // Closed outside Plexus: no readiness will ever be reported for what is parked
+            // on it. EPERM: its number was reused by something epoll cannot watch (a regular
+            // file), which would report nothing either; what is parked ends with EBADF and
+            // the next operation on the number classifies it afresh.
             forget(fd)
             return
         }
         if r == -ENOENT {
-            // The fd was closed outside Plexus and its number reused: register the new one.
+            // The fd was closed outside Plexus and its number reused: register the new one,
+            // if it can be watched; else end what is parked, as for EPERM.
             let state = fds.pointer(Int(fd))
             state.pointee.mode = .unknown
             state.pointee.registered = false
             state.pointee.isUnixConnection = nil
-            if classify(fd) == 0 { _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds) }
+            if classify(fd) != 0 || state.pointee.mode == .direct {
+                forget(fd)
+                return
+            }
+            _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds)
         }
     }
 
@@ -1191,7 +1201,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
                 // and its number reused, its writes end with EBADF: their bytes must not go to
                 // whatever the number names now.
                 let r = poller.update(fd, interest: interest(fd), rearm: true, states: fds)
-                if r == -EBADF || r == -ENOENT {
+                if r == -EBADF || r == -ENOENT || r == -EPERM {
                     forget(fd)
                     continue
                 }
