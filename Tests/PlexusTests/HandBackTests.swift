@@ -97,6 +97,104 @@ extension PlexusTests {
         }
     }
 
+    /// Takes what `prepareHandingBack`'s operations hand back.
+    final class Target: BufferHandBack {
+        var got: [Token: Back] = [:]
+        override func handBack(_ token: Token, _ result: Int32, _ kind: OperationKind, _ buffer: consuming IOBuffer) {
+            got[token] = Back(kind: kind, fd: -1, bytes: buffer.bytes, result: result)
+        }
+    }
+
+    /// The loop prepares its callbacks' reads, writes, sends and receives with
+    /// `prepareHandingBack`: their final completions go to the backend's `handBackTarget`
+    /// as token, result and buffer (the result applied), from `wait` and from `cancelAll`,
+    /// and never to the body; without a target, to the body as a whole `Completion`.
+    @Test(arguments: Backends.kinds)
+    func buffersPreparedToComeBackAloneGoToTheTarget(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let backend = h.selected.started
+            #expect(backend.kind == kind)
+            let target = Target()
+            backend.handBackTarget = .passUnretained(target)
+            defer { backend.handBackTarget = nil }
+            let file = try h.temporaryFile(contents: Array("0123456789".utf8))
+            let (r, w) = try h.pipe()
+            let (idle, _) = try h.pipe()
+            let (_, w2) = try h.pipe()  // written: not `w`, whose read would take it too
+            let (a, b) = try h.socketPair()
+            #expect(Glibc.write(w.rawValue, "pipe", 4) == 4)
+            #expect(Glibc.write(b.rawValue, "sock", 4) == 4)
+            let read = backend.prepareHandingBack(.read, r, IOBuffer(capacity: 16), offset: nil, flags: 0)
+            let at = backend.prepareHandingBack(.read, file.fd, IOBuffer(capacity: 4), offset: 2, flags: 0)
+            let write = backend.prepareHandingBack(.write, w2, IOBuffer("xy"), offset: nil, flags: 0)
+            let send = backend.prepareHandingBack(.send, a, IOBuffer("hi"), offset: nil, flags: 0)
+            let recv = backend.prepareHandingBack(.recv, a, IOBuffer(capacity: 8), offset: nil, flags: 0)
+            let refused = backend.prepareHandingBack(.read, file.fd, IOBuffer(capacity: 4), offset: -1, flags: 0)
+            let plain = backend.prepare(.read(file.fd, IOBuffer(capacity: 2), offset: 0))
+            var bodies: [Token: Back] = [:]
+            let deadline = Deadline.now + .seconds(10)
+            while (target.got.count < 6 || bodies.isEmpty) && Deadline.now < deadline {
+                _ = try backend.wait(timeout: .milliseconds(100)) { completion in
+                    let token = completion.token
+                    bodies[token] = Self.back(completion)
+                }
+            }
+            let want: [Token: Back] = [
+                read: Back(kind: .read, fd: -1, bytes: Array("pipe".utf8), result: 4),
+                at: Back(kind: .read, fd: -1, bytes: Array("2345".utf8), result: 4),
+                write: Back(kind: .write, fd: -1, bytes: [], result: 2),
+                send: Back(kind: .send, fd: -1, bytes: [], result: 2),
+                recv: Back(kind: .recv, fd: -1, bytes: Array("sock".utf8), result: 4),
+                refused: Back(kind: .read, fd: -1, bytes: [], result: -EINVAL),
+            ]
+            #expect(target.got == want, "\(kind)")
+            #expect(bodies.keys.sorted(by: { $0.rawValue < $1.rawValue }) == [plain], "\(kind): \(bodies)")
+            #expect(bodies[plain] == Back(kind: .read, fd: file.fd.rawValue, offset: 0, bytes: Array("01".utf8), result: 2))
+
+            // Cancelled by cancelAll: handed back too.
+            let parked = backend.prepareHandingBack(.read, idle, IOBuffer(capacity: 4), offset: nil, flags: 0)
+            _ = try backend.wait(timeout: .milliseconds(10)) { c in Issue.record("\(kind): \(c.token) ended early") }
+            backend.cancelAll { c in Issue.record("\(kind): cancelAll gave \(c.token) to its body") }
+            #expect(target.got[parked] == Back(kind: .read, fd: -1, bytes: [], result: -ECANCELED), "\(kind)")
+
+            // Without a target: the whole operation, in a Completion.
+            backend.handBackTarget = nil
+            let lone = backend.prepareHandingBack(.read, file.fd, IOBuffer(capacity: 3), offset: 0, flags: 0)
+            var last: [Token: Back] = [:]
+            while last.isEmpty && Deadline.now < deadline {
+                _ = try backend.wait(timeout: .milliseconds(100)) { completion in
+                    let token = completion.token
+                    last[token] = Self.back(completion)
+                }
+            }
+            #expect(last == [lone: Back(kind: .read, fd: file.fd.rawValue, offset: 0, bytes: Array("012".utf8), result: 3)])
+            #expect(target.got.count == 7)
+            #expect(backend.pendingCount == 0)
+            withExtendedLifetime(target) {}  // held unmanaged by the backend until here
+        }
+    }
+
+    /// A loop dropped with a callback's read still pending: its backend ends the read in
+    /// its own deinit, after the loop is gone, and must not hand the buffer to it (the
+    /// loop clears `handBackTarget` as it goes; the backend does not retain it).
+    @Test(arguments: Backends.kinds)
+    func aLoopDroppedWithReadsPendingDoesNotGetTheirBuffers(_ kind: BackendKind) throws {
+        var fds: [Int32] = [-1, -1]
+        #expect(plexus_pipe2(&fds, O_CLOEXEC | O_NONBLOCK) == 0)
+        defer { Glibc.close(fds[0]); Glibc.close(fds[1]) }
+        weak var gone: EventLoop?
+        do {
+            let loop = try Backends.loop(kind)
+            gone = loop
+            loop.read(FileDescriptor(rawValue: fds[0]), IOBuffer(capacity: 8)) { result, _ in
+                Issue.record("\(kind): the callback ran after its loop was dropped: \(result)")
+            }
+            loop.runOnce(timeout: .zero)  // started: parked on the empty pipe, or in the ring
+            #expect(loop.pendingOperations >= 1)
+        }
+        #expect(gone == nil, "the loop outlived its last reference")
+    }
+
     /// The callback adapter's read, write, send and recv hand the backend their parts
     /// (`EventLoop.submit(_:_:_:offset:flags:_:)`): the offset and the flags must reach
     /// the syscall, and the buffer come back through the callback.

@@ -8,7 +8,7 @@ import SystemPackage
 /// stays registered until Plexus closes it; an operation first tries its syscall and
 /// only waits for an edge after EAGAIN. Regular files (which epoll rejects with EPERM)
 /// run directly. Nothing is native: `capabilities` is empty.
-public final class EpollBackend: IOBackend, PreparesBufferOperations {
+public final class EpollBackend: IOBackend, ReadinessBackend {
     let engine: ReadinessEngine<EpollPoller>
 
     /// Creates the epoll instance (EPOLL_CLOEXEC); `entries` sizes the event buffer.
@@ -24,11 +24,6 @@ public final class EpollBackend: IOBackend, PreparesBufferOperations {
     @inline(__always)
     public func prepare(_ operation: consuming Operation) -> Token {
         engine.prepare(operation)
-    }
-
-    func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
-                 flags: Int32) -> Token {
-        engine.prepare(kind, fd, buffer, offset: offset, flags: flags)
     }
 
     public func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {

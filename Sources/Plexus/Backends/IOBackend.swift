@@ -82,6 +82,37 @@ protocol PreparesBufferOperations: IOBackend {
     /// or recv; `offset` is for reads and writes, `flags` for sends and receives.
     func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
                  flags: Int32) -> Token
+
+    /// `prepare(kind, fd, buffer, ...)` for an operation whose final completion (from `wait`
+    /// or `cancelAll`) goes, as its token, result and buffer (the result applied), to
+    /// `handBackTarget` when there is one, without an `Operation` or a `Completion` built
+    /// around the buffer.
+    func prepareHandingBack(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer,
+                            offset: Int64?, flags: Int32) -> Token
+
+    /// Who takes the buffers of operations `prepareHandingBack` prepared: the loop's relay,
+    /// which the loop keeps alive and clears from here before it goes.
+    var handBackTarget: Unmanaged<BufferHandBack>? { get set }
+}
+
+/// Takes the buffer of an operation prepared with `prepareHandingBack` at its final
+/// completion (the event loop's relay: its `.buffer` handlers want nothing else). A
+/// class, not a protocol, so a backend can hold it `Unmanaged` and call it without a
+/// retain and a release per completion, which an `unowned(unsafe)` existential still
+/// cost (file-qd32 on io_uring: 25 instructions a read).
+class BufferHandBack {
+    func handBack(_ token: Token, _ result: Int32, _ kind: OperationKind, _ buffer: consuming IOBuffer) {
+        preconditionFailure("BufferHandBack.handBack is for a subclass to override")
+    }
+}
+
+extension Unmanaged where Instance == BufferHandBack {
+    /// `handBack` on the target, which the caller knows to be alive, without retaining it.
+    @inline(__always)
+    func handBack(_ token: Token, _ result: Int32, _ kind: OperationKind, _ buffer: consuming IOBuffer) {
+        var buffer = Optional(buffer)  // (a consuming parameter cannot be consumed in a closure)
+        _withUnsafeGuaranteedRef { $0.handBack(token, result, kind, buffer.take()!) }
+    }
 }
 
 extension Operation {

@@ -31,6 +31,10 @@ struct OperationRecord: ~Copyable {
     var deadline: DeadlineMark = .none
     /// read, write: `argument` is an offset.
     var hasOffset = false
+    /// Prepared by the loop for a handler that takes only the buffer back
+    /// (`PreparesBufferOperations.prepareHandingBack`): the final completion may hand the
+    /// buffer over alone, without an `Operation` or a `Completion` built around it.
+    var handsBackBuffer = false
 
     enum DeadlineMark: UInt8 {
         case none
@@ -219,10 +223,11 @@ struct OperationTable {
     /// `insert` of a read, write, send or recv (`kind`) from its parts.
     @inline(__always)
     func insert(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
-                flags: Int32) -> Token {
+                flags: Int32, handsBackBuffer: Bool = false) -> Token {
         let (r, token) = claim()
         r.initialize(to: OperationRecord(buffer: buffer, kind: kind, fd: fd, offset: offset, flags: flags,
                                          generation: token.generation))
+        r.pointee.handsBackBuffer = handsBackBuffer
         return token
     }
 
@@ -250,12 +255,27 @@ struct OperationTable {
     func remove(_ index: Int) -> Operation? {
         let r = record(index)
         let operation = r.pointee.take()
+        free(r, index)
+        return operation
+    }
+
+    /// `remove` of a read, write, send or recv whose buffer alone goes back (`handsBackBuffer`).
+    @inline(__always)
+    func removeBuffer(_ index: Int) -> IOBuffer {
+        let r = record(index)
+        let buffer = r.pointee.buffer.take()!
+        r.pointee.handsBackBuffer = false
+        free(r, index)
+        return buffer
+    }
+
+    @inline(__always)
+    private func free(_ r: UnsafeMutablePointer<OperationRecord>, _ index: Int) {
         r.pointee.state = .free
         r.pointee.generation &+= 1
         r.pointee.next = header.pointee.freeHead
         header.pointee.freeHead = UInt32(index)
         header.pointee.live -= 1
-        return operation
     }
 
     /// Indices of every live record.

@@ -8,7 +8,7 @@ import SystemPackage
 /// they wait for, and is kept up to date incrementally (swap-remove); poll(2) is
 /// level-triggered. Regular files run directly. Nothing is native: `capabilities` is
 /// empty.
-public final class PollBackend: IOBackend, PreparesBufferOperations {
+public final class PollBackend: IOBackend, ReadinessBackend {
     let engine: ReadinessEngine<PollPoller>
 
     /// Creates the backend; `entries` sizes the initial pollfd array.
@@ -24,11 +24,6 @@ public final class PollBackend: IOBackend, PreparesBufferOperations {
     @inline(__always)
     public func prepare(_ operation: consuming Operation) -> Token {
         engine.prepare(operation)
-    }
-
-    func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
-                 flags: Int32) -> Token {
-        engine.prepare(kind, fd, buffer, offset: offset, flags: flags)
     }
 
     public func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {

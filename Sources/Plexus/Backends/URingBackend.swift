@@ -27,6 +27,8 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
 
     private let ring: UnsafeMutablePointer<io_uring>
     private let table = OperationTable()
+    /// `PreparesBufferOperations.handBackTarget`.
+    @exclusivity(unchecked) var handBackTarget: Unmanaged<BufferHandBack>?
     /// Results known without the kernel (a cached read, a pipe write done at once, invalid
     /// input, a cancel of a dead token), in order; those before `State.immediateHead` are
     /// delivered. Raw memory, not a Swift array: an append there paid a uniqueness and a
@@ -312,6 +314,14 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     func prepare(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer, offset: Int64?,
                  flags: Int32) -> Token {
         let token = table.insert(kind, fd, buffer, offset: offset, flags: flags)
+        state.pointee.statistics.prepared &+= 1
+        prep(token.index)
+        return token
+    }
+
+    func prepareHandingBack(_ kind: OperationKind, _ fd: FileDescriptor, _ buffer: consuming IOBuffer,
+                            offset: Int64?, flags: Int32) -> Token {
+        let token = table.insert(kind, fd, buffer, offset: offset, flags: flags, handsBackBuffer: true)
         state.pointee.statistics.prepared &+= 1
         prep(token.index)
         return token
@@ -1040,8 +1050,13 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         if _slowPath(kind == .close) { closed(record.pointee.fd, by: index) }
         if _slowPath(!state.pointee.deadlineOf.isEmpty) { disarmDeadline(of: index) }
         release(index)
-        let operation = table.remove(index)
         state.pointee.statistics.completed &+= 1
+        if record.pointee.handsBackBuffer, let target = handBackTarget {
+            // (No deadline: `prepareHandingBack` takes none, so no flag is lost here.)
+            target.handBack(token, result, kind, table.removeBuffer(index))
+            return 1
+        }
+        let operation = table.remove(index)
         body(Completion(token: token, result: result, flags: flags.union(deadlineCause), kind: kind, operation: operation))
         return 1
     }

@@ -49,6 +49,8 @@ public final class EventLoop: @unchecked Sendable {
     @exclusivity(unchecked) private var shutdownObservers: [any LoopShutdownObserver] = []
     /// The shutdown has told its observers; a later one is told when it registers.
     @exclusivity(unchecked) private var observersTold = false
+    /// The backend's `handBackTarget`, kept alive here.
+    private var handBackRelay: BufferHandBack!
 
     /// How another loop's thread wakes this loop when it sleeps: IORING_OP_MSG_RING when
     /// both loops run io_uring, else an eventfd write. MSG_RING is the default because it
@@ -87,9 +89,12 @@ public final class EventLoop: @unchecked Sendable {
             _ = line.utf8CString.withUnsafeBufferPointer { Glibc.write(2, $0.baseAddress, $0.count - 1) }
         }
         serialExecutor = LoopSerialExecutor(loop: self)
+        handBackRelay = LoopHandBack(self)
+        backend.handBackTarget = .passUnretained(handBackRelay)
     }
 
     deinit {
+        backend.handBackTarget = nil  // the backend may outlive this (cancelAll in its deinit)
         Glibc.close(wakeFD)
     }
 
@@ -339,7 +344,7 @@ public final class EventLoop: @unchecked Sendable {
                 flags: Int32 = 0, _ handler: consuming Handler) -> Token {
         assertInLoop()
         if _slowPath(finished) { return refuse(Operation(kind, fd, buffer, offset: offset, flags: flags), handler) }
-        let token = backend.prepare(kind, fd, buffer, offset: offset, flags: flags)
+        let token = backend.prepareHandingBack(kind, fd, buffer, offset: offset, flags: flags)
         register(handler, for: token)
         return token
     }
@@ -653,6 +658,23 @@ public final class EventLoop: @unchecked Sendable {
         deliver(handler, completion, result: result)
     }
 
+    /// Calls the `.buffer` handler of an operation `submit(kind, fd, buffer, ...)` prepared
+    /// with the final result and the buffer, which the backend handed back alone.
+    func handBack(_ token: Token, _ result: Int32, _ kind: OperationKind, _ buffer: consuming IOBuffer) {
+        let slot = handlers.slot(token.index)
+        var handler = Handler.none
+        swap(&handler, &slot.pointee.handler)
+        guard case .buffer(let body) = handler else {
+            assertionFailure("a buffer handed back to a \(kind) whose handler is not .buffer")
+            return
+        }
+        do {
+            try body(Self.value(result, kind), buffer)
+        } catch {
+            errorHandler(CallbackError(operation: kind.rawValue, token: token, error: error))
+        }
+    }
+
     /// Calls `handler` with `completion`, whose result is `result`, in the shape the
     /// handler was registered with.
     ///
@@ -782,6 +804,18 @@ public final class EventLoop: @unchecked Sendable {
                 break
             }
         }
+    }
+}
+
+/// Hands a backend's buffers to the loop's `handBack`. The loop keeps it, and it holds the
+/// loop unmanaged: the backend calls through it without retaining either.
+private final class LoopHandBack: BufferHandBack {
+    let loop: Unmanaged<EventLoop>
+    init(_ loop: EventLoop) { self.loop = .passUnretained(loop) }
+
+    override func handBack(_ token: Token, _ result: Int32, _ kind: OperationKind, _ buffer: consuming IOBuffer) {
+        var buffer = Optional(buffer)
+        loop._withUnsafeGuaranteedRef { $0.handBack(token, result, kind, buffer.take()!) }
     }
 }
 
