@@ -596,8 +596,9 @@ extension PlexusTests {
         #expect(b.pendingCount == 0)
     }
 
-    /// A read parked on a socket whose number, closed outside Plexus, now names a regular
-    /// file. epoll's check of the registration (EPOLL_CTL_MOD) says EPERM for a file: the
+    /// A read parked on a socket whose number, closed outside Plexus before epoll checked
+    /// the fd, now names a regular file (closed after the check, the read waits for ever:
+    /// docs/design.md). epoll's check of the registration (EPOLL_CTL_MOD) says EPERM for a file: the
     /// read ends with EBADF, and the next read of the number reads the file. poll(2) has no
     /// such check and reports the file ready: the read is tried there (and fails, as the
     /// engine still takes the number for a socket). Either way it ends, once. (Once failed on epoll, found by review: EPERM was taken for success and the

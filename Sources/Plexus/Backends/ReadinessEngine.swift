@@ -16,7 +16,11 @@ import SystemPackage
 // when Plexus closes an fd or hands out a new fd with the same number (accept, open),
 // and a lost epoll registration is noticed and redone; an fd closed outside Plexus and
 // replaced by one of a different kind (a blocking pipe where a nonblocking one was)
-// keeps the old cache until Plexus closes it.
+// keeps the old cache until Plexus closes it. epoll notices such a close only when it
+// next asks the kernel about the fd (EPOLL_CTL_MOD: when a record parks with a rearm, or
+// the first time the engine would block after a read parked without one): operations
+// parked on an fd that epoll checked already and that is then closed outside Plexus wait
+// for ever, as the kernel dropped its registration with the file.
 
 /// The epoll and poll backends: a `ReadinessEngine` behind each one's public face. The
 /// internal entry points the loop uses go straight to the engine, once for both.
@@ -441,9 +445,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         return false
     }
 
-    /// Rearms every fd in `unverified` whose read still waits: EPOLL_CTL_MOD says ENOENT
-    /// or EBADF when the fd was closed outside Plexus since, and `refreshInterest` then
-    /// registers the new one or ends the reads with EBADF, as a park's rearm would have.
+    /// Rearms every fd in `unverified` whose read still waits: EPOLL_CTL_MOD says ENOENT,
+    /// EBADF or EPERM when the fd was closed outside Plexus since, and `refreshInterest`
+    /// then registers the new one or ends the reads with EBADF, as a park's rearm would have.
     private func verifyParkedReads() {
         for i in 0..<unverified.count {
             let fd = unverified[i]
@@ -995,11 +999,11 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     /// Drops what the engine knew about fd number `fd` (a new fd now has that number).
-    private func forget(_ fd: Int32) {
+    private func forget(_ fd: Int32, ending result: Int32 = -EBADF) {
         guard Int(fd) < fds.count else { return }
         let state = fds.pointer(Int(fd))
         // Operations parked under the old fd can no longer be reported: end them.
-        if !state.pointee.isIdle { cancelParked(fd, result: -EBADF) }
+        if !state.pointee.isIdle { cancelParked(fd, result: result) }
         if state.pointee.slot >= 0 { _ = poller.update(fd, interest: 0, rearm: false, states: fds) }
         state.pointee = FDState()
     }
@@ -1036,8 +1040,9 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             state.pointee.mode = .unknown
             state.pointee.registered = false
             state.pointee.isUnixConnection = nil
-            if classify(fd) != 0 || state.pointee.mode == .direct {
-                forget(fd)
+            let classified = classify(fd)
+            if classified != 0 || state.pointee.mode == .direct {
+                forget(fd, ending: classified != 0 ? classified : -EBADF)  // (EMFILE, ENOSPC: the watch limit)
                 return
             }
             _ = poller.update(fd, interest: interest(fd), rearm: true, states: fds)
