@@ -544,18 +544,21 @@ extension PlexusTests {
     /// verifies the registration only before it blocks, or after a few polls of a loop
     /// that never blocks. An fd closed outside Plexus in between must still be noticed:
     /// its number reused, the new fd's data arrives; not reused, the read ends with EBADF.
+    /// A socketpair whose first end has just had a short read through `b`: its next read
+    /// parks without a rearm.
+    static func drainedPair(_ b: any IOBackend) throws -> (Int32, Int32) {
+        let (x, y) = socketPair()
+        #expect(write(y, "ab", 2) == 2)
+        let first = b.prepare(.read(fd(x), IOBuffer(capacity: 64)))
+        let got = try collect(b, 1)
+        #expect(got.count == 1 && got[0].token == first && got[0].result == 2)
+        return (x, y)
+    }
+
     @Test(arguments: kinds)
     func aReadParkedWithoutRearmStillNoticesAnFDClosedOutsidePlexus(_ kind: BackendKind) throws {
         let b = try Self.make(kind)
-        /// A socketpair whose first end has just had a short read through the backend.
-        func drainedPair() throws -> (Int32, Int32) {
-            let (x, y) = Self.socketPair()
-            #expect(write(y, "ab", 2) == 2)
-            let first = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64)))
-            let got = try Self.collect(b, 1)
-            #expect(got.count == 1 && got[0].token == first && got[0].result == 2)
-            return (x, y)
-        }
+        func drainedPair() throws -> (Int32, Int32) { try Self.drainedPair(b) }
 
         // Reused, and the loop blocks: verified before blocking.
         let (x, y) = try drainedPair()
@@ -598,21 +601,18 @@ extension PlexusTests {
 
     /// A read parked on a socket whose number, closed outside Plexus before epoll checked
     /// the fd, now names a regular file (closed after the check, the read waits for ever:
-    /// docs/design.md). epoll's check of the registration (EPOLL_CTL_MOD) says EPERM for a file: the
-    /// read ends with EBADF, and the next read of the number reads the file. poll(2) has no
+    /// docs/design.md). epoll's check of the registration (EPOLL_CTL_MOD) says EPERM for a
+    /// file: the read ends with EBADF, and the next read of the number reads the file. poll(2) has no
     /// such check and reports the file ready: the read is tried there (and fails, as the
-    /// engine still takes the number for a socket). Either way it ends, once. (Once failed on epoll, found by review: EPERM was taken for success and the
-    /// read waited for ever, with every later operation on the number queued behind it.)
+    /// engine still takes the number for a socket). Either way it ends, once. (Once failed
+    /// on epoll, found by review: EPERM was taken for success and the read waited for
+    /// ever, with every later operation on the number queued behind it.)
     @Test(arguments: kinds)
     func aReadParkedOnAnFDWhoseNumberNowNamesAFileEnds(_ kind: BackendKind) throws {
         let before = Self.openFDCount()
         do {
             let b = try Self.make(kind)
-            let (x, y) = Self.socketPair()
-            #expect(write(y, "ab", 2) == 2)
-            let first = b.prepare(.read(Self.fd(x), IOBuffer(capacity: 64)))
-            let drained = try Self.collect(b, 1)
-            #expect(drained.count == 1 && drained.first?.token == first && drained.first?.result == 2)
+            let (x, y) = try Self.drainedPair(b)
 
             var path = Array("/tmp/plexus-reused-XXXXXX".utf8CString)
             let file = mkstemp(&path)

@@ -530,18 +530,25 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// The final completion of record `index`, which leaves the table.
     @inline(__always)
     private func takeFinal(_ index: Int, _ c: QueuedCompletion) -> Completion {
-        let token = Token(index: c.index, generation: c.generation)
+        let kind = settle(index, c)
+        return Completion(token: Token(index: c.index, generation: c.generation), result: c.result,
+                          flags: CompletionFlags(rawValue: c.flags), kind: kind, operation: table.remove(index))
+    }
+
+    /// What every final completion does before its record leaves the table: off its place,
+    /// its deadline entry dead, its result applied in the record (moved out once after).
+    /// Returns the record's kind.
+    @inline(__always)
+    private func settle(_ index: Int, _ c: QueuedCompletion) -> OperationKind {
         let kind = table.record(index).pointee.kind
         infos.pointer(index).pointee.place = .none
-        if infos[index].hasDeadline {
+        if _slowPath(infos[index].hasDeadline) {
             // Its deadline entry is dead now; dropTimer counts it (and may compact).
             infos.pointer(index).pointee.hasDeadline = false
             dropTimer(index)
         }
-        // Applied in the record, then moved out once into the completion.
         table.record(index).pointee.apply(result: c.result, kind: kind, scratch: table.scratch(index))
-        return Completion(token: token, result: c.result, flags: CompletionFlags(rawValue: c.flags),
-                          kind: kind, operation: table.remove(index))
+        return kind
     }
 
     /// `takeFinal` of a record that hands back only its buffer, and the hand-back. Out of
@@ -549,13 +556,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     /// paid for the spills (a NOP on epoll, 17-33 instructions).
     @inline(never)
     private func handBack(_ index: Int, _ c: QueuedCompletion, to target: Unmanaged<BufferHandBack>) {
-        let kind = table.record(index).pointee.kind
-        infos.pointer(index).pointee.place = .none
-        if _slowPath(infos[index].hasDeadline) {
-            infos.pointer(index).pointee.hasDeadline = false
-            dropTimer(index)
-        }
-        table.record(index).pointee.apply(result: c.result, kind: kind, scratch: table.scratch(index))
+        let kind = settle(index, c)
         target.handBack(Token(index: c.index, generation: c.generation), c.result, kind, table.removeBuffer(index))
     }
 
