@@ -681,15 +681,15 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
     }
 
     /// A read, write, send or recv of a socket or a non-blocking pipe the engine knows,
-    /// with nothing parked on that side (and, for a read, not known to be drained): the
-    /// syscall is tried from the record's fields, as `startIO` and `attempt` would, without
-    /// the kernel view, the classification and their checks; on EAGAIN the record gets its
-    /// view and parks (pingpong on epoll: 2948 -> 2801 instructions a round trip). False
-    /// sends it the general way: an fd not seen yet, a blocking fd, a read or write with an
-    /// offset (ESPIPE there), an empty buffer (EINVAL), a read behind parked ones. Leaves
-    /// `RecordInfo.view` unset when it completes. Out of line, and apart from
-    /// `transferDirectly`: one inlined function for both cost a direct read 44 instructions
-    /// (file-qd1 on epoll, 1016 -> 1060).
+    /// started from the record's fields as `startIO` and `attempt` would, without the
+    /// kernel view, the classification and their checks: the syscall is tried when nothing
+    /// is parked on that side (and, for a read, the fd is not known to be drained), and the
+    /// record parks, with its view, behind the parked ones, for a drained fd or on EAGAIN
+    /// (pingpong on epoll: 2948 -> 2696 instructions a round trip). False sends it the
+    /// general way: an fd not seen yet, a blocking fd, a read or write with an offset
+    /// (ESPIPE there), an empty buffer (EINVAL). Leaves `RecordInfo.view` unset when it
+    /// completes at once. Out of line, and apart from `transferDirectly`: one inlined
+    /// function for both cost a direct read 44 instructions (file-qd1 on epoll, 1016 -> 1060).
     @inline(never)
     private func transferReady(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>,
                                _ kind: OperationKind) -> Bool {
@@ -698,25 +698,28 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let state = fds.pointer(Int(fd))
         let mode = state.pointee.mode
         guard mode == .socket || mode == .nonBlocking else { return false }
-        let reads = kind == .read || kind == .recv
-        if reads {
-            guard !state.pointee.readDrained, state.pointee.readHead == OperationTable.none else { return false }
-        } else {
-            guard state.pointee.writeHead == OperationTable.none else { return false }
-        }
+        // send and recv keep their flags in the argument, read and write their offset.
+        if (kind == .read || kind == .write) && record.pointee.hasOffset { return false }
         let region = record.pointee.bufferRegion
         if region.count == 0 { return false }
+        let reads = kind == .read || kind == .recv
+        if reads ? state.pointee.readDrained || state.pointee.readHead != OperationTable.none
+            : state.pointee.writeHead != OperationTable.none {
+            // Wait for readiness, or keep FIFO order behind the parked ones; a short read
+            // only suggests the buffer is empty, which the poller confirms (`startIO`).
+            let drained = reads && state.pointee.readDrained
+            infos.pointer(index).pointee.view = record.pointee.kernelView(scratch: table.scratch(index))
+            park(index, fd, reads ? .read : .write, emptied: drained, unconfirmed: drained)
+            return true
+        }
         let base = region.baseAddress, length = min(region.count, Operation.maxTransfer)
-        // send and recv keep their flags in the argument, read and write their offset.
         let flags = Int32(truncatingIfNeeded: record.pointee.argument)
         let dontWait = Int32(MSG_DONTWAIT)
         let n: Int
         switch kind {
         case .read:
-            guard !record.pointee.hasOffset else { return false }
             n = mode == .socket ? Sys.recv(fd, base, length, dontWait) : Sys.read(fd, base, length)
         case .write:
-            guard !record.pointee.hasOffset else { return false }
             n = mode == .socket ? Sys.send(fd, base, length, dontWait | Int32(MSG_NOSIGNAL))
                 : Sys.write(fd, base, length)
         case .recv:
