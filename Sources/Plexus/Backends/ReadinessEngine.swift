@@ -170,8 +170,9 @@ enum RecordPlace: UInt8 {
 
 /// The engine's per-record state, beside the table's record (indexed the same way).
 struct RecordInfo {
-    /// Set when the record starts (`start`), except for a read, write, send or recv done at once by
-    /// `transferDirectly` or `transferReady`: valid only for records started the general way or parked.
+    /// Set when the record starts (`start`), except for a read, write, send or recv done at
+    /// once by `transferDirectly` or `transferReady`: valid only for records started the
+    /// general way, or parked.
     var view = KernelView()
     var place: RecordPlace = .none
     /// connect: the first connect(2) has been made, so EISCONN now means success.
@@ -705,11 +706,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let reads = kind == .read || kind == .recv
         if reads ? state.pointee.readDrained || state.pointee.readHead != OperationTable.none
             : state.pointee.writeHead != OperationTable.none {
-            // Wait for readiness, or keep FIFO order behind the parked ones; a short read
-            // only suggests the buffer is empty, which the poller confirms (`startIO`).
-            let drained = reads && state.pointee.readDrained
             infos.pointer(index).pointee.view = record.pointee.kernelView(scratch: table.scratch(index))
-            park(index, fd, reads ? .read : .write, emptied: drained, unconfirmed: drained)
+            parkToWait(index, fd, reads ? .read : .write, state)
             return true
         }
         let base = region.baseAddress, length = min(region.count, Operation.maxTransfer)
@@ -733,11 +731,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             park(index, fd, reads ? .read : .write, emptied: reads)
             return true
         }
-        // A short read of a stream emptied it (a peek leaves the bytes where they were).
-        if reads && n > 0 && n < length && state.pointee.isStream
-            && !(kind == .recv && flags & Int32(MSG_PEEK) != 0) {
-            state.pointee.readDrained = true
-        }
+        if reads { noteRead(fd, kind, result: n, length: length, flags: flags) }
         complete(index, Int32(truncatingIfNeeded: n))
         return true
     }
@@ -772,11 +766,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             || state.pointee.readDrained && (kind == .read || kind == .recv)
         let queueHead = place == .read ? state.pointee.readHead : state.pointee.writeHead
         if waitFirst || queueHead != OperationTable.none {
-            // Wait for readiness first, or keep FIFO order behind the parked ones. A short
-            // read only suggests the buffer is empty (a unix socket's read also stops at a
-            // message carrying fds): the poller confirms it (`unconfirmed`).
-            let drained = state.pointee.readDrained && place == .read
-            park(index, fd, place, emptied: drained, unconfirmed: drained)
+            parkToWait(index, fd, place, state)
             return
         }
         switch attempt(index, kind, mode) {
@@ -788,6 +778,30 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         case .continuing:
             statistics.wouldBlock += 1
             park(index, fd, place)
+        }
+    }
+
+    /// Parks `index` to wait for readiness, or behind the records parked on that side of
+    /// `fd` (FIFO order; `state` is the fd's). A read of a stream a short read left
+    /// drained waits for a report; the short read only suggests its buffer is empty (a
+    /// unix socket's read also stops at a message carrying fds), so the poller is asked to
+    /// confirm it (`unconfirmed`).
+    @inline(__always)
+    private func parkToWait(_ index: Int, _ fd: Int32, _ place: RecordPlace, _ state: UnsafeMutablePointer<FDState>) {
+        let drained = place == .read && state.pointee.readDrained
+        park(index, fd, place, emptied: drained, unconfirmed: drained)
+    }
+
+    /// After a read or recv of `fd` that moved `result` of the `length` bytes asked for: a
+    /// short read of a stream emptied it, so the next read waits for a readiness report
+    /// instead of trying a syscall that would say EAGAIN (a peek leaves the bytes where
+    /// they were).
+    @inline(__always)
+    private func noteRead(_ fd: Int32, _ kind: OperationKind, result: Int, length: Int, flags: Int32) {
+        let state = fds.pointer(Int(fd))
+        if result > 0 && result < length && state.pointee.isStream
+            && !(kind == .recv && flags & Int32(MSG_PEEK) != 0) {
+            state.pointee.readDrained = true
         }
     }
 
@@ -830,11 +844,7 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         if kind == .accept && result >= 0 { forget(result) }
         if (kind == .read || kind == .recv) && result > 0 {
             let view = infos[index].view
-            // (A peek leaves the bytes where they were.)
-            if Int(result) < view.length && !(kind == .recv && view.flags & Int32(MSG_PEEK) != 0) {
-                let state = fds.pointer(Int(view.fd))
-                if state.pointee.isStream { state.pointee.readDrained = true }
-            }
+            noteRead(view.fd, kind, result: Int(result), length: view.length, flags: view.flags)
         }
         complete(index, result)
         return .finished
@@ -938,8 +948,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         let socket = mode == .socket || mode == .blockingSocket
         let dontWait = Int32(MSG_DONTWAIT)
         let result: Int
-        // (`transferDirectly` and `transferReady` do a known fd's read, write, send or recv the
-        // same way.)
+        // (`transferDirectly` and `transferReady` do a known fd's read, write, send or recv
+        // the same way.)
         switch kind {
         case .read:
             if socket {
