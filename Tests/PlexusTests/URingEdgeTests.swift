@@ -74,6 +74,40 @@ extension PlexusTests {
         return try h.waitFor(second, within: .seconds(2))
     }
 
+    /// Three one-byte reads of a drained pipe, of each kind the io_uring backend serves its
+    /// own way, then "xyz": each read gets the next byte. A read with a deadline never
+    /// parks on the pipe's poll, so it goes to the ring (or waits), and a readv waits
+    /// behind the parked read: a plain read prepared after either must wait behind it, not
+    /// park on the poll beside the reads there (the check on a known pipe's read started
+    /// from its record, `URingBackend.startOnPipe`).
+    @Test(arguments: PipeCase.all)
+    func readsOfADrainedPipeAfterOnesThatCannotParkKeepOrder(_ pipe: PipeCase) throws {
+        try Harness.run(pipe.kind) { h in
+            for label in ["deadline, read, read", "read, readv, read"] {
+                let (r, w) = try Self.drainedPipe(h, pipe)
+                let tokens: [Token]
+                if label.hasPrefix("deadline") {
+                    tokens = [h.prepare(.read(r, IOBuffer(capacity: 1)), deadline: .now + .seconds(30)),
+                              h.prepare(.read(r, IOBuffer(capacity: 1))),
+                              h.prepare(.read(r, IOBuffer(capacity: 1)))]
+                } else {
+                    var vector = IOVector(capacity: 1)
+                    vector.append(IOBuffer(capacity: 1))
+                    tokens = [h.prepare(.read(r, IOBuffer(capacity: 1))),
+                              h.prepare(.readv(r, vector)),
+                              h.prepare(.read(r, IOBuffer(capacity: 1)))]
+                }
+                try h.submit()
+                try h.idle(for: .milliseconds(2))
+                #expect(tokens.allSatisfy { h.isPending($0) }, "\(label)")
+                Self.write(w, "xyz")
+                let got = try h.waitFor(tokens, within: .seconds(2))
+                let bytes = got.map { ($0.bytes ?? $0.vectorBytes?.flatMap { $0 } ?? []).text }
+                #expect(bytes == ["x", "y", "z"], "\(pipe) \(label)")
+            }
+        }
+    }
+
     /// A read parked on the pipe's poll, then a readv of the same pipe: the older read
     /// gets the first bytes. Once failed on io_uring: the readv, which cannot park, went
     /// to the ring ahead of the parked read and took its bytes.

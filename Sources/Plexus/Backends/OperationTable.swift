@@ -121,6 +121,14 @@ extension OperationRecord {
         }
     }
 
+    /// A read's, write's, send's or recv's region as the kernel gets it (`KernelView.set`):
+    /// its start, and its size capped at `Operation.maxTransfer`; 0 without a buffer.
+    @inline(__always)
+    var transfer: (base: UnsafeMutableRawPointer?, length: Int) {
+        let region = bufferRegion
+        return (region.baseAddress, min(region.count, Operation.maxTransfer))
+    }
+
     /// Applies a final result to the operation's buffers (`Operation.apply`).
     @inline(__always)
     mutating func apply(result: Int32, kind: OperationKind, scratch: UnsafeMutablePointer<plexus_op_scratch>) {

@@ -669,9 +669,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         guard fd >= 0, Int(fd) < fds.count, fds.pointer(Int(fd)).pointee.mode == .direct else { return nil }
         let positional = record.pointee.hasOffset, offset = record.pointee.argument
         if positional && offset < 0 { return nil }
-        let region = record.pointee.bufferRegion
-        if region.count == 0 { return nil }
-        let base = region.baseAddress, length = min(region.count, Operation.maxTransfer)
+        let (base, length) = record.pointee.transfer
+        if length == 0 { return nil }
         let n: Int
         if kind == .read {
             n = positional ? Sys.pread(fd, base, length, offset) : Sys.read(fd, base, length)
@@ -701,8 +700,8 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
         guard mode == .socket || mode == .nonBlocking else { return false }
         // send and recv keep their flags in the argument, read and write their offset.
         if (kind == .read || kind == .write) && record.pointee.hasOffset { return false }
-        let region = record.pointee.bufferRegion
-        if region.count == 0 { return false }
+        let (base, length) = record.pointee.transfer
+        if length == 0 { return false }
         let reads = kind == .read || kind == .recv
         if reads ? state.pointee.readDrained || state.pointee.readHead != OperationTable.none
             : state.pointee.writeHead != OperationTable.none {
@@ -710,7 +709,6 @@ final class ReadinessEngine<Poller: ReadinessPoller> {
             parkToWait(index, fd, reads ? .read : .write, state)
             return true
         }
-        let base = region.baseAddress, length = min(region.count, Operation.maxTransfer)
         let flags = Int32(truncatingIfNeeded: record.pointee.argument)
         let dontWait = Int32(MSG_DONTWAIT)
         let n: Int

@@ -163,6 +163,21 @@ extension PlexusTests {
                 try Self.expectAll(h, cases)
                 #expect(h.readNow(pipe.read).isEmpty, "nothing was written")
                 #expect(readWholeFile(file.path) == "data")
+                // Again on pipes the backend knows, drained by a short read: their reads and
+                // writes start from the record (`URingBackend.startOnPipe`,
+                // `ReadinessEngine.transferReady`), which must refuse these too.
+                for nonBlocking in [false, true] {
+                    let known = try h.pipe(nonBlocking: nonBlocking)
+                    expectResult(try h.perform(.write(known.write, IOBuffer("a"))), 1, "write to a pipe")
+                    expectResult(try h.perform(.read(known.read, IOBuffer(capacity: 64))), 1, "short read of a pipe")
+                    try Self.expectAll(h, [
+                        ("read into 0 bytes of a known pipe", { .read(known.read, IOBuffer(capacity: 0)) }, EINVAL),
+                        ("write of 0 bytes to a known pipe", { .write(known.write, IOBuffer(capacity: 8)) }, EINVAL),
+                    ])
+                    // Nothing was written: the next read gets the next write's byte alone.
+                    expectResult(try h.perform(.write(known.write, IOBuffer("b"))), 1, "write to a pipe")
+                    #expect(try h.perform(.read(known.read, IOBuffer(capacity: 64))).bytes == Array("b".utf8))
+                }
             }
         }
 
