@@ -662,6 +662,10 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             countInRing(index, view.fd, write: true)
         }
         guard let sqe = sqe() else {
+            // A close waiting for SQ space has closed its fd for its caller already, as on
+            // epoll and poll: what is prepared on the fd after it ends with EBADF (above).
+            // `closed` clears this when the close ends, cancelled or not.
+            if kind == .close { state.pointee.closing[view.fd] = index }
             state.pointee.backlog.append(index)
             return
         }
@@ -1299,9 +1303,8 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     private func startOnPipe(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>,
                              _ kind: OperationKind) -> Bool {
         let fd = record.pointee.fd, i = Int(fd)
-        // (A close of the fd under way forgot its watch, `forgetPipe`: a known pipe has none.)
         guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
-              record.pointee.state != .inFlight else { return false }
+              record.pointee.state != .inFlight, state.pointee.closing.isEmpty else { return false }
         let (base, length) = record.pointee.transfer
         guard length > 0 else { return false }  // EINVAL, from the view
         if kind == .read {
