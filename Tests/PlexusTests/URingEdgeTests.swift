@@ -260,6 +260,24 @@ extension PlexusTests {
         }
     }
 
+    /// entries 2, before the first submit: a read and then a close of its fd, both waiting
+    /// for SQ space. The close ends the read as it ends any operation on the fd prepared
+    /// before it, with ECANCELED (on epoll and poll the read parks, and the close cancels
+    /// it), not with the EBADF of operations prepared after the close.
+    @Test(arguments: Backends.kinds)
+    func tinyRingReadBeforeABackloggedCloseIsCancelled(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (r, _) = try h.pipe()
+            let nops = [h.prepare(.nop), h.prepare(.nop)]
+            let read = h.prepare(.read(r, IOBuffer(capacity: 8)))
+            h.disown(r)
+            let close = h.prepare(.close(r))
+            try h.submit()
+            let got = try h.waitFor(nops + [read, close], within: .seconds(2))
+            #expect(got.map(\.result) == [0, 0, -ECANCELED, 0])
+        }
+    }
+
     /// entries 2, before the first submit: an operation that waits in the backlog and a
     /// cancel of it prepared after a submit: the cancel finds it. Once failed on io_uring:
     /// the cancel reached the kernel first, answered ENOENT, and the read ran uncancelled.

@@ -663,9 +663,8 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         }
         guard let sqe = sqe() else {
             // A close waiting for SQ space has closed its fd for its caller already, as on
-            // epoll and poll: what is prepared on the fd after it ends with EBADF (above).
-            // `closed` clears this when the close ends, cancelled or not.
-            if kind == .close { state.pointee.closing[view.fd] = index }
+            // epoll and poll, where it runs at once.
+            if kind == .close { beginClose(of: view.fd, by: index) }
             state.pointee.backlog.append(index)
             return
         }
@@ -724,14 +723,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         case .cancel:
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
-            state.pointee.closing[view.fd] = index
-            // Operations on the fd prepared before the close and still waiting for SQ
-            // space are pending on it like the others: the close cancels them.
-            endBacklogged(on: view.fd, result: -ECANCELED)
-            forgetPositional(view.fd)
-            endStarved { table.record($0).pointee.fd == view.fd }
-            endWaitingOperations(on: view.fd, result: -ECANCELED) { _ in true }
-            forgetPipe(view.fd)  // its poll ends with the cancel below
+            beginClose(of: view.fd, by: index)  // the pipe's poll ends with the cancel below
             // Cancel what is pending on the fd first; the hard link runs the close either way.
             if capabilities.contains(.cancelByFileDescriptor) {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
@@ -1064,6 +1056,21 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         let operation = table.remove(index)
         body(Completion(token: token, result: result, flags: flags.union(deadlineCause), kind: kind, operation: operation))
         return 1
+    }
+
+    /// Close `index` of `fd` is prepared (with its SQE or waiting for one): the fd is closed
+    /// for its caller. What is prepared on it from now on ends with EBADF (`prep`), until
+    /// the close ends (`closed`); what Plexus still holds of the operations prepared
+    /// before it (waiting for SQ space, parked on the pipe, waiting on the stream, starved
+    /// of buffers) ends with ECANCELED, as the close's cancel ends those in the kernel; and
+    /// what was known of the fd is forgotten.
+    private func beginClose(of fd: Int32, by index: Int) {
+        state.pointee.closing[fd] = index
+        endBacklogged(on: fd, result: -ECANCELED)
+        forgetPositional(fd)
+        endStarved { table.record($0).pointee.fd == fd }
+        endWaitingOperations(on: fd, result: -ECANCELED) { _ in true }
+        forgetPipe(fd)
     }
 
     /// The close in record `index` of `fd` completed: operations prepared on the fd from
