@@ -278,6 +278,28 @@ extension PlexusTests {
         }
     }
 
+    /// entries 2, before the first submit: a close waiting for SQ space, and a cancel of
+    /// it. The fd is closed for its caller once the close is prepared, on every backend
+    /// (epoll and poll close at once): the cancel comes too late (ENOENT), the close runs,
+    /// and the reads prepared before it end with ECANCELED. (Found by review: io_uring
+    /// cancelled the close, so the fd stayed open with what it knew of the pipe forgotten,
+    /// and a later read took the bytes of the read still in the ring.)
+    @Test(arguments: Backends.kinds)
+    func tinyRingACloseWaitingForSQSpaceIsNotCancelled(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (r, _) = try h.pipe()
+            let first = h.prepare(.read(r, IOBuffer(capacity: 1)))
+            let nop = h.prepare(.nop)
+            let second = h.prepare(.read(r, IOBuffer(capacity: 1)))
+            h.disown(r)
+            let close = h.prepare(.close(r))
+            let cancel = h.prepare(.cancel(close))
+            try h.submit()
+            let got = try h.waitFor([first, nop, second, close, cancel], within: .seconds(2))
+            #expect(got.map(\.result) == [-ECANCELED, 0, -ECANCELED, 0, -ENOENT])
+        }
+    }
+
     /// entries 2, before the first submit: an operation that waits in the backlog and a
     /// cancel of it prepared after a submit: the cancel finds it. Once failed on io_uring:
     /// the cancel reached the kernel first, answered ENOENT, and the read ran uncancelled.

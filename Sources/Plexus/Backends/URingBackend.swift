@@ -603,6 +603,13 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 immediate.append(Immediate(index, -ENOENT))
                 return
             }
+            if targetRecord.pointee.kind == .close, state.pointee.closing[targetRecord.pointee.fd] == target.index {
+                // The fd is closed for its caller since the close was prepared (`beginClose`
+                // ended and forgot what was on it): too late to cancel, as on epoll and poll,
+                // where a close runs at once.
+                immediate.append(Immediate(index, -ENOENT))
+                return
+            }
             if targetRecord.pointee.state == .awaitingBuffers {
                 // Nothing of it is in the kernel: it ends here.
                 endStarved { $0 == target.index }
@@ -1310,8 +1317,10 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     private func startOnPipe(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>,
                              _ kind: OperationKind) -> Bool {
         let fd = record.pointee.fd, i = Int(fd)
+        // (A close of the fd prepared, with its SQE or waiting for one, forgot its watch in
+        // `beginClose`: a known pipe has no close under way.)
         guard fd >= 0, i < state.pointee.pipes.count, state.pointee.pipes[i].kind == 1,
-              record.pointee.state != .inFlight, state.pointee.closing.isEmpty else { return false }
+              record.pointee.state != .inFlight else { return false }
         let (base, length) = record.pointee.transfer
         guard length > 0 else { return false }  // EINVAL, from the view
         if kind == .read {
