@@ -83,6 +83,32 @@ extension PlexusTests {
         }
     }
 
+    /// One 1-byte buffer and "ab": the receive takes "a" and runs dry on "b". A close of
+    /// its fd prepared in the callback of "a" ends it, cancelled, with nothing recycled.
+    /// (Found by review: on io_uring the kernel's ENOBUFS came in the same reap, after the
+    /// close had begun, and the receive waited for a recycle that never came.)
+    @Test(arguments: Backends.kinds)
+    func aCloseInAChunksCallbackEndsTheReceiveThatRanDry(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let group = try h.backend.registerBuffers(count: 1, size: 1)
+            let receive = h.prepare(.receiveMultishot(a, group))
+            try h.submit()
+            try h.idle(for: .milliseconds(1))
+            var close: Token?
+            h.onCompletion = { outcome in
+                if outcome.token == receive, close == nil { close = h.prepare(.close(a)) }
+            }
+            h.writeAll(b, "ab")
+            let chunks = try h.waitForIntermediates(receive, count: 1)
+            h.onCompletion = nil
+            #expect(chunks.first?.result == 1)
+            let closing = try #require(close)
+            let got = try h.waitFor([receive, closing], within: .seconds(2))
+            #expect(got.map(\.result) == [-ECANCELED, 0])
+        }
+    }
+
     @Test(arguments: Backends.kinds)
     func aStarvedReceiveIsCancelledAndEndsOnce(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in

@@ -278,6 +278,26 @@ extension PlexusTests {
         }
     }
 
+    /// A backend that goes before its first submit: the closes it prepared, one with its
+    /// SQEs and one waiting for SQ space on io_uring, have closed their fds, as on epoll
+    /// and poll, where a close runs at once. (Found by review: a ring never enabled ran
+    /// nothing, and its deinit dropped the closes with the fds open.)
+    @Test(arguments: Backends.kinds)
+    func closesOfABackendGoneBeforeItsFirstSubmitRun(_ kind: BackendKind) throws {
+        var first: [Int32] = [0, 0], second: [Int32] = [0, 0]
+        #expect(plexus_pipe2(&first, O_CLOEXEC | O_NONBLOCK) == 0 && plexus_pipe2(&second, O_CLOEXEC | O_NONBLOCK) == 0)
+        defer { _ = Glibc.close(first[1]); _ = Glibc.close(second[1]) }
+        do {
+            let selected = try Backends.start(kind, entries: 2)
+            let backend = selected.backend
+            _ = backend.prepare(.close(FileDescriptor(rawValue: first[0])))
+            _ = backend.prepare(.close(FileDescriptor(rawValue: second[0])))
+            #expect(backend.pendingCount <= 2)
+        }
+        #expect(!isOpen(first[0]), "\(kind): the close with its SQEs left its fd open")
+        #expect(!isOpen(second[0]), "\(kind): the close waiting for SQ space left its fd open")
+    }
+
     /// entries 2, before the first submit: a close waiting for SQ space, and a cancel of
     /// it. The fd is closed for its caller once the close is prepared, on every backend
     /// (epoll and poll close at once): the cancel comes too late (ENOENT), the close runs,

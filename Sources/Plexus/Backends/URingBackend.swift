@@ -269,9 +269,19 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     }
 
     deinit {
-        if enabled { cancelAll { _ in } }
-        // A ring never enabled never ran anything: its records only need their buffers freed.
-        for index in table.liveIndices() { release(index); _ = table.remove(index) }
+        let ran = enabled
+        if ran { cancelAll { _ in } }
+        // A ring never enabled never ran anything: its records only need their buffers
+        // freed, but for its closes, which closed their fds for their callers when they
+        // were prepared (`beginClose`): they run now, as on epoll and poll, or the fds leak.
+        for index in table.liveIndices() {
+            let record = table.record(index)
+            if !ran, record.pointee.kind == .close, state.pointee.closing[record.pointee.fd] == index {
+                _ = Sys.close(record.pointee.fd)
+            }
+            release(index)
+            _ = table.remove(index)
+        }
         for (id, entry) in state.pointee.bufferRings {
             _ = plexus_free_buf_ring(ring, entry.ring, UInt32(entry.group.count), Int32(id))
         }
@@ -591,7 +601,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             immediate.append(Immediate(index, invalid))
             return
         }
-        if _slowPath(!state.pointee.closing.isEmpty), kind != .close, view.fd >= 0, state.pointee.closing[view.fd] != nil {
+        if kind != .close, closeBegan(on: view.fd) {
             // Prepared after a close of its fd that has not completed: in the ring it could
             // take the file before the close runs and then wait on it forever. The fd is
             // closed for its caller already, as on epoll and poll.
@@ -668,10 +678,13 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             // end with EPIPE, as on epoll and poll).
             countInRing(index, view.fd, write: true)
         }
+        if kind == .close, state.pointee.closing[view.fd] != index {
+            // Closed for its caller from here on, with its SQE or waiting for SQ space, as on
+            // epoll and poll, where a close runs at once. (A close back from the backlog
+            // began already.)
+            beginClose(of: view.fd, by: index)
+        }
         guard let sqe = sqe() else {
-            // A close waiting for SQ space has closed its fd for its caller already, as on
-            // epoll and poll, where it runs at once.
-            if kind == .close { beginClose(of: view.fd, by: index) }
             state.pointee.backlog.append(index)
             return
         }
@@ -730,8 +743,8 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         case .cancel:
             io_uring_prep_cancel64(sqe, record.pointee.operation.cancelTarget!.rawValue, 0)
         case .close:
-            beginClose(of: view.fd, by: index)  // the pipe's poll ends with the cancel below
-            // Cancel what is pending on the fd first; the hard link runs the close either way.
+            // Cancel what is pending on the fd first (the pipe's poll too: `beginClose` forgot
+            // it); the hard link runs the close either way.
             if capabilities.contains(.cancelByFileDescriptor) {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
                 io_uring_sqe_set_flags(sqe, UInt32(PLEXUS_IOSQE_IO_HARDLINK))
@@ -924,16 +937,17 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 // Its group was unregistered under it: the kernel has no buffers for it now.
                 return finish(token.index, result: -EINVAL, flags: [], body)
             }
-            if record.pointee.cancelRequested {
+            if record.pointee.cancelRequested || closeBegan(on: record.pointee.fd) {
                 // A cancel is on its way to the kernel, which ended the receive first (it
-                // was re-armed by a recycle in the same turn): it ends here, cancelled.
+                // was re-armed by a recycle in the same turn), or a close of its fd was
+                // prepared since the kernel ended it (the close's cancel finds nothing):
+                // it ends here, cancelled.
                 return finish(token.index, result: -ECANCELED, flags: [], body)
             }
             if group.outstanding < group.count {
                 // Buffers came back between the kernel running dry and this CQE: go on now,
                 // or no later recycle would ever wake it.
-                state.pointee.statistics.multishotRearms &+= 1
-                prep(token.index)
+                rearmReceive(token.index, fd: record.pointee.fd)
             } else {
                 state.pointee.starved[group.id, default: []].append(token)
                 record.pointee.state = .awaitingBuffers
@@ -941,10 +955,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             return 0
         }
         if res > 0 {
-            if !more {  // ended by the kernel with data left to read: keep it going
-                state.pointee.statistics.multishotRearms &+= 1
-                prep(token.index)
-            }
+            if !more { rearmReceive(token.index, fd: record.pointee.fd) }  // ended with data left to read
             var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
             flags.insert(.more)
             state.pointee.statistics.completed &+= 1
@@ -959,6 +970,24 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             return 1
         }
         return finish(token.index, result: res, flags: [], body)  // end of file (0) or an error
+    }
+
+    /// Re-arms a multishot receive the kernel ended with its fd still open. After a close
+    /// of the fd was prepared it ends cancelled instead, as an operation prepared before
+    /// the close ends (`beginClose`), not with the EBADF of one prepared after it.
+    private func rearmReceive(_ index: Int, fd: Int32) {
+        if closeBegan(on: fd) {
+            immediate.append(Immediate(index, -ECANCELED))
+            return
+        }
+        state.pointee.statistics.multishotRearms &+= 1
+        prep(index)
+    }
+
+    /// A close of `fd` was prepared and has not completed (`beginClose`, `closed`).
+    @inline(__always)
+    private func closeBegan(on fd: Int32) -> Bool {
+        _slowPath(!state.pointee.closing.isEmpty) && state.pointee.closing[fd] != nil
     }
 
     /// Ends the starved multishot receives `matching` picks (of every group, or of one)

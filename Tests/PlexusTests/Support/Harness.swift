@@ -63,6 +63,9 @@ final class Harness {
     private(set) var intermediates: [Token: [Outcome]] = [:]
     /// Prepared and not yet finally completed.
     private(set) var open: Set<Token> = []
+    /// Called with each completion once it is recorded, inside the backend's `wait`: a
+    /// test prepares here what a user's callback would.
+    var onCompletion: ((Outcome) -> Void)?
     private var preparedKinds: [Token: OperationKind] = [:]
     private var closing: [Token: Int32] = [:]
     /// fds the test owns; closed at the end unless a Plexus `close` closed them.
@@ -304,6 +307,7 @@ final class Harness {
             if ownedFDs.contains(result) { Issue.record("\(kind) returned fd \(result), which is already open and owned") }
             ownedFDs.insert(result)
         }
+        onCompletion?(outcome)
     }
 
     // MARK: End of test
