@@ -65,6 +65,34 @@ extension PlexusTests {
         #expect(backend.capabilities.contains(.linkedOperations))
         print("io_uring capabilities: \(backend.capabilities), setup flags 0x\(String(backend.setupFlags, radix: 16))")
     }
+
+    /// `PLEXUS_IO_URING_SETUP` names the first ring setup tried: each one here, then a name
+    /// that is none, which is a typed EINVAL naming the valid ones (and `auto` falls back to
+    /// epoll saying so). The variable is put back as it was: make test sets it for a run.
+    @Test(.enabled(if: ringOrSkip == nil, "io_uring unavailable or not selected"))
+    func setupVariableChoosesTheFirstRingSetup() throws {
+        let name = URingBackend.setupVariable
+        let saved = getenv(name).map { String(cString: $0) }
+        defer { if let saved { setenv(name, saved, 1) } else { unsetenv(name) } }
+        for setup in URingBackend.setups {
+            setenv(name, setup.name, 1)
+            let backend = try URingBackend(entries: 4)
+            #expect(backend.setupFlags == setup.flags, "\(setup.name): 0x\(String(backend.setupFlags, radix: 16))")
+            _ = backend.prepare(.nop)
+            #expect(try Self.drain(backend, expecting: 1).values.first == 0, "\(setup.name)")
+        }
+        setenv(name, "sqpoll", 1)
+        #expect {
+            _ = try URingBackend(entries: 4)
+        } throws: { error in
+            guard let error = error as? PlexusError else { return false }
+            return error.operation == "io_uring_queue_init" && error.errno == .invalidArgument
+                && "\(error)".contains("defer-taskrun, coop-taskrun, plain")
+        }
+        let selected = try BackendChoice.automatic.start()
+        #expect(selected.kind == .epoll)
+        #expect(selected.fallbackReason?.errno == .invalidArgument)
+    }
 }
 
 }

@@ -696,5 +696,100 @@ extension PlexusTests {
             #expect(try h.perform(.recv(a, IOBuffer(capacity: 8)), within: .seconds(2)).result == 0)
         }
     }
+
+    // MARK: The kernel ends a multishot operation while a close or cancel of it waits
+
+    /// A multishot poll or accept (`multishot` picks) whose kernel operation ends (its CQE
+    /// meets a full CQ: 24 NOPs on an 8-entry CQ) after a NOP's callback, reaped before
+    /// it, prepared `then` of it: a close of its fd, or a cancel of it. The operation was
+    /// prepared first: it ends with ECANCELED, the cancel with 0, as on epoll and poll.
+    /// (Found by review, on io_uring: it was armed again, and got EBADF after the close,
+    /// or ran on past the cancel, which answered ENOENT.)
+    func multishotEndedByTheKernel(_ h: Harness, accept: Bool, close: Bool) throws {
+        let target: Token, fd: FileDescriptor, peer: () throws -> Void
+        if accept {
+            let listener = try h.tcpListener()
+            (fd, target) = (listener.fd, h.prepare(.accept(listener.fd, multishot: true)))
+            peer = { _ = try h.tcpClient(port: listener.port) }
+        } else {
+            let (a, b) = try h.socketPair()
+            (fd, target) = (a, h.prepare(.poll(a, .readable, multishot: true)))
+            peer = { h.writeAll(b, "x") }
+        }
+        try h.submit()
+        try h.idle(for: .milliseconds(1))
+        let nops = (0..<24).map { _ in h.prepare(.nop) }
+        try h.submit()
+        try peer()
+        var then: Token?
+        if close { h.disown(fd) }
+        h.onCompletion = { outcome in
+            if then == nil, outcome.kind == .nop { then = h.prepare(close ? .close(fd) : .cancel(target)) }
+        }
+        try h.waitOnce(timeout: .zero)  // the report meets the full CQ: the kernel ends it
+        try h.waitFor(nops)
+        h.onCompletion = nil
+        let got = try h.waitFor([target, try #require(then)], within: .seconds(2))
+        #expect(got.map(\.result) == [-ECANCELED, 0], "\(h.log.filter { $0.token == target }.map(\.description))")
+    }
+
+    @Test(arguments: Backends.kinds, [false, true])
+    func aMultishotOperationTheKernelEndsAfterItsFDsCloseBeganIsCancelled(_ kind: BackendKind, accept: Bool) throws {
+        try Harness.run(kind, entries: 2) { h in try multishotEndedByTheKernel(h, accept: accept, close: true) }
+    }
+
+    @Test(arguments: Backends.kinds, [false, true])
+    func aMultishotOperationTheKernelEndsWhileItsCancelWaitsIsCancelled(_ kind: BackendKind, accept: Bool) throws {
+        try Harness.run(kind, entries: 2) { h in try multishotEndedByTheKernel(h, accept: accept, close: false) }
+    }
+
+    /// A cancel prepared while the kernel's EAGAIN for a recv(MSG_DONTWAIT) waits in the
+    /// CQ: the cancel reports 0 and the recv ends with ECANCELED at once, as on epoll and
+    /// poll. (Found by review, on io_uring: the EAGAIN armed a readiness poll, the cancel
+    /// found nothing (ENOENT), and the recv went on and took the next byte.)
+    @Test(arguments: Backends.kinds)
+    func aCancelOfARecvWhoseEAGAINIsNotYetReapedEndsIt(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let recv = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)))
+            try h.submit()
+            let cancel = h.prepare(.cancel(recv))
+            let c = try h.waitFor(cancel, within: .seconds(2))
+            try h.idle(for: .milliseconds(50))
+            let stillPending = h.isPending(recv)
+            h.writeAll(b, "x")
+            let r = try h.waitFor(recv, within: .seconds(2))
+            #expect(c.result == 0, "cancel")
+            #expect(!stillPending, "recv still pending 50 ms after its cancel completed")
+            #expect(r.result == -ECANCELED)
+        }
+    }
+
+    /// Two closes of one fd, the second waiting for SQ space; the first one's callback
+    /// opens a file, which gets the fd's number. The second close fails with EBADF and
+    /// leaves the file alone, as on epoll and poll, where it runs right after the first;
+    /// a cancel of it comes too late. (Found by review, on io_uring: the second close
+    /// reached the kernel after the callback and closed the file.)
+    @Test(arguments: Backends.kinds)
+    func aSecondCloseOfAnFDLeavesItsReusedNumberAlone(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (r, _) = try h.pipe()
+            let nop = h.prepare(.nop)
+            h.disown(r)
+            let first = h.prepare(.close(r))
+            let between = (0..<4).map { _ in h.prepare(.nop) }
+            let second = h.prepare(.close(r))
+            let cancel = h.prepare(.cancel(second))
+            var reopened: Int32 = -1
+            h.onCompletion = { o in if o.token == first { reopened = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC) } }
+            try h.submit()
+            let got = try h.waitFor([nop, first, second, cancel] + between, within: .seconds(2))
+            h.onCompletion = nil
+            #expect(got.prefix(4).map(\.result) == [0, 0, -EBADF, -ENOENT])
+            #expect(h.finals[first]!.at <= h.finals[second]!.at, "the second close ended before the first")
+            #expect(reopened == r.rawValue && isOpen(reopened), "reopened \(reopened)")
+            _ = Glibc.close(reopened)
+        }
+    }
 }
 }

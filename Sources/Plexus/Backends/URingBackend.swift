@@ -17,6 +17,31 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     public let capabilities: Capabilities
     /// The IORING_SETUP_* flags the ring was created with.
     public let setupFlags: UInt32
+
+    /// The ring setups tried, newest first, each when the kernel refused the one before:
+    /// DEFER_TASKRUN (Linux 6.1), COOP_TASKRUN (5.19), and a plain ring.
+    static let setups: [(name: String, flags: UInt32)] = [
+        ("defer-taskrun", IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED | IORING_SETUP_SUBMIT_ALL),
+        ("coop-taskrun", IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL),
+        ("plain", 0),
+    ]
+
+    /// `PLEXUS_IO_URING_SETUP` names the first setup to try (`defer-taskrun`, the default,
+    /// `coop-taskrun` or `plain`): a newer kernel then runs the paths an older one takes,
+    /// for testing them (docs/design.md says what does not pass there yet). Ignored by
+    /// setuid programs.
+    public static let setupVariable = "PLEXUS_IO_URING_SETUP"
+
+    /// The setups to try: from the one `PLEXUS_IO_URING_SETUP` names, or all of them.
+    static func setupsToTry() throws(PlexusError) -> ArraySlice<(name: String, flags: UInt32)> {
+        guard let raw = plexus_secure_getenv(setupVariable), raw.pointee != 0 else { return setups[...] }
+        let name = String(cString: raw)
+        guard let first = setups.firstIndex(where: { $0.name == name }) else {
+            throw PlexusError(operation: "io_uring_queue_init", errno: .invalidArgument,
+                              message: "\(setupVariable)=\(name): use \(setups.map(\.name).joined(separator: ", ")), or leave it unset")
+        }
+        return setups[first...]
+    }
     /// The ring is enabled: R_DISABLED rings are enabled by the first thread that
     /// submits, which becomes the single issuer, whichever thread created the backend.
     /// Atomic because other threads read it too: a ring not yet enabled answers
@@ -84,6 +109,13 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         var unarmedDeadlines: [UInt32] = []
         /// Fds with a close prepared and not completed: the close's record index.
         var closing: [Int32: Int] = [:]
+        /// Closes prepared while another close of their fd was under way (`closing`): they
+        /// end with EBADF when it ends, and never reach the kernel.
+        var repeatedCloses: [Int] = []
+        /// Operations ended here, cancelled, because a cancel of them was on its way to the
+        /// kernel when the kernel ended them (`rearm`): that cancel finds nothing there
+        /// (ENOENT) and reports 0, as it would have had it come first.
+        var endedForCancel: [Token] = []
     }
 
     /// How reads of one pipe go. An IORING_OP_READ of an empty pipe is the kernel's slow
@@ -206,16 +238,17 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     public init(entries: UInt32 = 256) throws(PlexusError) {
         // A size hint, as for epoll and poll: 0 asks for the smallest ring, not EINVAL.
         let entries = max(entries, 1)
+        let attempts: ArraySlice<(name: String, flags: UInt32)>
+        do { attempts = try Self.setupsToTry() } catch {
+            table.destroy()
+            immediate.destroy()
+            throw error
+        }
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
-        let attempts: [UInt32] = [
-            IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED | IORING_SETUP_SUBMIT_ALL,
-            IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
-            0,
-        ]
         var result: Int32 = -EINVAL
         var flags: UInt32 = 0
-        for attempt in attempts {
+        for (_, attempt) in attempts {
             var params = io_uring_params()
             params.flags = attempt | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
             // Saturating (`&* 4` wrapped from 2^30 on: a CQ smaller than the SQ, EINVAL);
@@ -613,10 +646,10 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 immediate.append(Immediate(index, -ENOENT))
                 return
             }
-            if targetRecord.pointee.kind == .close, state.pointee.closing[targetRecord.pointee.fd] == target.index {
+            if targetRecord.pointee.kind == .close, state.pointee.closing[targetRecord.pointee.fd] != nil {
                 // The fd is closed for its caller since the close was prepared (`beginClose`
-                // ended and forgot what was on it): too late to cancel, as on epoll and poll,
-                // where a close runs at once.
+                // ended and forgot what was on it; a repeated close waits for its EBADF): too
+                // late to cancel, as on epoll and poll, where a close runs at once.
                 immediate.append(Immediate(index, -ENOENT))
                 return
             }
@@ -678,11 +711,21 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             // end with EPIPE, as on epoll and poll).
             countInRing(index, view.fd, write: true)
         }
-        if kind == .close, state.pointee.closing[view.fd] != index {
-            // Closed for its caller from here on, with its SQE or waiting for SQ space, as on
-            // epoll and poll, where a close runs at once. (A close back from the backlog
-            // began already.)
-            beginClose(of: view.fd, by: index)
+        if kind == .close {
+            switch state.pointee.closing[view.fd] {
+            case nil:
+                // Closed for its caller from here on, with its SQE or waiting for SQ space,
+                // as on epoll and poll, where a close runs at once.
+                beginClose(of: view.fd, by: index)
+            case index?:
+                break  // back from the backlog: it began already
+            case _?:
+                // The fd is closed already for its caller: EBADF, as on epoll and poll, once
+                // the close under way ends (its result comes first). In the ring it would
+                // close whatever took the number in between (an open in the first's callback).
+                state.pointee.repeatedCloses.append(index)
+                return
+            }
         }
         guard let sqe = sqe() else {
             state.pointee.backlog.append(index)
@@ -874,13 +917,19 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             // The readiness poll of an operation that got EAGAIN: run the operation again.
             if res >= 0 {
                 record.pointee.state = .inFlight
-                prep(token.index)
+                rearm(token.index, fd: record.pointee.fd)
                 return 0
             }
             return finish(token.index, result: res, flags: flags, body)
         }
         if res == -EAGAIN && !kind.isMultishot && Self.waitsForReadiness(kind) {
-            // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same token.
+            // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same
+            // token; unless the fd's close began since (`rearm`).
+            if record.pointee.cancelRequested {
+                endForCancel(token.index, record)  // its cancel would find no readiness poll
+                return 0
+            }
+            if closeBegan(on: record.pointee.fd) { return finish(token.index, result: -ECANCELED, flags: [], body) }
             if let sqe = sqe() {
                 let fd = record.pointee.fd
                 io_uring_prep_poll_add(sqe, fd, Self.writes(kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
@@ -897,11 +946,8 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         if kind.isMultishot {
             let more = cqeFlags & IORING_CQE_F_MORE != 0
             if res >= 0 {
-                if !more {
-                    // Ended by the kernel (CQ overflow, or a one-shot stand-in): re-arm it.
-                    state.pointee.statistics.multishotRearms &+= 1
-                    prep(token.index)
-                }
+                // Ended by the kernel (CQ overflow, or a one-shot stand-in): re-arm it.
+                if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }
                 flags.insert(.more)
                 state.pointee.statistics.completed &+= 1
                 body(Completion(token: token, result: res, flags: flags, kind: kind, operation: nil))
@@ -909,10 +955,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             }
             if kind == .acceptMultishot && OperationKind.endsOnlyOneConnection(res) {
                 // One connection lost, not the listener: go on accepting.
-                if !more {
-                    state.pointee.statistics.multishotRearms &+= 1
-                    prep(token.index)
-                }
+                if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }
                 return 0
             }
             if more {  // an error the kernel reports without ending the operation
@@ -920,6 +963,12 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 body(Completion(token: token, result: res, flags: .more, kind: kind, operation: nil))
                 return 1
             }
+        }
+        if _slowPath(kind == .cancel) && !state.pointee.endedForCancel.isEmpty,
+           let target = record.pointee.operation.cancelTarget,
+           let i = state.pointee.endedForCancel.firstIndex(of: target) {
+            state.pointee.endedForCancel.remove(at: i)
+            return finish(token.index, result: res == -ENOENT ? 0 : res, flags: flags, body)
         }
         let result = kind == .timeout && res == -ETIME ? 0 : res
         return finish(token.index, result: result, flags: flags, body)
@@ -937,17 +986,21 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 // Its group was unregistered under it: the kernel has no buffers for it now.
                 return finish(token.index, result: -EINVAL, flags: [], body)
             }
-            if record.pointee.cancelRequested || closeBegan(on: record.pointee.fd) {
+            if record.pointee.cancelRequested {
                 // A cancel is on its way to the kernel, which ended the receive first (it
-                // was re-armed by a recycle in the same turn), or a close of its fd was
-                // prepared since the kernel ended it (the close's cancel finds nothing):
-                // it ends here, cancelled.
+                // was re-armed by a recycle in the same turn): it ends here, cancelled.
+                endForCancel(token.index, record)
+                return 0
+            }
+            if closeBegan(on: record.pointee.fd) {
+                // A close of its fd was prepared since the kernel ended it (the close's
+                // cancel finds nothing): it ends here, cancelled.
                 return finish(token.index, result: -ECANCELED, flags: [], body)
             }
             if group.outstanding < group.count {
                 // Buffers came back between the kernel running dry and this CQE: go on now,
                 // or no later recycle would ever wake it.
-                rearmReceive(token.index, fd: record.pointee.fd)
+                rearm(token.index, fd: record.pointee.fd, multishot: true)
             } else {
                 state.pointee.starved[group.id, default: []].append(token)
                 record.pointee.state = .awaitingBuffers
@@ -955,7 +1008,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             return 0
         }
         if res > 0 {
-            if !more { rearmReceive(token.index, fd: record.pointee.fd) }  // ended with data left to read
+            if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }  // ended with data left to read
             var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
             flags.insert(.more)
             state.pointee.statistics.completed &+= 1
@@ -972,16 +1025,32 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         return finish(token.index, result: res, flags: [], body)  // end of file (0) or an error
     }
 
-    /// Re-arms a multishot receive the kernel ended with its fd still open. After a close
-    /// of the fd was prepared it ends cancelled instead, as an operation prepared before
-    /// the close ends (`beginClose`), not with the EBADF of one prepared after it.
-    private func rearmReceive(_ index: Int, fd: Int32) {
+    /// Prepares again, under its token, an operation the kernel answered EAGAIN or (a
+    /// multishot one, counted) ended: CQ overflow, no buffers left, a one-shot stand-in.
+    /// After a close of its fd was prepared it ends cancelled instead, as an operation
+    /// prepared before the close ends (`beginClose`), not with the EBADF of one prepared
+    /// after it (`prep`), and is not armed on an fd number that may name another file.
+    private func rearm(_ index: Int, fd: Int32, multishot: Bool = false) {
+        let record = table.record(index)
+        if record.pointee.cancelRequested {
+            // Its cancel is in the SQ, ahead of where the new SQE would go: armed again, the
+            // operation would run on past it.
+            endForCancel(index, record)
+            return
+        }
         if closeBegan(on: fd) {
             immediate.append(Immediate(index, -ECANCELED))
             return
         }
-        state.pointee.statistics.multishotRearms &+= 1
+        if multishot { state.pointee.statistics.multishotRearms &+= 1 }
         prep(index)
+    }
+
+    /// Ends an operation the kernel ended while a cancel of it was on its way there: the
+    /// cancel reports 0 when its ENOENT comes back (`endedForCancel`).
+    private func endForCancel(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>) {
+        state.pointee.endedForCancel.append(Token(index: UInt32(index), generation: record.pointee.generation))
+        immediate.append(Immediate(index, -ECANCELED))
     }
 
     /// A close of `fd` was prepared and has not completed (`beginClose`, `closed`).
@@ -1113,7 +1182,14 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// now on go to the kernel (unless a later close of it is still on its way).
     @inline(never)
     private func closed(_ fd: Int32, by index: Int) {
-        if state.pointee.closing[fd] == index { state.pointee.closing[fd] = nil }
+        guard state.pointee.closing[fd] == index else { return }
+        state.pointee.closing[fd] = nil
+        if state.pointee.repeatedCloses.isEmpty { return }
+        state.pointee.repeatedCloses.removeAll { other in
+            guard table.record(other).pointee.fd == fd else { return false }
+            immediate.append(Immediate(other, -EBADF))
+            return true
+        }
     }
 
     /// Ends the operations on `fd` waiting in the backlog for SQ space with `result`.

@@ -33,6 +33,14 @@ enum Backends {
 
     private static let reported = Mutex<Set<BackendKind>>([])
 
+    /// The io_uring setup `PLEXUS_IO_URING_SETUP` names (make test runs the io_uring suite
+    /// with each), nil when unset; every ring of the run must have been created with it.
+    static let ringSetup: (name: String, flags: UInt32)? = {
+        guard let raw = getenv(URingBackend.setupVariable), raw.pointee != 0 else { return nil }
+        let name = String(cString: raw)
+        return URingBackend.setups.first { $0.name == name }
+    }()
+
     /// Starts `kind` through `BackendChoice.start()`, as a user would, and asserts that
     /// the backend that runs is the one asked for. Skips (cancels the test case) when
     /// all backends are under test and this one cannot start here.
@@ -59,6 +67,9 @@ enum Backends {
         #expect(selected.kind == kind)
         #expect(selected.choice == choice)
         #expect(selected.fallbackReason == nil, "a named backend never falls back")
+        if let ring = selected.backend as? URingBackend, let setup = ringSetup {
+            #expect(ring.setupFlags == setup.flags, "\(URingBackend.setupVariable)=\(setup.name), got setup flags 0x\(String(ring.setupFlags, radix: 16))")
+        }
         return selected
     }
 }
