@@ -743,6 +743,29 @@ extension PlexusTests {
         try Harness.run(kind, entries: 2) { h in try multishotEndedByTheKernel(h, accept: accept, close: false) }
     }
 
+    /// entries 2, after the first submit (the ring is enabled): a recv in the ring, a NOP,
+    /// then a close of the recv's socket, whose cancel takes the SQ's last entry. The recv
+    /// ends with ECANCELED. (Once failed on io_uring: the close's hard-linked SQE was taken
+    /// with a submit for room, which cut the link; the kernel ran the cancel in io-wq after
+    /// the close, EBADF, and the recv waited for ever on a socket closed for its caller.
+    /// Found by the first runs on COOP_TASKRUN and plain rings.)
+    @Test(arguments: Backends.kinds)
+    func tinyEnabledRingCloseWithOneSQEntryLeftCancelsTheRecv(_ kind: BackendKind) throws {
+        try Harness.run(kind, entries: 2) { h in
+            let (a, _) = try h.socketPair()
+            try h.perform(.nop)
+            let recv = h.prepare(.recv(a, IOBuffer(capacity: 8)))
+            try h.submit()
+            try h.idle(for: .milliseconds(2))
+            let nop = h.prepare(.nop)
+            h.disown(a)
+            let close = h.prepare(.close(a))
+            try h.submit()
+            let got = try h.waitFor([recv, nop, close], within: .seconds(2))
+            #expect(got.map(\.result) == [-ECANCELED, 0, 0])
+        }
+    }
+
     /// A cancel prepared while the kernel's EAGAIN for a recv(MSG_DONTWAIT) waits in the
     /// CQ: the cancel reports 0 and the recv ends with ECANCELED at once, as on epoll and
     /// poll. (Found by review, on io_uring: the EAGAIN armed a readiness poll, the cancel

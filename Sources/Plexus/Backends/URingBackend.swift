@@ -480,7 +480,11 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         while table.liveCount > 0 && idle < 1000 {
             let n = (try? wait(timeout: .milliseconds(10), body)) ?? 0
             idle = n == 0 ? idle + 1 : 0
-            if n == 0, let sqe = sqe() {  // operations that were not yet cancellable (links, re-arms)
+            // Also after what callbacks prepared since the last cancel, behind it in the SQ: on
+            // rings without DEFER_TASKRUN an echo's recv prepared there found its bytes and
+            // went on for ever. (And, when nothing came, what was not yet cancellable: links,
+            // re-arms.)
+            if n == 0 || io_uring_sq_ready(ring) > 0, let sqe = sqe() {
                 io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL))
                 io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
             }
@@ -792,7 +796,10 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 io_uring_prep_cancel_fd(sqe, view.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
                 io_uring_sqe_set_flags(sqe, UInt32(PLEXUS_IOSQE_IO_HARDLINK))
                 io_uring_sqe_set_data64(sqe, Token.internalOperation.rawValue)
-                guard let close = self.sqe() else {
+                // Not `sqe()`: a submit for room here would cut the link, and a link cut at
+                // the end of a submit runs its cancel in io-wq, after the close (EBADF), so
+                // what it was to cancel waits for ever.
+                guard let close = io_uring_get_sqe(ring) else {
                     // No room after the cancel: let the cancel run alone, the close follows later.
                     io_uring_sqe_set_flags(sqe, 0)
                     state.pointee.backlog.append(index)
@@ -1051,6 +1058,14 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     private func endForCancel(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>) {
         state.pointee.endedForCancel.append(Token(index: UInt32(index), generation: record.pointee.generation))
         immediate.append(Immediate(index, -ECANCELED))
+    }
+
+    /// A close may wait in the SQ: a write Plexus would do at once with a syscall (a pipe
+    /// write, a send) goes to the ring instead, behind it. Done at once, its return from
+    /// the kernel runs task work on rings without DEFER_TASKRUN: a read of the pipe's other
+    /// end in the ring took the byte before the close that was to cancel it was submitted.
+    private var closeUnsubmitted: Bool {
+        _slowPath(!state.pointee.closing.isEmpty) && io_uring_sq_ready(ring) > 0
     }
 
     /// A close of `fd` was prepared and has not completed (`beginClose`, `closed`).
@@ -1361,6 +1376,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// goes to the ring. (write(2) on a socket is send(2) without flags; MSG_NOSIGNAL
     /// makes a reset peer EPIPE without the signal, as the ring's SIGPIPE is discarded.)
     private func sendNow(_ fd: Int32, _ view: KernelView) -> Int32? {
+        if closeUnsubmitted { return nil }
         let result = Sys.send(fd, view.base, view.length, view.flags | Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
         if result == -Int(EAGAIN) || result == -Int(EWOULDBLOCK) { return nil }
         return Int32(truncatingIfNeeded: result)
@@ -1515,7 +1531,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// EOPNOTSUPP, remembered; any other error, which the ring reports as it always did).
     /// EPIPE is the write's result.
     private func writeToPipeNow(_ fd: Int32, _ base: UnsafeMutableRawPointer?, _ length: Int) -> Int32? {
-        guard !state.pointee.pipes[Int(fd)].noWaitRefused else { return nil }
+        guard !state.pointee.pipes[Int(fd)].noWaitRefused, !closeUnsubmitted else { return nil }
         plexus_block_sigpipe()  // a pipe without a reader raises SIGPIPE on this thread
         let result = state.pointee.pipes[Int(fd)].nonBlocking ? Sys.write(fd, base, length)
                                                                : Sys.writeNoWait(fd, base, length, -1)
