@@ -650,7 +650,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 immediate.append(Immediate(index, -ENOENT))
                 return
             }
-            if targetRecord.pointee.kind == .close, state.pointee.closing[targetRecord.pointee.fd] != nil {
+            if targetRecord.pointee.kind == .close, closeBegan(on: targetRecord.pointee.fd) {
                 // The fd is closed for its caller since the close was prepared (`beginClose`
                 // ended and forgot what was on it; a repeated close waits for its EBADF): too
                 // late to cancel, as on epoll and poll, where a close runs at once.
@@ -924,19 +924,15 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             // The readiness poll of an operation that got EAGAIN: run the operation again.
             if res >= 0 {
                 record.pointee.state = .inFlight
-                rearm(token.index, fd: record.pointee.fd)
+                rearm(token.index)
                 return 0
             }
             return finish(token.index, result: res, flags: flags, body)
         }
         if res == -EAGAIN && !kind.isMultishot && Self.waitsForReadiness(kind) {
             // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same
-            // token; unless the fd's close began since (`rearm`).
-            if record.pointee.cancelRequested {
-                endForCancel(token.index, record)  // its cancel would find no readiness poll
-                return 0
-            }
-            if closeBegan(on: record.pointee.fd) { return finish(token.index, result: -ECANCELED, flags: [], body) }
+            // token; unless it was cancelled or its fd's close began since.
+            if endsInsteadOfRearm(token.index, record) { return 0 }
             if let sqe = sqe() {
                 let fd = record.pointee.fd
                 io_uring_prep_poll_add(sqe, fd, Self.writes(kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
@@ -954,7 +950,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             let more = cqeFlags & IORING_CQE_F_MORE != 0
             if res >= 0 {
                 // Ended by the kernel (CQ overflow, or a one-shot stand-in): re-arm it.
-                if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }
+                if !more { rearm(token.index, multishot: true) }
                 flags.insert(.more)
                 state.pointee.statistics.completed &+= 1
                 body(Completion(token: token, result: res, flags: flags, kind: kind, operation: nil))
@@ -962,7 +958,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             }
             if kind == .acceptMultishot && OperationKind.endsOnlyOneConnection(res) {
                 // One connection lost, not the listener: go on accepting.
-                if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }
+                if !more { rearm(token.index, multishot: true) }
                 return 0
             }
             if more {  // an error the kernel reports without ending the operation
@@ -993,21 +989,13 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
                 // Its group was unregistered under it: the kernel has no buffers for it now.
                 return finish(token.index, result: -EINVAL, flags: [], body)
             }
-            if record.pointee.cancelRequested {
-                // A cancel is on its way to the kernel, which ended the receive first (it
-                // was re-armed by a recycle in the same turn): it ends here, cancelled.
-                endForCancel(token.index, record)
-                return 0
-            }
-            if closeBegan(on: record.pointee.fd) {
-                // A close of its fd was prepared since the kernel ended it (the close's
-                // cancel finds nothing): it ends here, cancelled.
-                return finish(token.index, result: -ECANCELED, flags: [], body)
-            }
+            // Cancelled (re-armed by a recycle in the same turn) or its fd's close began
+            // since the kernel ended it: it ends here, as parking would outlive both.
+            if endsInsteadOfRearm(token.index, record) { return 0 }
             if group.outstanding < group.count {
                 // Buffers came back between the kernel running dry and this CQE: go on now,
                 // or no later recycle would ever wake it.
-                rearm(token.index, fd: record.pointee.fd, multishot: true)
+                rearm(token.index, multishot: true)
             } else {
                 state.pointee.starved[group.id, default: []].append(token)
                 record.pointee.state = .awaitingBuffers
@@ -1015,7 +1003,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             return 0
         }
         if res > 0 {
-            if !more { rearm(token.index, fd: record.pointee.fd, multishot: true) }  // ended with data left to read
+            if !more { rearm(token.index, multishot: true) }  // ended with data left to read
             var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
             flags.insert(.more)
             state.pointee.statistics.completed &+= 1
@@ -1033,31 +1021,30 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     }
 
     /// Prepares again, under its token, an operation the kernel answered EAGAIN or (a
-    /// multishot one, counted) ended: CQ overflow, no buffers left, a one-shot stand-in.
-    /// After a close of its fd was prepared it ends cancelled instead, as an operation
-    /// prepared before the close ends (`beginClose`), not with the EBADF of one prepared
-    /// after it (`prep`), and is not armed on an fd number that may name another file.
-    private func rearm(_ index: Int, fd: Int32, multishot: Bool = false) {
-        let record = table.record(index)
-        if record.pointee.cancelRequested {
-            // Its cancel is in the SQ, ahead of where the new SQE would go: armed again, the
-            // operation would run on past it.
-            endForCancel(index, record)
-            return
-        }
-        if closeBegan(on: fd) {
-            immediate.append(Immediate(index, -ECANCELED))
-            return
-        }
+    /// multishot one, counted) ended: CQ overflow, no buffers left, a one-shot stand-in;
+    /// unless it ends instead (`endsInsteadOfRearm`).
+    private func rearm(_ index: Int, multishot: Bool = false) {
+        if endsInsteadOfRearm(index, table.record(index)) { return }
         if multishot { state.pointee.statistics.multishotRearms &+= 1 }
         prep(index)
     }
 
-    /// Ends an operation the kernel ended while a cancel of it was on its way there: the
-    /// cancel reports 0 when its ENOENT comes back (`endedForCancel`).
-    private func endForCancel(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>) {
-        state.pointee.endedForCancel.append(Token(index: UInt32(index), generation: record.pointee.generation))
+    /// Ends with ECANCELED, and returns true, an operation the kernel answered EAGAIN or
+    /// ended that Plexus would otherwise arm again or park:
+    /// - when a cancel of it is in the SQ, ahead of where its new SQE would go: armed again
+    ///   it would run on past the cancel, which reports 0 when its ENOENT comes back
+    ///   (`endedForCancel`);
+    /// - when a close of its fd was prepared: it ends as an operation prepared before the
+    ///   close ends (`beginClose`), not with the EBADF of one prepared after it (`prep`),
+    ///   and is not armed on an fd number that may name another file.
+    private func endsInsteadOfRearm(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>) -> Bool {
+        if record.pointee.cancelRequested {
+            state.pointee.endedForCancel.append(Token(index: UInt32(index), generation: record.pointee.generation))
+        } else if !closeBegan(on: record.pointee.fd) {
+            return false
+        }
         immediate.append(Immediate(index, -ECANCELED))
+        return true
     }
 
     /// A close may wait in the SQ: a write Plexus would do at once with a syscall (a pipe
