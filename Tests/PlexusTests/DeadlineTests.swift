@@ -20,6 +20,29 @@ extension PlexusTests {
         }
     }
 
+    /// An operation the kernel answers EAGAIN (a recv with MSG_DONTWAIT, a read of an
+    /// O_NONBLOCK socket) waits for readiness under the same deadline.
+    @Test(arguments: Backends.kinds)
+    func anOperationThatWaitsForReadinessAfterEAGAINKeepsItsDeadline(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let (c, _) = try h.socketPair()
+            _ = fcntl(c.rawValue, F_SETFL, fcntl(c.rawValue, F_GETFL) | O_NONBLOCK)
+            let start = Deadline.now
+            let recv = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)), deadline: start + .milliseconds(30))
+            let read = h.prepare(.read(c, IOBuffer(capacity: 8)), deadline: start + .milliseconds(30))
+            let got = try h.waitFor([recv, read], within: .seconds(2))
+            #expect(got.map(\.result) == [-ECANCELED, -ECANCELED])
+            #expect(Deadline.now >= start + .milliseconds(30), "cancelled before its deadline")
+            // Nothing of them is left to take a byte later.
+            h.writeAll(b, "x")
+            try h.idle(for: .milliseconds(30))
+            var byte: UInt8 = 0
+            #expect(Glibc.read(a.rawValue, &byte, 1) == 1)
+            #expect(h.backend.pendingCount == 0)
+        }
+    }
+
     @Test(arguments: Backends.kinds)
     func operationsDoneBeforeTheirDeadlinesKeepTheirResultsAndNothingFiresLater(_ kind: BackendKind) throws {
         try Harness.run(kind) { h in

@@ -933,14 +933,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same
             // token; unless it was cancelled or its fd's close began since.
             if endsInsteadOfRearm(token.index, record) { return 0 }
-            if let sqe = sqe() {
-                let fd = record.pointee.fd
-                io_uring_prep_poll_add(sqe, fd, Self.writes(kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
-                io_uring_sqe_set_data64(sqe, userData)
-                record.pointee.state = .awaitingReadiness
-                state.pointee.statistics.wouldBlock &+= 1
-                return 0
-            }
+            if prepareReadinessPoll(token, record) { return 0 }
         }
         if kind == .receiveMultishot {
             return completeReceive(token, record, res, cqeFlags, body)
@@ -1018,6 +1011,35 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             return 1
         }
         return finish(token.index, result: res, flags: [], body)  // end of file (0) or an error
+    }
+
+    /// Prepares the readiness poll of `token`'s operation, which the kernel answered
+    /// EAGAIN; false when the SQ has no room. A linked deadline ended with the operation,
+    /// so the poll takes one at the same instant (the timespec stays in its scratch); with
+    /// no SQE for that, a standalone one.
+    private func prepareReadinessPoll(_ token: Token, _ record: UnsafeMutablePointer<OperationRecord>) -> Bool {
+        let linked = _slowPath(record.pointee.deadline == .linked)
+        if linked && io_uring_sq_space_left(ring) < 2 && enabled {
+            plexus_block_sigpipe()
+            _ = io_uring_submit(ring)
+        }
+        guard let sqe = sqe() else { return false }
+        io_uring_prep_poll_add(sqe, record.pointee.fd, Self.writes(record.pointee.kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
+        io_uring_sqe_set_data64(sqe, token.rawValue)
+        record.pointee.state = .awaitingReadiness
+        state.pointee.statistics.wouldBlock &+= 1
+        guard linked else { return true }
+        let index = Int(token.index)
+        let scratch = table.scratch(index)
+        if let timeoutSQE = io_uring_get_sqe(ring) {
+            sqe.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
+            io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
+            io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
+        } else if state.pointee.deadlineOf[index] == nil {
+            let t = scratch.pointee.timeout
+            armDeadline(token, Deadline(nanoseconds: UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)))
+        }
+        return true
     }
 
     /// Prepares again, under its token, an operation the kernel answered EAGAIN or (a
