@@ -171,5 +171,171 @@ extension PlexusTests {
             for task in waiting { #expect(await task.value == "CancellationError", "\(kind)") }
         }
     }
+
+    /// Readiness the retried operation keeps answering EAGAIN (POLLERR of a UDP socket
+    /// with IP_RECVERR and an error queued, SO_ERROR read): the deadline still ends it.
+    /// (Found by review, on io_uring: a poll ready at once never arms the timeout linked
+    /// to it, and the loop spun past the deadline for ever.)
+    @Test(arguments: Backends.kinds)
+    func aDeadlineEndsAnOperationWhoseReadinessKeepsFiringWhileItKeepsGettingEAGAIN(_ kind: BackendKind) throws {
+        let s = try Self.udpSocketWithPersistentPOLLERR()
+        defer { Glibc.close(s) }
+        try Harness.run(kind) { h in
+            let start = Deadline.now
+            let recv = h.prepare(.recv(FileDescriptor(rawValue: s), IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)),
+                                 deadline: start + .milliseconds(30))
+            let got = try h.waitFor(recv, within: .seconds(2))
+            #expect(got.result == -ECANCELED && got.flags.contains(.deadlinePassed), "\(got)")
+        }
+    }
+
+    /// A standalone deadline (the recv waits behind another on its socket) fires while the
+    /// recv waits in the SQ; the recv's EAGAIN is reaped after it. (Found by review, on the
+    /// COOP_TASKRUN and plain rings: the deadline's cancel found nothing, and the
+    /// readiness poll that followed waited for ever.)
+    @Test(arguments: Backends.kinds)
+    func aStandaloneDeadlineThatFiresJustBeforeTheEAGAINStillEndsTheOperation(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (_, second) = try Self.recvWithAStandaloneDeadlineNotYetSubmitted(h)
+            usleep(80_000)  // its deadline passes before the next submit
+            let got = try h.waitFor(second, within: .seconds(2))
+            #expect(got.result == -ECANCELED && got.flags.contains(.deadlinePassed), "\(got)")
+        }
+    }
+
+    /// The same recv with a close of its socket prepared before the deadline: the close
+    /// ended it, not the deadline, and it ends before the close, as on epoll and poll.
+    /// (Found by review, on io_uring: the recv's ECANCELED came after the close's
+    /// completion, flagged `deadlinePassed`, which an awaited recv reports as ETIMEDOUT.)
+    @Test(arguments: Backends.kinds)
+    func aRecvWhoseCloseCameBeforeItsDeadlineEndsByTheCloseAndBeforeIt(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, second) = try Self.recvWithAStandaloneDeadlineNotYetSubmitted(h)
+            h.disown(a)
+            let close = h.prepare(.close(a))
+            usleep(80_000)
+            let got = try h.waitFor([second, close], within: .seconds(2))
+            let order = h.log.filter { $0.token == second || $0.token == close }.map { $0.token == second ? "recv" : "close" }
+            #expect(got.map(\.result) == [-ECANCELED, 0])
+            #expect(!got[0].flags.contains(.deadlinePassed), "ended by the close prepared before the deadline")
+            #expect(order == ["recv", "close"])
+        }
+    }
+
+    /// A recv with MSG_DONTWAIT and a close of its socket prepared behind it: the recv
+    /// ends first, as on epoll and poll. (Found by review: on io_uring it came after.)
+    @Test(arguments: Backends.kinds)
+    func aRecvAnsweredEAGAINAfterItsFDsClosePreparedEndsBeforeTheClose(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, _) = try h.socketPair()
+            h.disown(a)
+            let recv = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)))
+            let close = h.prepare(.close(a))
+            let got = try h.waitFor([recv, close], within: .seconds(2))
+            let order = h.log.filter { $0.token == recv || $0.token == close }.map { $0.token == recv ? "recv" : "close" }
+            #expect(got.map(\.result) == [-ECANCELED, 0])
+            #expect(order == ["recv", "close"])
+        }
+    }
+
+    /// A recv or a send the kernel answered EAGAIN, ended by its deadline or a cancel while
+    /// it waits for readiness, leaves its socket usable: the next recv gets the next byte,
+    /// the next send goes. (Found by review, on io_uring: the stream still counted the
+    /// first in the ring, and every later recv or send of the socket waited for ever.)
+    @Test(arguments: Backends.kinds)
+    func aSocketStaysUsableAfterAnOperationWaitingForReadinessEnds(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            let timed = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)),
+                                  deadline: Deadline.now + .milliseconds(30))
+            let ended = try h.waitFor(timed, within: .seconds(2))
+            #expect(ended.result == -ECANCELED && ended.flags.contains(.deadlinePassed), "\(ended)")
+            let cancelled = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)))
+            try h.submit()
+            try h.idle(for: .milliseconds(10))
+            let cancel = h.prepare(.cancel(cancelled))
+            #expect(try h.waitFor([cancelled, cancel], within: .seconds(2)).map(\.result) == [-ECANCELED, 0])
+            let next = h.prepare(.recv(a, IOBuffer(capacity: 8)))
+            try h.submit()
+            h.writeAll(b, "y")
+            #expect(try h.waitFor(next, within: .seconds(2)).result == 1)
+
+            let filled = h.fillSendBuffer(a)
+            let send = h.prepare(.send(a, IOBuffer("x"), flags: Int32(MSG_DONTWAIT)), deadline: Deadline.now + .milliseconds(30))
+            let sendEnded = try h.waitFor(send, within: .seconds(2))
+            #expect(sendEnded.result == -ECANCELED && sendEnded.flags.contains(.deadlinePassed), "\(sendEnded)")
+            _ = try h.readExactly(b, count: filled)
+            #expect(try h.perform(.send(a, IOBuffer("z"), flags: 0), within: .seconds(2)).result == 1)
+        }
+    }
+
+    /// A recv the kernel answered EAGAIN waits for readiness; a byte comes (its poll fires)
+    /// and a close of the socket is prepared before that poll's completion is reaped: the
+    /// recv ends first, as on epoll and poll. (Found by review, on the COOP_TASKRUN and
+    /// plain rings: it ended after the close.)
+    @Test(arguments: Backends.kinds)
+    func aCloseAfterTheReadinessOfARecvThatGotEAGAINEndsTheRecvFirst(_ kind: BackendKind) throws {
+        try Harness.run(kind) { h in
+            let (a, b) = try h.socketPair()
+            h.disown(a)
+            let recv = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)))
+            try h.submit()
+            try h.idle(for: .milliseconds(10))
+            h.writeAll(b, "z")
+            usleep(5_000)
+            let close = h.prepare(.close(a))
+            let got = try h.waitFor([recv, close], within: .seconds(2))
+            let order = h.log.filter { $0.token == recv || $0.token == close }.map { $0.token == recv ? "recv" : "close" }
+            #expect(got.map(\.result) == [-ECANCELED, 0])
+            #expect(order == ["recv", "close"], "\(got)")
+        }
+    }
+
+    /// A recv with MSG_DONTWAIT and a deadline 50 ms away, on a socket where it waited
+    /// behind another recv (so its deadline is standalone): that one has its byte now, and
+    /// this one is prepared in the SQ, not yet submitted. Returns the socket and the recv.
+    static func recvWithAStandaloneDeadlineNotYetSubmitted(_ h: Harness) throws -> (FileDescriptor, Token) {
+        let (a, b) = try h.socketPair()
+        let first = h.prepare(.recv(a, IOBuffer(capacity: 1)))
+        let second = h.prepare(.recv(a, IOBuffer(capacity: 8), flags: Int32(MSG_DONTWAIT)),
+                               deadline: Deadline.now + .milliseconds(50))
+        try h.submit()
+        try h.idle(for: .milliseconds(5))
+        h.writeAll(b, "x")
+        _ = try h.waitFor(first, within: .seconds(2))
+        return (a, second)
+    }
+
+    /// A connected UDP socket whose error queue holds an ICMP port unreachable
+    /// (IP_RECVERR) and whose SO_ERROR was read: poll(2) says POLLERR for ever, and a
+    /// recv with MSG_DONTWAIT says EAGAIN.
+    static func udpSocketWithPersistentPOLLERR() throws -> Int32 {
+        let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        try #require(s >= 0)
+        var one: Int32 = 1
+        try #require(setsockopt(s, Int32(IPPROTO_IP), IP_RECVERR, &one, 4) == 0)
+        let t = socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        withUnsafeMutablePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = bind(t, $0, length); _ = getsockname(t, $0, &length) }
+        }
+        Glibc.close(t)  // the port is closed now: a datagram to it draws an ICMP port unreachable
+        withUnsafeMutablePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = connect(s, $0, length) }
+        }
+        _ = Glibc.send(s, "x", 1, 0)
+        usleep(20_000)
+        var error: Int32 = 0
+        var errorLength = socklen_t(4)
+        _ = getsockopt(s, SOL_SOCKET, SO_ERROR, &error, &errorLength)  // clears sk_err; the queue keeps its entry
+        var p = pollfd(fd: s, events: Int16(POLLIN), revents: 0)
+        try #require(poll(&p, 1, 0) == 1 && p.revents & Int16(POLLERR) != 0, "no POLLERR")
+        var byte: UInt8 = 0
+        try #require(Glibc.recv(s, &byte, 1, Int32(MSG_DONTWAIT)) == -1 && errno == EAGAIN)
+        return s
+    }
 }
 }

@@ -584,6 +584,11 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         let index = Int(entry.token.index)
         guard res == -ETIME, let record = table.live(entry.token) else { return }
         if state.pointee.deadlineOf[index] == id { state.pointee.deadlineOf[index] = nil }
+        if record.pointee.cancelRequested || closeBegan(on: record.pointee.fd) {
+            // A cancel or close prepared before the deadline ends it (the timeout's CQE can
+            // come first on rings without DEFER_TASKRUN): not the deadline.
+            return
+        }
         record.pointee.deadline = .fired
         switch record.pointee.state {
         case .awaitingPipe:  // waiting behind another operation, or parked on a pipe
@@ -921,9 +926,14 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         let kind = record.pointee.kind
         var flags = CompletionFlags(rawValue: cqeFlags & IORING_CQE_F_SOCK_NONEMPTY)
         if record.pointee.state == .awaitingReadiness {
-            // The readiness poll of an operation that got EAGAIN: run the operation again.
+            // The readiness poll of an operation that got EAGAIN: run the operation again,
+            // unless it ends (at once: before what was prepared after it, a close say). It
+            // is in flight again either way: `finish` uncounts only an .inFlight record from
+            // its stream's reads or writes in the ring, and a count left at 1 would park
+            // every later recv or send of the socket for ever.
+            record.pointee.state = .inFlight
             if res >= 0 {
-                record.pointee.state = .inFlight
+                if endsInsteadOfRearm(token.index, record) { return finish(token.index, result: -ECANCELED, flags: [], body) }
                 rearm(token.index)
                 return 0
             }
@@ -931,8 +941,11 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         }
         if res == -EAGAIN && !kind.isMultishot && Self.waitsForReadiness(kind) {
             // Old kernels return EAGAIN for O_NONBLOCK files: poll, then retry under the same
-            // token; unless it was cancelled or its fd's close began since.
-            if endsInsteadOfRearm(token.index, record) { return 0 }
+            // token; unless it was cancelled, its fd's close began or its deadline passed
+            // since (a readiness the retry keeps answering EAGAIN, POLLERR, would spin).
+            if endsInsteadOfRearm(token.index, record) || deadlineCameWhileInFlight(record, token.index) {
+                return finish(token.index, result: -ECANCELED, flags: [], body)
+            }
             if prepareReadinessPoll(token, record) { return 0 }
         }
         if kind == .receiveMultishot {
@@ -984,7 +997,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             }
             // Cancelled (re-armed by a recycle in the same turn) or its fd's close began
             // since the kernel ended it: it ends here, as parking would outlive both.
-            if endsInsteadOfRearm(token.index, record) { return 0 }
+            if endsInsteadOfRearm(token.index, record) { return finish(token.index, result: -ECANCELED, flags: [], body) }
             if group.outstanding < group.count {
                 // Buffers came back between the kernel running dry and this CQE: go on now,
                 // or no later recycle would ever wake it.
@@ -1046,13 +1059,17 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// multishot one, counted) ended: CQ overflow, no buffers left, a one-shot stand-in;
     /// unless it ends instead (`endsInsteadOfRearm`).
     private func rearm(_ index: Int, multishot: Bool = false) {
-        if endsInsteadOfRearm(index, table.record(index)) { return }
+        if endsInsteadOfRearm(index, table.record(index)) {
+            immediate.append(Immediate(index, -ECANCELED))
+            return
+        }
         if multishot { state.pointee.statistics.multishotRearms &+= 1 }
         prep(index)
     }
 
-    /// Ends with ECANCELED, and returns true, an operation the kernel answered EAGAIN or
-    /// ended that Plexus would otherwise arm again or park:
+    /// Whether an operation the kernel answered EAGAIN or ended, which Plexus would
+    /// otherwise arm again or park, ends with ECANCELED instead (the caller ends it, at
+    /// once where it can, so it comes before what was prepared after it, as on epoll):
     /// - when a cancel of it is in the SQ, ahead of where its new SQE would go: armed again
     ///   it would run on past the cancel, which reports 0 when its ENOENT comes back
     ///   (`endedForCancel`);
@@ -1062,11 +1079,17 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     private func endsInsteadOfRearm(_ index: Int, _ record: UnsafeMutablePointer<OperationRecord>) -> Bool {
         if record.pointee.cancelRequested {
             state.pointee.endedForCancel.append(Token(index: UInt32(index), generation: record.pointee.generation))
-        } else if !closeBegan(on: record.pointee.fd) {
-            return false
+            return true
         }
-        immediate.append(Immediate(index, -ECANCELED))
-        return true
+        return closeBegan(on: record.pointee.fd)
+    }
+
+    /// Whether the deadline of an operation the kernel answered EAGAIN passed while it
+    /// was in the kernel: its linked timeout's instant is gone (a readiness poll that
+    /// completes at once never arms the timeout linked to it), or its standalone one
+    /// fired and the cancel it sent found nothing to cancel.
+    private func deadlineCameWhileInFlight(_ record: UnsafeMutablePointer<OperationRecord>, _ index: Int) -> Bool {
+        _slowPath(record.pointee.deadline != .none) && !deadlinePassed(record, table.scratch(index)).isEmpty
     }
 
     /// A close may wait in the SQ: a write Plexus would do at once with a syscall (a pipe
