@@ -180,4 +180,7 @@ extension __kernel_timespec {
     init(nanoseconds ns: UInt64) {
         self.init(tv_sec: Int64(ns / 1_000_000_000), tv_nsec: Int64(ns % 1_000_000_000))
     }
+
+    /// Back to nanoseconds: the instant of an absolute timeout, as `Deadline` counts it.
+    var nanoseconds: UInt64 { UInt64(tv_sec) &* 1_000_000_000 &+ UInt64(tv_nsec) }
 }

@@ -375,11 +375,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// The timeout's own CQE is internal.
     public func prepare(_ operation: consuming Operation, deadline: Deadline) -> Token {
         guard operation.kind.takesDeadline else { return prepare(operation) }
-        if io_uring_sq_space_left(ring) < 2, (try? enableIfNeeded()) != nil {
-            // The operation and its timeout go into the SQ together.
-            plexus_block_sigpipe()
-            _ = io_uring_submit(ring)
-        }
+        makeRoom(for: 2)  // the operation and its timeout go into the SQ together
         let tailBefore = ring.pointee.sq.sqe_tail
         let immediateBefore = immediate.count
         state.pointee.noParking = true
@@ -398,13 +394,29 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             armDeadline(token, deadline)
             return token
         }
-        operationSQE.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
         let scratch = table.scratch(Int(token.index))
         scratch.pointee.timeout = __kernel_timespec(nanoseconds: deadline.nanoseconds)
         table.record(Int(token.index)).pointee.deadline = .linked
+        linkTimeout(timeoutSQE, to: operationSQE, at: scratch)
+        return token
+    }
+
+    /// Links `sqe` to an IORING_OP_LINK_TIMEOUT at the instant in `scratch`
+    /// (IORING_TIMEOUT_ABS) in `timeoutSQE`, the next one; the timeout's own CQE is internal.
+    private func linkTimeout(_ timeoutSQE: UnsafeMutablePointer<io_uring_sqe>, to sqe: UnsafeMutablePointer<io_uring_sqe>,
+                             at scratch: UnsafeMutablePointer<plexus_op_scratch>) {
+        sqe.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
         io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
         io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
-        return token
+    }
+
+    /// Submits what the SQ holds when fewer than `count` entries are free, so entries that
+    /// must go in together (an operation and its linked timeout) find room.
+    private func makeRoom(for count: UInt32) {
+        if io_uring_sq_space_left(ring) < count, (try? enableIfNeeded()) != nil {
+            plexus_block_sigpipe()
+            _ = io_uring_submit(ring)
+        }
     }
 
     /// A result known at prepare (a cached read, a refused fd) comes back here at once.
@@ -934,7 +946,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
             record.pointee.state = .inFlight
             if res >= 0 {
                 if endsInsteadOfRearm(token.index, record) { return finish(token.index, result: -ECANCELED, flags: [], body) }
-                rearm(token.index)
+                prep(token.index)  // `rearm` without its check, made just above
                 return 0
             }
             return finish(token.index, result: res, flags: flags, body)
@@ -1032,10 +1044,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
     /// no SQE for that, a standalone one.
     private func prepareReadinessPoll(_ token: Token, _ record: UnsafeMutablePointer<OperationRecord>) -> Bool {
         let linked = _slowPath(record.pointee.deadline == .linked)
-        if linked && io_uring_sq_space_left(ring) < 2 && enabled {
-            plexus_block_sigpipe()
-            _ = io_uring_submit(ring)
-        }
+        if linked { makeRoom(for: 2) }
         guard let sqe = sqe() else { return false }
         io_uring_prep_poll_add(sqe, record.pointee.fd, Self.writes(record.pointee.kind) ? UInt32(POLLOUT) : UInt32(POLLIN))
         io_uring_sqe_set_data64(sqe, token.rawValue)
@@ -1045,12 +1054,9 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         let index = Int(token.index)
         let scratch = table.scratch(index)
         if let timeoutSQE = io_uring_get_sqe(ring) {
-            sqe.pointee.flags |= UInt8(PLEXUS_IOSQE_IO_LINK)
-            io_uring_prep_link_timeout(timeoutSQE, &scratch.pointee.timeout, IORING_TIMEOUT_ABS)
-            io_uring_sqe_set_data64(timeoutSQE, Token.internalOperation.rawValue)
+            linkTimeout(timeoutSQE, to: sqe, at: scratch)
         } else if state.pointee.deadlineOf[index] == nil {
-            let t = scratch.pointee.timeout
-            armDeadline(token, Deadline(nanoseconds: UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)))
+            armDeadline(token, Deadline(nanoseconds: scratch.pointee.timeout.nanoseconds))
         }
         return true
     }
@@ -1259,9 +1265,7 @@ public final class URingBackend: IOBackend, PreparesBufferOperations {
         switch record.pointee.deadline {
         case .fired: return .deadlinePassed
         case .linked:
-            let t = scratch.pointee.timeout
-            let due = UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
-            return Deadline.now.nanoseconds >= due ? .deadlinePassed : []
+            return Deadline.now.nanoseconds >= scratch.pointee.timeout.nanoseconds ? .deadlinePassed : []
         case .none: return []
         }
     }
